@@ -1,0 +1,96 @@
+"""How a target states, as data, what its execution provider accelerates.
+
+In the spirit of torch.ao's quantizer specs: a target is a table of ``OpRule`` s read by one
+planner (``qcompile.passes.quantization_plan``); adding a target is adding one module with a table,
+never an ``if target == ...`` in a pass.
+"""
+
+from __future__ import annotations
+
+__all__ = ["InputRole", "OutputRole", "OpRule", "Target"]
+
+import dataclasses
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+
+class InputRole(enum.Enum):
+    """What a node input is, for quantization."""
+
+    ACTIVATION = "activation"  # per-tensor activation parameters
+    WEIGHT = "weight"  # constant, quantized per channel along OpRule.weight_axis
+    BIAS = "bias"  # constant, int32 with scale = input scale * weight scale
+    FLOAT = "float"  # left alone (shapes, indices, parameters)
+
+
+class OutputRole(enum.Enum):
+    """What happens to a quantized node's output."""
+
+    QUANTIZE = "quantize"  # the kernel writes integers: a Q must follow for it to fuse
+    OPTIONAL = "optional"  # the kernel can write float (e.g. MatMulIntegerToFloat): Q only if consumers want it
+    SHARED = "shared"  # data movement: the output reuses the input's scale and zero point
+    ABSORBED = "absorbed"  # a clamp (Relu, Clip) the next QuantizeLinear's saturation performs
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRule:
+    """What the provider does with one op type when its inputs are quantized.
+
+    ``anchor`` ops (Conv, MatMul, ...) are quantized wherever they have a float activation input;
+    follower ops (Add, pooling, data movement, ...) only where every activation input is already
+    quantized, so quantizing them never adds a requantization the float model did not need.
+    ``weight_axis`` maps the node to the per-channel axis of its weight (None: per tensor).
+    """
+
+    op_type: str
+    inputs: tuple[InputRole, ...]
+    output: OutputRole
+    anchor: bool = False
+    weight_axis: Callable[[Any], int | None] | None = None
+    # For ABSORBED ops: the float interval the op clamps to, given the node; None if unknown.
+    clamp: Callable[[Any], tuple[float, float] | None] | None = None
+
+    def role(self, index: int) -> InputRole:
+        if index < len(self.inputs):
+            return self.inputs[index]
+        # Variadic ops (Concat) repeat their last role.
+        return self.inputs[-1] if self.output is not OutputRole.ABSORBED else InputRole.FLOAT
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A compilation target: its provider, formats it accelerates, op rules and default pipeline."""
+
+    name: str
+    description: str
+    providers: tuple[str, ...]
+    activation_types: tuple[str, ...]
+    weight_types: tuple[str, ...]
+    default_activation_type: str
+    default_weight_type: str
+    activation_symmetric: bool
+    weight_per_channel: bool
+    rules: Mapping[str, OpRule]
+    default_pipeline: Sequence[str]
+    install_hint: str = ""
+    # Inspects the provider-optimized model and says which quantized groups became integer kernels.
+    fusion_report: Callable[..., dict] | None = None
+
+    def rule(self, op_type: str) -> OpRule | None:
+        return self.rules.get(op_type)
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "providers": list(self.providers),
+            "activation_types": list(self.activation_types),
+            "weight_types": list(self.weight_types),
+            "default_activation_type": self.default_activation_type,
+            "default_weight_type": self.default_weight_type,
+            "activation_symmetric": self.activation_symmetric,
+            "weight_per_channel": self.weight_per_channel,
+            "quantized_ops": sorted(self.rules),
+            "default_pipeline": list(self.default_pipeline),
+        }

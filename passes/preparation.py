@@ -1,0 +1,275 @@
+"""Preparation passes: make the float graph clean, folded and shaped before quantization.
+
+Most wrap onnx-ir's and onnxscript's own passes; what they add is a name in the registry and a
+clear error instead of a silent warning where a later pass depends on the result.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ShapeInference",
+    "LiftConstants",
+    "FoldConstants",
+    "FoldBatchNorm",
+    "RemoveIdentity",
+    "RemoveUnused",
+    "TopologicalSort",
+    "UpgradeOpset",
+    "FixNames",
+    "CheckModel",
+]
+
+import logging
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import onnxscript.optimizer
+import onnxscript.rewriter
+from onnxscript.rewriter.rules.common import (
+    fuse_batchnorm_into_conv_rule,
+    fuse_batchnorm_into_conv_transpose_rule,
+    fuse_batchnorm_into_gemm_rule,
+)
+
+from qcompile.errors import ModelError
+from qcompile.passes.registry import register_pass
+from qcompile.qparams import quant_type
+
+logger = logging.getLogger(__name__)
+
+_PROTO_LIMIT = 2**31 - 1
+
+
+@register_pass("shape-inference")
+class ShapeInference(ir.passes.InPlacePass):
+    """Infer element types and shapes of every value, keeping symbolic dimensions.
+
+    Requires: a model that ONNX shape inference accepts. Guarantees: values whose type can be
+    inferred have it. Unlike onnx-ir's pass, an inference error is a ModelError, not a warning.
+    """
+
+    def __init__(self, context):
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        try:
+            proto = ir.serde.serialize_model(model)
+            if proto.ByteSize() > _PROTO_LIMIT:
+                # Protobuf cannot hold more than 2 GB; large weights are not needed for shapes.
+                for init in proto.graph.initializer:
+                    if len(init.raw_data) > 1024:
+                        init.ClearField("raw_data")
+            inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
+            raise ModelError(
+                f"ONNX shape inference rejected the model: {str(error).splitlines()[0]} "
+                "Fix the model (or export it again) so that onnx.shape_inference.infer_shapes accepts it."
+            ) from None
+        inferred_values = {
+            info.name: info for info in list(inferred.graph.value_info) + list(inferred.graph.output)
+        }
+        modified = False
+        for value in _all_values(model.graph):
+            info = inferred_values.get(value.name)
+            if info is None or not info.type.HasField("tensor_type"):
+                continue
+            tensor_type = info.type.tensor_type
+            if value.dtype is None and tensor_type.elem_type:
+                value.dtype = ir.DataType(tensor_type.elem_type)
+                modified = True
+            if tensor_type.HasField("shape"):
+                shape = ir.Shape(
+                    [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+                )
+                if value.shape is None or _less_known(value.shape, shape):
+                    value.shape = shape
+                    modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _less_known(old: ir.Shape, new: ir.Shape) -> bool:
+    if len(old) != len(new):
+        return False
+    return any(not isinstance(o, int) and isinstance(n, int) for o, n in zip(old, new))
+
+
+def _all_values(graph: ir.Graph):
+    seen = set()
+    for value in list(graph.inputs) + [o for node in graph for o in node.outputs]:
+        if value.name and value.name not in seen:
+            seen.add(value.name)
+            yield value
+
+
+@register_pass("lift-constants")
+class LiftConstants(ir.passes.InPlacePass):
+    """Turn tensor-valued Constant nodes into initializers.
+
+    Guarantees: weights some exporters store as Constant nodes become initializers, so the
+    quantizer sees (and shrinks) them like any other weight.
+    """
+
+    def __init__(self, context, *, size_limit: int = 16):
+        super().__init__()
+        self._inner = common_passes.LiftConstantsToInitializersPass(size_limit=size_limit)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return self._inner(model)
+
+
+@register_pass("fold-constants")
+class FoldConstants(ir.passes.InPlacePass):
+    """Evaluate subgraphs whose inputs are all constant, with onnxscript's constant folder.
+
+    Guarantees: shape computations and constant arithmetic become initializers. Never folds
+    QuantizeLinear/DequantizeLinear (onnxscript leaves them alone), so it is safe after QDQ insertion.
+    """
+
+    def __init__(self, context, *, output_size_limit: int = 1 << 22):
+        super().__init__()
+        self.output_size_limit = output_size_limit
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = onnxscript.optimizer.fold_constants(
+            model, onnx_shape_inference=False, output_size_limit=self.output_size_limit
+        )
+        return ir.passes.PassResult(model, bool(result.modified))
+
+
+@register_pass("fold-batchnorm")
+class FoldBatchNorm(ir.passes.InPlacePass):
+    """Fold inference-mode BatchNormalization into the preceding Conv, ConvTranspose or Gemm.
+
+    Requires: constant BN parameters and weights. Guarantees: no BatchNormalization directly after
+    those ops remains, so its scale is inside the quantized weights rather than a float op after them.
+    """
+
+    def __init__(self, context):
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = _count_op(model, "BatchNormalization")
+        onnxscript.rewriter.rewrite(
+            model,
+            pattern_rewrite_rules=[
+                fuse_batchnorm_into_conv_rule,
+                fuse_batchnorm_into_conv_transpose_rule,
+                fuse_batchnorm_into_gemm_rule,
+            ],
+        )
+        return ir.passes.PassResult(model, _count_op(model, "BatchNormalization") < before)
+
+
+def _count_op(model: ir.Model, op_type: str) -> int:
+    return sum(1 for node in model.graph if node.op_type == op_type)
+
+
+@register_pass("remove-identity")
+class RemoveIdentity(ir.passes.InPlacePass):
+    """Remove Identity nodes, keeping graph input and output names."""
+
+    def __init__(self, context):
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return common_passes.IdentityEliminationPass()(model)
+
+
+@register_pass("remove-unused")
+class RemoveUnused(ir.passes.InPlacePass):
+    """Remove nodes, initializers, functions and opset imports nothing uses."""
+
+    def __init__(self, context):
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = ir.passes.Sequential(
+            common_passes.RemoveUnusedNodesPass(),
+            common_passes.RemoveUnusedFunctionsPass(),
+            common_passes.RemoveUnusedOpsetsPass(),
+        )(model)
+        return ir.passes.PassResult(model, result.modified)
+
+
+@register_pass("topological-sort")
+class TopologicalSort(ir.passes.InPlacePass):
+    """Sort nodes so every node comes after the producers of its inputs (stable)."""
+
+    def __init__(self, context):
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return common_passes.TopologicalSortPass()(model)
+
+
+@register_pass("upgrade-opset")
+class UpgradeOpset(ir.passes.InPlacePass):
+    """Convert the model to the default-domain opset its quantization formats need.
+
+    Per-axis QuantizeLinear/DequantizeLinear need opset 13, 16-bit formats need 21. Requires: a
+    model onnx's version converter can convert. Guarantees: opset >= the required version; a
+    model already there is returned unchanged.
+    """
+
+    def __init__(self, context, *, min_opset: int = 13):
+        super().__init__()
+        config = context.config
+        self.min_opset = max(
+            min_opset,
+            quant_type(config.activation_type or context.target.default_activation_type).min_opset,
+            quant_type(config.weight_type or context.target.default_weight_type).min_opset,
+        )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        current = model.opset_imports.get("", 1)
+        if current >= self.min_opset:
+            return ir.passes.PassResult(model, False)
+        try:
+            converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), self.min_opset)
+        except Exception as error:  # the converter raises bare RuntimeErrors from C++
+            raise ModelError(
+                f"Could not convert the model from opset {current} to {self.min_opset}, which the "
+                f"chosen quantization formats need: {str(error).splitlines()[0]}. Export the model "
+                f"with opset {self.min_opset} or newer."
+            ) from None
+        logger.info("Converted the model from opset %d to %d", current, self.min_opset)
+        upgraded = ir.serde.deserialize_model(converted)
+        model.graph = upgraded.graph
+        model.opset_imports.clear()
+        model.opset_imports.update(upgraded.opset_imports)
+        return ir.passes.PassResult(model, True)
+
+
+@register_pass("fix-names")
+class FixNames(ir.passes.InPlacePass):
+    """Give every node and value a unique name, keeping the names that already are unique.
+
+    Guarantees what the planner and the reports rely on: a node name identifies one node.
+    """
+
+    def __init__(self, context):
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return common_passes.NameFixPass()(model)
+
+
+@register_pass("check-model")
+class CheckModel(ir.passes.InPlacePass):
+    """Run onnx.checker on the model; a failure is a bug in an earlier pass, reported as such."""
+
+    def __init__(self, context):
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        proto = ir.serde.serialize_model(model)
+        try:
+            if proto.ByteSize() < _PROTO_LIMIT:
+                onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as error:
+            raise ModelError(
+                f"The compiled model fails onnx.checker: {str(error).splitlines()[0]}. This is a qcompile "
+                "bug: please report it with the model, or exclude the node it names."
+            ) from None
+        return ir.passes.PassResult(model, False)

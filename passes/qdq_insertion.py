@@ -1,0 +1,184 @@
+"""Carry out a quantization plan: QuantizeLinear/DequantizeLinear pairs, integer weights and biases."""
+
+from __future__ import annotations
+
+__all__ = ["InsertQDQ"]
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.errors import PipelineError
+from qcompile.passes.quantization_plan import QuantizationPlan
+from qcompile.passes.registry import register_pass
+from qcompile.qparams import QUANT_TYPES, quantize, weight_qparams
+
+logger = logging.getLogger(__name__)
+
+
+class _Namer:
+    """Fresh value and node names that collide with nothing already in the graph."""
+
+    def __init__(self, graph: ir.Graph):
+        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
+        self.used |= {o.name for n in graph for o in n.outputs} | {n.name for n in graph}
+
+    def __call__(self, base: str) -> str:
+        name, suffix = base, 1
+        while name in self.used:
+            name, suffix = f"{base}_{suffix}", suffix + 1
+        self.used.add(name)
+        return name
+
+
+class _Rewriter:
+    def __init__(self, model: ir.Model, plan: QuantizationPlan):
+        self.graph = model.graph
+        self.plan = plan
+        self.name = _Namer(self.graph)
+        self.nodes = {n.name: n for n in self.graph}
+        self.values = {v.name: v for v in self.graph.inputs}
+        self.values.update({o.name: o for n in self.graph for o in n.outputs})
+        self.weight_cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}
+
+    def initializer(self, base: str, array: np.ndarray) -> ir.Value:
+        name = self.name(base)
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape = ir.Shape(array.shape)
+        value.dtype = value.const_value.dtype
+        self.graph.register_initializer(value)
+        return value
+
+    def dequantize(self, base: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+                   axis: int | None, shape) -> tuple[ir.Node, ir.Value]:
+        q_value = self.initializer(f"{base}_quantized", q)
+        scale_value = self.initializer(f"{base}_scale", scale)
+        zp_value = self.initializer(f"{base}_zero_point", zero_point)
+        attributes = {"axis": axis} if axis is not None else {}
+        node = ir.node(
+            "DequantizeLinear", [q_value, scale_value, zp_value], attributes=attributes,
+            name=self.name(f"{base}_DequantizeLinear"),
+        )
+        out = node.outputs[0]
+        out.name = self.name(f"{base}_dequantized")
+        out.dtype, out.shape = ir.DataType.FLOAT, shape
+        return node, out
+
+    def quantize_weight(self, node: ir.Node, index: int, axis: int | None, qtype) -> np.ndarray:
+        """Replace a float weight input by DQ(int weight); return the weight scales."""
+        value = node.inputs[index]
+        key = (value.name, axis)
+        if key not in self.weight_cache:
+            weight = value.const_value.numpy().astype(np.float32)
+            scale, zero_point = weight_qparams(weight, axis, qtype)
+            q = quantize(weight, scale, zero_point, qtype, axis)
+            if axis is None:
+                scale, zero_point = scale.reshape(()), zero_point.reshape(())
+            dq_node, dq_out = self.dequantize(value.name, q, scale, zero_point, axis, value.shape)
+            # Plans list weights in graph order, so the first consumer is the earliest one.
+            self.graph.insert_before(node, dq_node)
+            self.weight_cache[key] = (dq_out, scale)
+        dq_out, scale = self.weight_cache[key]
+        node.replace_input_with(index, dq_out)
+        return scale
+
+    def quantize_activation(self, name: str) -> None:
+        quant = self.plan.activations[name]
+        value = self._value(name)
+        value.dtype = ir.DataType.FLOAT  # calibration confirmed it where shape inference could not
+        uses = list(value.uses())  # before the QuantizeLinear below becomes a use too
+        scale = self.initializer(f"{name}_scale", np.asarray(quant.scale, dtype=np.float32))
+        zero_point = self.initializer(
+            f"{name}_zero_point", np.asarray(quant.zero_point, dtype=quant.qtype.numpy_dtype)
+        )
+        q_node = ir.node("QuantizeLinear", [value, scale, zero_point], name=self.name(f"{name}_QuantizeLinear"))
+        q_out = q_node.outputs[0]
+        q_out.name = self.name(f"{name}_quantized")
+        q_out.dtype, q_out.shape = quant.qtype.ir_dtype, value.shape
+        dq_node = ir.node("DequantizeLinear", [q_out, scale, zero_point], name=self.name(f"{name}_DequantizeLinear"))
+        dq_out = dq_node.outputs[0]
+        dq_out.dtype, dq_out.shape = ir.DataType.FLOAT, value.shape
+        was_output = value.is_graph_output()
+        producer = value.producer()
+        if producer is not None:
+            self.graph.insert_after(producer, [q_node, dq_node])
+        else:  # a graph input: quantize before anything reads it
+            self.graph.insert_before(next(iter(self.graph)), [q_node, dq_node])
+        for use in uses:
+            use.node.replace_input_with(use.idx, dq_out)
+        if was_output:
+            # The graph output keeps its name: it becomes the dequantized value.
+            outputs = self.graph.outputs
+            position = next(i for i, v in enumerate(outputs) if v is value)
+            value.name = self.name(f"{name}_float")
+            dq_out.name = name
+            outputs[position] = dq_out
+        else:
+            dq_out.name = self.name(f"{name}_dequantized")
+
+    def quantize_bias(self, node: ir.Node, index: int, activation: str, weight_scale: np.ndarray) -> None:
+        quant = self.plan.activations[activation]
+        value = node.inputs[index]
+        bias = value.const_value.numpy().astype(np.float64)
+        # Integer kernels add the bias to the int32 accumulator of x_q * w_q, whose scale is
+        # x_scale * w_scale: the bias must be stored on exactly that grid, zero point 0.
+        scale = (np.float64(quant.scale) * weight_scale.astype(np.float64)).astype(np.float32)
+        scale = np.broadcast_to(scale, bias.shape).copy() if scale.size == 1 and bias.size > 1 else scale
+        int32 = QUANT_TYPES["int32"]
+        q = np.clip(np.rint(bias / scale.astype(np.float64)), int32.qmin, int32.qmax).astype(np.int32)
+        axis = 0 if scale.size > 1 else None
+        if axis is None:
+            scale = scale.reshape(())
+        dq_node, dq_out = self.dequantize(
+            value.name, q, scale, np.zeros(scale.shape, dtype=np.int32), axis, value.shape
+        )
+        self.graph.insert_before(node, dq_node)
+        node.replace_input_with(index, dq_out)
+
+    def _value(self, name: str) -> ir.Value:
+        if name in self.values:
+            return self.values[name]
+        raise PipelineError(f"insert-qdq: planned tensor {name!r} is not in the graph; re-run plan-quantization.")
+
+    def run(self) -> None:
+        weight_scales: dict[tuple[str, int], np.ndarray] = {}
+        for w in self.plan.weights:
+            node = self.nodes[w.node]
+            weight_scales[(w.node, w.input_index)] = self.quantize_weight(node, w.input_index, w.axis, w.qtype)
+        for b in self.plan.biases:
+            self.quantize_bias(self.nodes[b.node], b.input_index, b.activation, weight_scales[(b.node, b.weight_index)])
+        for name in self.plan.activations:
+            self.quantize_activation(name)
+
+
+@register_pass("insert-qdq")
+class InsertQDQ(ir.passes.InPlacePass):
+    """Insert QuantizeLinear/DequantizeLinear as the plan says, with int8 weights and int32 biases.
+
+    Requires: the ``plan`` analysis with scales fixed by ``calibrate``. Guarantees: every planned
+    activation is followed by one Q/DQ pair that all its consumers read; every planned weight is an
+    integer initializer feeding a DequantizeLinear (per channel where planned), so the file shrinks;
+    biases are int32 with scale = input scale x weight scale; graph input and output names are kept.
+    """
+
+    def __init__(self, context):
+        super().__init__()
+        self.context = context
+
+    def requires(self, model: ir.Model) -> None:
+        plan = self.context.require_analysis("plan", "insert-qdq", "plan-quantization")
+        missing = [name for name, q in plan.activations.items() if q.scale is None]
+        if missing:
+            raise PipelineError(
+                f"insert-qdq: {len(missing)} planned tensors (e.g. {missing[0]!r}) have no scale. "
+                "Put 'calibrate' between 'plan-quantization' and 'insert-qdq'."
+            )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        plan = self.context.analyses["plan"]
+        _Rewriter(model, plan).run()
+        # The plan's tensor names now describe the rewritten graph; calibration no longer does.
+        self.context.analyses.pop("calibration", None)
+        modified = bool(plan.activations or plan.weights)
+        return ir.passes.PassResult(model, modified)

@@ -1,0 +1,403 @@
+"""Decide what to quantize: which nodes, tensors, weights and biases, with which parameters.
+
+The planner reads the target's rule table (``qcompile.backends``) and the calibration table; it
+changes nothing in the graph. ``insert-qdq`` carries the plan out.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActivationQuant",
+    "WeightQuant",
+    "BiasQuant",
+    "QuantizationPlan",
+    "build_plan",
+    "PlanQuantization",
+]
+
+import dataclasses
+import logging
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.backends.base import InputRole, OutputRole, Target
+from qcompile.config import CompileConfig
+from qcompile.errors import ConfigError
+from qcompile.passes.registry import register_pass
+from qcompile.qparams import QuantType, activation_qparams, quant_type
+from qcompile.statistics import CalibrationTable
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_TYPES = {ir.DataType.FLOAT}
+
+
+@dataclasses.dataclass
+class ActivationQuant:
+    """Per-tensor quantization of one activation; ``shares`` names the tensor whose parameters it reuses."""
+
+    tensor: str
+    qtype: QuantType
+    symmetric: bool
+    shares: str | None = None
+    rmin: float | None = None
+    rmax: float | None = None
+    scale: np.float32 | None = None
+    zero_point: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightQuant:
+    node: str
+    input_index: int
+    axis: int | None
+    qtype: QuantType
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasQuant:
+    """An int32 bias whose scale is (scale of ``activation``) x (scales of the node's weight input)."""
+
+    node: str
+    input_index: int
+    activation: str
+    weight_index: int
+
+
+@dataclasses.dataclass
+class QuantizationPlan:
+    nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # node name -> op type
+    anchors: set[str] = dataclasses.field(default_factory=set)
+    activations: dict[str, ActivationQuant] = dataclasses.field(default_factory=dict)
+    weights: list[WeightQuant] = dataclasses.field(default_factory=list)
+    biases: list[BiasQuant] = dataclasses.field(default_factory=list)
+    absorbed: set[str] = dataclasses.field(default_factory=set)
+    float_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # node name -> why float
+    float_tensors: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> why float
+    calibrate: list[str] = dataclasses.field(default_factory=list)  # tensors calibration observes
+
+    def summary(self) -> dict:
+        op_counts: dict[str, int] = {}
+        for op_type in self.nodes.values():
+            op_counts[op_type] = op_counts.get(op_type, 0) + 1
+        return {
+            "quantized_nodes": len(self.nodes),
+            "quantized_by_op_type": dict(sorted(op_counts.items())),
+            "quantized_activations": len(self.activations),
+            "quantized_weights": len(self.weights),
+            "quantized_biases": len(self.biases),
+            "float_nodes": dict(sorted(self.float_nodes.items())),
+            "float_tensors": dict(sorted(self.float_tensors.items())),
+        }
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and not value.is_graph_input()
+
+
+def _is_float_activation(value: ir.Value | None) -> bool:
+    # An unknown dtype (an op shape inference does not know) is settled by calibration.
+    return value is not None and not _is_constant(value) and (value.dtype is None or value.dtype in _FLOAT_TYPES)
+
+
+def _mask_tensors(graph: ir.Graph) -> dict[str, str]:
+    """Float tensors computed only from non-float graph inputs and constants.
+
+    An additive attention mask is the typical case: Cast(int64 mask) -> Sub -> Mul(float32 min).
+    Such tensors carry structure, not signal, and a quantizer must not give them a scale.
+    """
+    derived: set[str] = {v.name for v in graph.inputs if v.dtype not in _FLOAT_TYPES}
+    masks = {}
+    for node in graph:
+        live = [v for v in node.inputs if v is not None and not _is_constant(v)]
+        if live and all(v.name in derived for v in live):
+            for out in node.outputs:
+                derived.add(out.name)
+                if out.dtype in _FLOAT_TYPES:
+                    masks[out.name] = "computed only from integer/bool inputs and constants (a mask)"
+    return masks
+
+
+class _Exclusions:
+    def __init__(self, config: CompileConfig):
+        self.names = set(config.exclude_nodes)
+        self.op_types = set(config.exclude_op_types)
+        try:
+            self.patterns = [re.compile(p) for p in config.exclude_regex]
+        except re.error as error:
+            raise ConfigError(f"exclude_regex has an invalid regular expression: {error}.") from None
+
+    def reason(self, node: ir.Node) -> str | None:
+        if node.name in self.names:
+            return "excluded by name in the config"
+        if node.op_type in self.op_types:
+            return "op type excluded in the config"
+        if any(p.search(node.name or "") for p in self.patterns):
+            return "excluded by exclude_regex in the config"
+        return None
+
+
+def _activation_settings(config: CompileConfig, target: Target) -> tuple[QuantType, bool]:
+    name = config.activation_type or target.default_activation_type
+    if name not in target.activation_types:
+        raise ConfigError(
+            f"Target {target.name!r} does not accelerate {name} activations; it supports "
+            f"{', '.join(target.activation_types)}."
+        )
+    symmetric = target.activation_symmetric if config.activation_symmetric is None else config.activation_symmetric
+    return quant_type(name), symmetric
+
+
+def _weight_settings(config: CompileConfig, target: Target) -> tuple[QuantType, bool]:
+    name = config.weight_type or target.default_weight_type
+    if name not in target.weight_types:
+        raise ConfigError(
+            f"Target {target.name!r} does not accelerate {name} weights; it supports "
+            f"{', '.join(target.weight_types)}."
+        )
+    per_channel = target.weight_per_channel if config.per_channel is None else config.per_channel
+    return quant_type(name), per_channel
+
+
+def _build_once(
+    graph: ir.Graph,
+    target: Target,
+    config: CompileConfig,
+    excluded_tensors: dict[str, str],
+    unabsorbable: set[str],
+) -> QuantizationPlan:
+    plan = QuantizationPlan(float_tensors=dict(excluded_tensors))
+    act_type, symmetric = _activation_settings(config, target)
+    weight_type, per_channel = _weight_settings(config, target)
+    exclusions = _Exclusions(config)
+    nodes = list(graph)
+    quantized: set[ir.Node] = set()
+    wanted: set[str] = set()  # activation tensors some quantized node reads
+
+    def quantizable(value: ir.Value | None) -> bool:
+        return _is_float_activation(value) and value.name not in excluded_tensors
+
+    def rule_for(node: ir.Node):
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        return target.rule(node.op_type)
+
+    # 1. Anchors: quantized wherever their activation inputs can be.
+    for node in nodes:
+        rule = rule_for(node)
+        if rule is None or not rule.anchor:
+            continue
+        if (why := exclusions.reason(node)) is not None:
+            plan.float_nodes[node.name] = why
+            continue
+        activations, weights, biases = [], [], []
+        for index, value in enumerate(node.inputs):
+            role = rule.role(index)
+            if value is None or role is InputRole.FLOAT:
+                continue
+            if role is InputRole.BIAS:
+                biases.append(index)
+            elif _is_constant(value) and value.dtype in _FLOAT_TYPES:
+                weights.append(index)
+            else:
+                activations.append(index)
+        if not activations:
+            plan.float_nodes[node.name] = "no activation input"
+            continue
+        if len(activations) > 1 and not config.quantize_activation_matmul:
+            plan.float_nodes[node.name] = "both inputs are activations (quantize_activation_matmul = false)"
+            continue
+        blocked = [node.inputs[i].name for i in activations if not quantizable(node.inputs[i])]
+        if blocked:
+            reason = excluded_tensors.get(blocked[0], "input is not a float32 tensor")
+            plan.float_nodes[node.name] = f"input {blocked[0]!r} stays float: {reason}"
+            continue
+        if any(not _is_constant(node.inputs[i]) or node.inputs[i].const_value.numpy().ndim != 1 for i in biases):
+            plan.float_nodes[node.name] = "bias is not a constant vector"
+            continue
+        quantized.add(node)
+        plan.anchors.add(node.name)
+        wanted.update(node.inputs[i].name for i in activations)
+        for index in weights:
+            axis = None
+            if per_channel and rule.role(index) is InputRole.WEIGHT and rule.weight_axis is not None:
+                axis = rule.weight_axis(node)
+                rank = node.inputs[index].const_value.numpy().ndim
+                axis = None if rank < 2 else axis % rank
+            plan.weights.append(WeightQuant(node.name, index, axis, weight_type))
+        for index in biases:
+            weight_index = next((i for i in weights if rule.role(i) is InputRole.WEIGHT), None)
+            if weight_index is None:
+                continue  # no quantized weight to derive the bias scale from: bias stays float
+            plan.biases.append(BiasQuant(node.name, index, node.inputs[activations[0]].name, weight_index))
+
+    # 2. Followers: join while every activation input is already quantized; repeat to a fixed point.
+    def produces_integers(value: ir.Value) -> bool:
+        producer = value.producer()
+        if producer is None or producer not in quantized:
+            return False
+        return rule_for(producer).output in (OutputRole.QUANTIZE, OutputRole.SHARED, OutputRole.ABSORBED)
+
+    changed = True
+    while changed:
+        changed = False
+        for node in nodes:
+            rule = rule_for(node)
+            if rule is None or rule.anchor or node in quantized:
+                continue
+            if exclusions.reason(node) is not None:
+                plan.float_nodes[node.name] = exclusions.reason(node)
+                continue
+            inputs = [
+                v for i, v in enumerate(node.inputs) if v is not None and rule.role(i) is InputRole.ACTIVATION
+            ]
+            if not inputs or not all(quantizable(v) for v in inputs):
+                continue
+            if rule.output is OutputRole.ABSORBED:
+                source = inputs[0]
+                producer = source.producer()
+                if (
+                    node.name in unabsorbable
+                    or producer not in quantized
+                    or rule_for(producer).output not in (OutputRole.QUANTIZE, OutputRole.OPTIONAL)
+                    or len(source.uses()) != 1
+                    or source.is_graph_output()
+                    or rule.clamp is None
+                    or rule.clamp(node) is None
+                ):
+                    continue
+            elif not all(v.name in wanted or produces_integers(v) for v in inputs):
+                continue
+            quantized.add(node)
+            if rule.output is not OutputRole.ABSORBED:
+                wanted.update(v.name for v in inputs)
+            else:
+                plan.absorbed.add(node.name)
+            changed = True
+
+    # 3. Tensors: what quantized nodes read, and what they write where their kernels write integers.
+    activations: dict[str, ActivationQuant] = {}
+    absorbed_inputs = {n.inputs[0].name for n in quantized if n.name in plan.absorbed}
+    for node in nodes:
+        if node not in quantized:
+            continue
+        plan.nodes[node.name] = node.op_type
+        rule = rule_for(node)
+        for out in node.outputs:
+            if not quantizable(out) or out.name in absorbed_inputs:
+                continue
+            if rule.output is OutputRole.SHARED:
+                activations[out.name] = ActivationQuant(out.name, act_type, symmetric, shares=node.inputs[0].name)
+            elif rule.output in (OutputRole.QUANTIZE, OutputRole.ABSORBED) or out.name in wanted:
+                activations.setdefault(out.name, ActivationQuant(out.name, act_type, symmetric))
+    for name in wanted:
+        activations.setdefault(name, ActivationQuant(name, act_type, symmetric))
+    # Keep graph order so the rewrite is deterministic.
+    order = {v.name: i for i, v in enumerate(list(graph.inputs) + [o for n in nodes for o in n.outputs])}
+    plan.activations = dict(sorted(activations.items(), key=lambda kv: order.get(kv[0], 0)))
+    plan.calibrate = [
+        name for name in plan.activations if plan.activations[name].shares is None
+    ] + sorted(absorbed_inputs)
+    for node in nodes:
+        if node not in quantized and rule_for(node) is not None and node.name not in plan.float_nodes:
+            plan.float_nodes[node.name] = "its inputs are not quantized (it would need a requantization)"
+    return plan
+
+
+def _root(plan: QuantizationPlan, name: str) -> ActivationQuant:
+    quant = plan.activations[name]
+    seen = set()
+    while quant.shares is not None and quant.shares in plan.activations and quant.shares not in seen:
+        seen.add(quant.shares)
+        quant = plan.activations[quant.shares]
+    return quant
+
+
+def build_plan(
+    model: ir.Model,
+    target: Target,
+    config: CompileConfig,
+    table: CalibrationTable | None = None,
+) -> QuantizationPlan:
+    """Plan the quantization of ``model``; with a calibration table, also fix every scale.
+
+    Tensors whose statistics show a mask or sentinel (non-finite values, or a magnitude at or
+    above ``config.sentinel_threshold``) stay float, and so do the nodes that would read them;
+    a Relu/Clip is folded into the QuantizeLinear after it only when that Q's range really
+    performs its clamp. Each exclusion re-plans until nothing changes.
+    """
+    graph = model.graph
+    excluded = _mask_tensors(graph)
+    unabsorbable: set[str] = set()
+    while True:
+        plan = _build_once(graph, target, config, excluded, unabsorbable)
+        if table is None:
+            return plan
+        newly_excluded = {}
+        for name, quant in plan.activations.items():
+            if quant.shares is not None and quant.shares in plan.activations:
+                continue
+            stats = table.tensors.get(name)
+            if name in table.non_float:
+                newly_excluded[name] = f"not a float32 tensor ({table.non_float[name]} at calibration)"
+            elif stats is None or stats.is_empty:
+                newly_excluded[name] = "no calibration statistics (never computed on the calibration data)"
+            elif stats.nonfinite:
+                newly_excluded[name] = f"{stats.nonfinite} non-finite values in calibration (a mask or sentinel)"
+            elif stats.abs_max >= config.sentinel_threshold:
+                newly_excluded[name] = (
+                    f"magnitude {stats.abs_max:.3g} >= sentinel_threshold {config.sentinel_threshold:g} "
+                    "(a mask or sentinel, not a signal)"
+                )
+        if newly_excluded:
+            excluded.update(newly_excluded)
+            continue
+        for quant in plan.activations.values():
+            if quant.shares is not None and quant.shares in plan.activations:
+                continue
+            levels = quant.qtype.qmax - quant.qtype.qmin + 1
+            quant.rmin, quant.rmax = table[quant.tensor].range(config.calibration_method, levels, config.percentile)
+            quant.scale, quant.zero_point = activation_qparams(quant.rmin, quant.rmax, quant.qtype, quant.symmetric)
+        for quant in plan.activations.values():
+            root = _root(plan, quant.tensor)
+            quant.rmin, quant.rmax, quant.scale, quant.zero_point = root.rmin, root.rmax, root.scale, root.zero_point
+        broken = {name for name in plan.absorbed if not _clamp_implied(graph, name, plan, target)}
+        if broken:
+            unabsorbable |= broken
+            continue
+        return plan
+
+
+def _clamp_implied(graph: ir.Graph, node_name: str, plan: QuantizationPlan, target: Target) -> bool:
+    """Whether the QuantizeLinear after an absorbed Relu/Clip saturates inside the op's clamp."""
+    node = next(n for n in graph if n.name == node_name)
+    low, high = target.rule(node.op_type).clamp(node)
+    quant = plan.activations[node.outputs[0].name]
+    q_low = (quant.qtype.qmin - quant.zero_point) * float(quant.scale)
+    q_high = (quant.qtype.qmax - quant.zero_point) * float(quant.scale)
+    tolerance = float(quant.scale) * 1e-3
+    return q_low >= low - tolerance and q_high <= high + tolerance
+
+
+@register_pass("plan-quantization")
+class PlanQuantization(ir.passes.InPlacePass):
+    """Decide which nodes and tensors to quantize from the target's rules; the graph is unchanged.
+
+    Guarantees: the ``plan`` analysis lists the tensors ``calibrate`` must observe. Quantization
+    parameters are fixed later, once ``calibrate`` has produced statistics.
+    """
+
+    def __init__(self, context):
+        super().__init__()
+        self.context = context
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        plan = build_plan(model, self.context.target, self.context.config)
+        self.context.analyses["plan"] = plan
+        logger.info(
+            "Plan: %d nodes to quantize, %d activation tensors, %d weights",
+            len(plan.nodes), len(plan.activations), len(plan.weights),
+        )
+        return ir.passes.PassResult(model, False)

@@ -1,0 +1,231 @@
+"""The ``qcompile`` command line: compile, passes, targets, inspect.
+
+Exit codes: 0 ok, 2 bad input or usage, 3 accuracy gate failed, 1 an internal error (a bug).
+"""
+
+from __future__ import annotations
+
+__all__ = ["main"]
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections import Counter
+from pathlib import Path
+
+from qcompile.errors import AccuracyGateError, QcompileError
+
+logger = logging.getLogger("qcompile")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse exits with 2 too; keep the message one clear line
+        self.print_usage(sys.stderr)
+        print(f"qcompile: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# CLI flag -> CompileConfig field, one to one.
+_CONFIG_FLAGS = {
+    "target": "target",
+    "activation_type": "activation_type",
+    "weight_type": "weight_type",
+    "calibration_method": "calibration_method",
+    "percentile": "percentile",
+    "exclude_nodes": "exclude_nodes",
+    "exclude_op_types": "exclude_op_types",
+    "exclude_regex": "exclude_regex",
+    "min_sqnr": "min_sqnr",
+    "threads": "threads",
+    "eval_batches": "eval_batches",
+    "pipeline": "pipeline",
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qcompile", description="Quantization compiler for ONNX models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every pass")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compile", help="quantize a model for a target")
+    c.add_argument("model", help="ONNX model file")
+    c.add_argument("-o", "--output", help="output model path (default: MODEL.<target>.onnx)")
+    c.add_argument("--calib", help="directory of .npz calibration batches (keys = input names)")
+    c.add_argument("--eval", dest="eval_data", help="directory of .npz evaluation batches (default: held-out calibration batches)")
+    c.add_argument("--config", help="qcompile.toml with CompileConfig keys")
+    c.add_argument("--target", help="target name (`qcompile targets`); default cpu")
+    c.add_argument("--pipeline", help="comma-separated passes with options, e.g. 'fix-names,calibrate(method=mse)'")
+    c.add_argument("--print-pipeline", action="store_true", help="print the pipeline this run would use and exit")
+    c.add_argument("--dump-after", action="append", default=[], metavar="PASS", help="save the model after PASS (or 'all'); repeatable")
+    c.add_argument("--dump-dir", help="where --dump-after writes (default: OUTPUT.dumps/)")
+    c.add_argument("--activation-type", help="uint8 (default on cpu), int8, uint16, int16")
+    c.add_argument("--weight-type", help="int8")
+    c.add_argument("--calibration-method", help="minmax, percentile, entropy or mse")
+    c.add_argument("--percentile", type=float, help="percentile for --calibration-method percentile")
+    c.add_argument("--exclude-nodes", nargs="+", metavar="NAME", help="node names to keep in float")
+    c.add_argument("--exclude-op-types", nargs="+", metavar="OP", help="op types to keep in float")
+    c.add_argument("--exclude-regex", nargs="+", metavar="REGEX", help="keep nodes whose name matches in float")
+    c.add_argument("--min-sqnr", type=float, metavar="DB", help="fail with exit code 3 if any output's SQNR is below DB")
+    c.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
+    c.add_argument("--eval-batches", type=int, help="at most this many evaluation batches (default 8)")
+    c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    c.add_argument("--report", help="report path (default: report.json beside the output)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no summary, no progress")
+
+    sub.add_parser("passes", help="list the passes a pipeline can use")
+    sub.add_parser("targets", help="list targets and their rules")
+    i = sub.add_parser("inspect", help="inputs, opset, op histogram, and what would be quantized")
+    i.add_argument("model")
+    i.add_argument("--target", default="cpu")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _config_from_args(args):
+    from qcompile.api import resolve_config
+
+    overrides = {}
+    for flag, field in _CONFIG_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[field] = value
+    if args.pipeline:
+        overrides["pipeline"] = [args.pipeline]
+    if args.no_latency:
+        overrides["measure_latency"] = False
+    return resolve_config(args.config, **overrides)
+
+
+def _cmd_compile(args) -> int:
+    import qcompile
+    from qcompile.api import write_text_atomically
+    from qcompile.backends import get_target
+    from qcompile.pipeline import format_pipeline, parse_pipeline
+
+    config = _config_from_args(args)
+    if args.print_pipeline:
+        target = get_target(config.target)
+        print(format_pipeline(parse_pipeline(config.pipeline or list(target.default_pipeline))))
+        return 0
+    model_path = Path(args.model)
+    output = Path(args.output) if args.output else model_path.with_suffix(f".{config.target}.onnx")
+    if output.resolve() == model_path.resolve():
+        raise qcompile.OutputError(f"The output {str(output)!r} would overwrite the input model; choose another -o.")
+    report_path = Path(args.report) if args.report else output.parent / "report.json"
+    dump_dir = args.dump_dir or (str(output) + ".dumps" if args.dump_after else None)
+    try:
+        result = qcompile.compile(
+            str(model_path), args.calib, config=config, eval_data=args.eval_data,
+            dump_after=args.dump_after, dump_dir=dump_dir,
+            show_progress=not args.quiet and sys.stderr.isatty(),
+        )
+    except AccuracyGateError as error:
+        # The report says how far it missed; the model is not written, so no build step can ship it.
+        if getattr(error, "result", None) is not None:
+            write_text_atomically(report_path, error.result.report.to_json())
+            if not args.quiet:
+                print(error.result.report)
+            print(f"report: {report_path}", file=sys.stderr)
+        raise
+    result.save(output, report_path=report_path)
+    if not args.quiet:
+        print(result.report)
+        print(f"wrote {output} and {report_path}")
+    return 0
+
+
+def _cmd_passes(args) -> int:
+    from qcompile.passes import registered_passes
+
+    for name, info in registered_passes().items():
+        options = ", ".join(f"{k}={v!r}" for k, v in info.options.items())
+        print(f"{name:20s} {info.summary}" + (f"  [options: {options}]" if options else ""))
+    return 0
+
+
+def _cmd_targets(args) -> int:
+    import onnxruntime
+
+    from qcompile.backends import available_targets
+
+    available = set(onnxruntime.get_available_providers())
+    for target in available_targets().values():
+        installed = all(p in available for p in target.providers)
+        print(f"{target.name}: {target.description}")
+        print(f"  providers: {', '.join(target.providers)} ({'installed' if installed else 'NOT installed: ' + target.install_hint})")
+        print(f"  activations: {', '.join(target.activation_types)} (default {target.default_activation_type}, "
+              f"{'symmetric' if target.activation_symmetric else 'asymmetric'}); weights: {', '.join(target.weight_types)} "
+              f"({'per channel' if target.weight_per_channel else 'per tensor'}, symmetric)")
+        print(f"  quantized ops: {', '.join(sorted(target.rules))}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from qcompile.backends import get_target
+    from qcompile.config import CompileConfig
+    from qcompile.context import CompileContext
+    from qcompile.data import input_specs
+    from qcompile.loader import load_model
+    from qcompile.pipeline import parse_pipeline, run_pipeline
+
+    model = load_model(args.model)
+    target = get_target(args.target)
+    info = {
+        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape or [])} for s in input_specs(model)],
+        "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": [str(d) for d in (v.shape or [])]} for v in model.graph.outputs],
+        "opset": dict(model.opset_imports),
+        "nodes": len(model.graph),
+        "op_types": dict(Counter(n.op_type for n in model.graph).most_common()),
+        "parameters": int(sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None)),
+    }
+    # What would be quantized: the target's pipeline up to the plan, without data.
+    pipeline = list(target.default_pipeline)
+    specs = parse_pipeline(pipeline[: pipeline.index("plan-quantization") + 1])
+    context = CompileContext(config=CompileConfig(target=target.name), target=target)
+    run_pipeline(model, specs, context)
+    plan = context.analyses["plan"].summary()
+    info["would_quantize"] = {k: plan[k] for k in ("quantized_nodes", "quantized_by_op_type", "quantized_weights")}
+    info["would_stay_float"] = plan["float_tensors"]
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{args.model}: {info['nodes']} nodes, {info['parameters']:,} parameters, opset {info['opset']}")
+    for spec in info["inputs"]:
+        print(f"  input  {spec['name']}: {spec['dtype']} {spec['shape']}")
+    for spec in info["outputs"]:
+        print(f"  output {spec['name']}: {spec['dtype']} {spec['shape']}")
+    print("  ops: " + ", ".join(f"{k} {v}" for k, v in info["op_types"].items()))
+    q = info["would_quantize"]
+    print(f"  would quantize for {target.name}: {q['quantized_nodes']} nodes "
+          f"({', '.join(f'{k} {v}' for k, v in q['quantized_by_op_type'].items())}), {q['quantized_weights']} weights")
+    if info["would_stay_float"]:
+        print(f"  stays float: {', '.join(sorted(info['would_stay_float']))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    commands = {"compile": _cmd_compile, "passes": _cmd_passes, "targets": _cmd_targets, "inspect": _cmd_inspect}
+    try:
+        return commands[args.command](args)
+    except QcompileError as error:
+        print(f"qcompile: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("qcompile: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # a bug: show everything so it can be reported
+        traceback.print_exc()
+        print("qcompile: internal error (a bug in qcompile): please report it with the traceback above.", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The compile configuration: one validated dataclass, loadable from ``qcompile.toml``.
+
+Every CLI flag maps onto one field here; an unknown key is an error that suggests the closest
+valid one, never a warning.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CompileConfig", "load_config"]
+
+import dataclasses
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from qcompile.errors import ConfigError
+from qcompile.qparams import QUANT_TYPES
+from qcompile.statistics import CALIBRATION_METHODS
+
+
+@dataclasses.dataclass
+class CompileConfig:
+    """Options of one compilation. ``None`` means "the target's default"."""
+
+    target: str = "cpu"
+    # Pipeline: pass names with options, e.g. ["shape-inference", "calibrate(method=percentile)"].
+    pipeline: list[str] | None = None
+    activation_type: str | None = None
+    weight_type: str | None = None
+    activation_symmetric: bool | None = None
+    per_channel: bool | None = None
+    calibration_method: str = "minmax"
+    percentile: float = 99.999
+    # Nodes left in float: exact node names, op types, or regular expressions over node names.
+    exclude_nodes: list[str] = dataclasses.field(default_factory=list)
+    exclude_op_types: list[str] = dataclasses.field(default_factory=list)
+    exclude_regex: list[str] = dataclasses.field(default_factory=list)
+    # Quantize MatMuls whose both inputs are activations (attention scores); weights are always quantized.
+    quantize_activation_matmul: bool = True
+    # A tensor whose calibrated magnitude reaches this is a mask or sentinel, not a signal: it stays float.
+    sentinel_threshold: float = 1e6
+    # Evaluation: at most this many held-out batches; latency measured with this many timed runs.
+    eval_batches: int = 8
+    latency_runs: int = 20
+    measure_latency: bool = True
+    # Accuracy gate: fail (exit code 3) when any output's SQNR is below this many dB.
+    min_sqnr: float | None = None
+    # Intra-op threads for ONNX Runtime sessions qcompile creates (0: ORT's default).
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for field in ("activation_type", "weight_type"):
+            value = getattr(self, field)
+            if value is not None and value not in QUANT_TYPES:
+                raise ConfigError(
+                    f"{field} = {value!r} is not a known type. Use one of: {', '.join(QUANT_TYPES)}."
+                )
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(
+                f"calibration_method = {self.calibration_method!r} is not a known method. "
+                f"Use one of: {', '.join(CALIBRATION_METHODS)}."
+            )
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile = {self.percentile} must be in (50, 100], e.g. 99.999.")
+        if self.eval_batches < 0 or self.latency_runs < 1:
+            raise ConfigError("eval_batches must be >= 0 and latency_runs >= 1.")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> CompileConfig:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"Unknown key {key!r} in {source}.{hint} Valid keys: {', '.join(fields)}."
+                )
+        for key, value in values.items():
+            _check_type(key, value, fields[key].type, source)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> CompileConfig:
+        return CompileConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_TYPE_CHECKS = {
+    "str": (str,),
+    "bool": (bool,),
+    "int": (int,),
+    "float": (int, float),
+    "list[str]": (list,),
+}
+
+
+def _check_type(key: str, value: Any, annotation: str, source: str) -> None:
+    if value is None and "None" in annotation:
+        return
+    base = annotation.replace(" | None", "")
+    expected = _TYPE_CHECKS.get(base)
+    ok = expected is not None and isinstance(value, expected) and not (
+        base in ("int", "float") and isinstance(value, bool)
+    )
+    if ok and base == "list[str]":
+        ok = all(isinstance(item, str) for item in value)
+    if not ok:
+        raise ConfigError(f"{key} in {source} must be {base}, got {value!r}.")
+
+
+def load_config(path: str | Path) -> CompileConfig:
+    """Read a ``qcompile.toml``: top-level keys are CompileConfig fields."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            values = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {str(path)!r} does not exist.") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"Config file {str(path)!r} is not valid TOML: {error}.") from None
+    return CompileConfig.from_dict(values, source=str(path))

@@ -1,0 +1,234 @@
+"""Calibration and evaluation batches: where they come from, and checks against the model inputs.
+
+A source is a directory of ``.npz`` files (one batch per file, keys = model input names) or any
+iterable of ``{input_name: array}`` dicts. Batches stream: nothing here holds more than one
+batch, except up to ``eval_batches`` held-out batches when the source can only be read once.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BatchSource", "InputSpec", "input_specs"]
+
+import dataclasses
+import logging
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.errors import CalibrationDataError
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What the model expects of one input: numpy dtype and shape (str/None for dynamic dims)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    specs = []
+    for value in model.graph.inputs:
+        if value.const_value is not None or value in model.graph.initializers.values():
+            continue
+        dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else None
+        shape = None
+        if value.shape is not None:
+            shape = tuple(d if isinstance(d, int) else (str(d) if d is not None and str(d) else None) for d in value.shape)
+        specs.append(InputSpec(value.name, dtype, shape))
+    return specs
+
+
+def _describe(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def validate_batch(batch: Any, specs: list[InputSpec], where: str) -> Batch:
+    """Check one batch against the model inputs; return it as a dict of arrays."""
+    if not isinstance(batch, Mapping):
+        raise CalibrationDataError(
+            f"{where} is a {type(batch).__name__}, not a mapping. Each batch must be a dict "
+            "{input_name: numpy array}."
+        )
+    expected = {s.name for s in specs}
+    missing = expected - set(batch)
+    unknown = set(batch) - expected
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {sorted(missing)}")
+        if unknown:
+            parts.append(f"unknown name(s) {sorted(unknown)}")
+        raise CalibrationDataError(
+            f"{where} has {' and '.join(parts)}. The model's inputs are {sorted(expected)}; "
+            "name the arrays exactly like them."
+        )
+    result = {}
+    for spec in specs:
+        array = np.asarray(batch[spec.name])
+        if spec.dtype is not None and array.dtype != spec.dtype:
+            raise CalibrationDataError(
+                f"{where}: input {spec.name!r} has dtype {array.dtype} but the model expects "
+                f"{spec.dtype}. Convert it, e.g. array.astype(np.{spec.dtype.name})."
+            )
+        if spec.shape is not None:
+            if array.ndim != len(spec.shape):
+                raise CalibrationDataError(
+                    f"{where}: input {spec.name!r} has rank {array.ndim} (shape {list(array.shape)}) "
+                    f"but the model expects rank {len(spec.shape)} (shape {_describe(spec.shape)})."
+                )
+            for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+                if isinstance(want, int) and got != want:
+                    raise CalibrationDataError(
+                        f"{where}: input {spec.name!r} has shape {list(array.shape)} but the model "
+                        f"expects {_describe(spec.shape)} (axis {axis} must be {want})."
+                    )
+        if array.size == 0:
+            raise CalibrationDataError(f"{where}: input {spec.name!r} is empty (shape {list(array.shape)}).")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            raise CalibrationDataError(
+                f"{where}: input {spec.name!r} contains {bad} NaN/Inf value(s). Calibration data must "
+                "be finite: clean or drop this batch."
+            )
+        result[spec.name] = array
+    return result
+
+
+class BatchSource:
+    """Splits a data source into calibration batches and held-out evaluation batches.
+
+    Every ``holdout_every``-th batch (up to ``max_eval`` of them) is held out for evaluation when
+    there is no separate evaluation set. A directory or a list is read again for each use; a
+    one-shot iterator is read once, and its held-out batches are kept from that read.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | Iterable[Mapping[str, Any]],
+        specs: list[InputSpec],
+        *,
+        eval_source: str | Path | Iterable[Mapping[str, Any]] | None = None,
+        max_eval: int = 8,
+        holdout_every: int = 10,
+    ):
+        self.specs = specs
+        self.description, self._open = self._opener(source, "calibration data")
+        self._eval = None
+        if eval_source is not None:
+            self._eval = self._opener(eval_source, "evaluation data")
+        self.max_eval = max_eval
+        self.holdout_every = holdout_every
+        self._held_out: list[Batch] = []
+        self._calibration_read = False
+        self.calibration_batches = 0
+
+    @staticmethod
+    def _opener(source, label: str):
+        if isinstance(source, (str, Path)):
+            directory = Path(source)
+            if not directory.is_dir():
+                raise CalibrationDataError(
+                    f"{label}: {str(directory)!r} is not a directory. Pass a directory of .npz files "
+                    "(one batch per file, keys = model input names)."
+                )
+            files = sorted(directory.glob("*.npz"))
+            if not files:
+                raise CalibrationDataError(
+                    f"{label}: directory {str(directory)!r} has no .npz files. Save each batch with "
+                    "numpy.savez(path, **{input_name: array})."
+                )
+            return f"{len(files)} .npz files in {directory}", lambda: _read_npz_files(files)
+        if isinstance(source, Mapping):
+            raise CalibrationDataError(
+                f"{label} is a single mapping; pass an iterable of batches, e.g. [batch]."
+            )
+        if isinstance(source, (list, tuple)):
+            items = list(source)
+            return f"{len(items)} in-memory batches", lambda: (
+                (f"batch {i}", b) for i, b in enumerate(items)
+            )
+        if isinstance(source, Iterable):
+            iterator = iter(source)
+            used = []
+
+            def once():
+                if used:
+                    raise CalibrationDataError(
+                        f"{label} is a one-shot iterator and was already consumed. Pass a list or a "
+                        "directory to read it more than once."
+                    )
+                used.append(True)
+                return ((f"batch {i}", b) for i, b in enumerate(iterator))
+
+            return "an iterator of batches", once
+        raise CalibrationDataError(
+            f"{label} must be a directory of .npz files or an iterable of dicts, not {type(source).__name__}."
+        )
+
+    def _validated(self, opener, label: str) -> Iterator[tuple[int, Batch]]:
+        for index, (where, batch) in enumerate(opener()):
+            yield index, validate_batch(batch, self.specs, f"{label}, {where}")
+
+    def calibration(self) -> Iterator[Batch]:
+        """Calibration batches, validated; held-out batches are skipped (and kept if needed)."""
+        self._held_out = []
+        count = 0
+        for index, batch in self._validated(self._open, "calibration data"):
+            if self._eval is None and self._is_held_out(index):
+                if len(self._held_out) < self.max_eval:
+                    self._held_out.append(batch)
+                continue
+            count += 1
+            yield batch
+        self._calibration_read = True
+        self.calibration_batches = count
+        if count == 0:
+            raise CalibrationDataError("calibration data has no batches.")
+
+    def _is_held_out(self, index: int) -> bool:
+        return index % self.holdout_every == self.holdout_every - 1
+
+    def evaluation(self) -> tuple[str, list[Batch]]:
+        """Up to max_eval evaluation batches, and a description of where they came from."""
+        if self._eval is not None:
+            description, opener = self._eval
+            batches = []
+            for index, batch in self._validated(opener, "evaluation data"):
+                if index >= self.max_eval:
+                    break
+                batches.append(batch)
+            return f"evaluation set ({description})", batches
+        if self._held_out:
+            return f"{len(self._held_out)} held-out calibration batches (every {self.holdout_every}th)", list(self._held_out)
+        # Too few batches to hold any out: evaluate on the first calibration batches, and say so.
+        try:
+            batches = []
+            for _, batch in self._validated(self._open, "calibration data"):
+                batches.append(batch)
+                if len(batches) >= self.max_eval:
+                    break
+        except CalibrationDataError:
+            return "no evaluation data (the calibration iterator cannot be read twice)", []
+        return f"{len(batches)} calibration batches (too few to hold any out)", batches
+
+
+def _read_npz_files(files: list[Path]) -> Iterator[tuple[str, Batch]]:
+    for path in files:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                batch = {key: data[key] for key in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+            raise CalibrationDataError(
+                f"Cannot read calibration file {str(path)!r}: {error}. Write it with numpy.savez."
+            ) from None
+        yield path.name, batch

@@ -1,0 +1,48 @@
+"""The one exception family qcompile raises for anything a user can fix."""
+
+from __future__ import annotations
+
+__all__ = [
+    "QcompileError",
+    "ModelError",
+    "CalibrationDataError",
+    "ConfigError",
+    "PipelineError",
+    "OutputError",
+    "AccuracyGateError",
+]
+
+
+class QcompileError(Exception):
+    """Base of every error qcompile raises on bad input; the CLI maps it to exit code 2.
+
+    Messages name the problem and the fix in one paragraph.
+    """
+
+    exit_code = 2
+
+
+class ModelError(QcompileError):
+    """The model cannot be read, or uses something the compiler cannot handle."""
+
+
+class CalibrationDataError(QcompileError):
+    """Calibration or evaluation data is missing or does not match the model's inputs."""
+
+
+class ConfigError(QcompileError):
+    """The configuration (file, flags or API arguments) is invalid."""
+
+
+class PipelineError(QcompileError):
+    """The pass pipeline is invalid: an unknown pass, bad options, or a broken precondition."""
+
+
+class OutputError(QcompileError):
+    """The output cannot be written."""
+
+
+class AccuracyGateError(QcompileError):
+    """The compiled model is below the accuracy the user required; the CLI exits with 3."""
+
+    exit_code = 3

@@ -1,0 +1,154 @@
+"""Pipelines as data: a textual form to print and paste, and a runner with timing and dumps.
+
+Text form, as in LLVM's ``opt -passes=``: ``fix-names,shape-inference,calibrate(method=percentile,percentile=99.99)``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PassSpec", "parse_pipeline", "format_pipeline", "run_pipeline"]
+
+import ast
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from qcompile import passes as _passes  # noqa: F401  (registers the passes)
+from qcompile.context import CompileContext
+from qcompile.errors import PipelineError, QcompileError
+from qcompile.passes.registry import create_pass, registered_passes
+
+logger = logging.getLogger(__name__)
+
+_SPEC = re.compile(r"^\s*([a-z][a-z0-9-]*)\s*(?:\((.*)\))?\s*$", re.S)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSpec:
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        return f"{self.name}({','.join(f'{k}={_format_value(v)}' for k, v in self.options)})"
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _parse_value(text: str) -> Any:
+    text = text.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if "".join(current).strip():
+        parts.append("".join(current))
+    return parts
+
+
+def parse_pipeline(items: str | Sequence[str]) -> list[PassSpec]:
+    """Parse ``"a,b(x=1)"`` or ``["a", "b(x=1)"]`` into pass specs, checking names and options."""
+    texts = _split_top_level(items) if isinstance(items, str) else [t for item in items for t in _split_top_level(item)]
+    known = registered_passes()
+    specs = []
+    for text in texts:
+        match = _SPEC.match(text)
+        if not match:
+            raise PipelineError(f"Cannot parse pipeline element {text.strip()!r}; write it as name or name(key=value,...).")
+        name, args = match.group(1), match.group(2)
+        options = []
+        for arg in _split_top_level(args or ""):
+            if "=" not in arg:
+                raise PipelineError(f"Option {arg.strip()!r} of pass {name!r} must be key=value.")
+            key, value = arg.split("=", 1)
+            options.append((key.strip(), _parse_value(value)))
+        if name in known:
+            unknown = {k for k, _ in options} - set(known[name].options)
+            if unknown:
+                raise PipelineError(
+                    f"Pass {name!r} has no option(s) {', '.join(sorted(unknown))}; "
+                    f"its options are: {', '.join(known[name].options) or 'none'}."
+                )
+        specs.append(PassSpec(name, tuple(options)))
+    return specs
+
+
+def format_pipeline(specs: Sequence[PassSpec]) -> str:
+    return ",".join(str(s) for s in specs)
+
+
+@dataclasses.dataclass
+class PassTiming:
+    name: str
+    seconds: float
+    modified: bool
+
+
+def run_pipeline(
+    model: ir.Model,
+    specs: Sequence[PassSpec],
+    context: CompileContext,
+    *,
+    dump_after: Sequence[str] = (),
+    dump_dir: str | Path | None = None,
+) -> tuple[ir.Model, list[PassTiming]]:
+    """Run passes in order; time each; save the model after the passes named in ``dump_after``.
+
+    Timing and dumps are instruments around the passes, not code inside them (TVM's PassContext
+    instruments). ``dump_after`` takes pass names or ``all``.
+    """
+    instances = [create_pass(spec.name, context, dict(spec.options)) for spec in specs]
+    dump_all = "all" in dump_after
+    unknown_dumps = set(dump_after) - {"all"} - {s.name for s in specs}
+    if unknown_dumps:
+        raise PipelineError(
+            f"--dump-after names {', '.join(sorted(unknown_dumps))}, which the pipeline does not run. "
+            f"The pipeline is: {format_pipeline(specs)}"
+        )
+    timings = []
+    for index, (spec, instance) in enumerate(zip(specs, instances)):
+        start = time.perf_counter()
+        try:
+            result = instance(model)
+        except (ir.passes.PreconditionError, ir.passes.PostconditionError, ir.passes.PassError) as error:
+            cause = error.__cause__
+            if isinstance(cause, QcompileError):
+                raise cause from None
+            raise PipelineError(f"Pass {spec.name!r} failed: {error}") from None
+        model = result.model
+        seconds = time.perf_counter() - start
+        timings.append(PassTiming(spec.name, seconds, bool(result.modified)))
+        logger.info("pass %-20s %7.3fs%s", spec.name, seconds, " (modified)" if result.modified else "")
+        if dump_dir is not None and (dump_all or spec.name in dump_after):
+            directory = Path(dump_dir)
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / f"{index:02d}-{spec.name}.onnx"
+            ir.save(model, path)
+            logger.info("wrote %s", path)
+    return model, timings

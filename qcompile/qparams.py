@@ -1,0 +1,133 @@
+"""Quantization parameters: integer formats, and scales and zero points from ranges.
+
+Every scale and zero point qcompile writes is computed here, so the formulas live in one place.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "QuantType",
+    "QUANT_TYPES",
+    "quant_type",
+    "activation_qparams",
+    "weight_qparams",
+    "quantize",
+    "dequantize",
+]
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantType:
+    """An integer format: its name, ONNX element type and representable range."""
+
+    name: str
+    ir_dtype: ir.DataType
+    numpy_dtype: type
+    qmin: int
+    qmax: int
+    min_opset: int
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+
+QUANT_TYPES = {
+    t.name: t
+    for t in (
+        QuantType("uint8", ir.DataType.UINT8, np.uint8, 0, 255, 13),
+        QuantType("int8", ir.DataType.INT8, np.int8, -128, 127, 13),
+        QuantType("uint16", ir.DataType.UINT16, np.uint16, 0, 65535, 21),
+        QuantType("int16", ir.DataType.INT16, np.int16, -32768, 32767, 21),
+        QuantType("int32", ir.DataType.INT32, np.int32, -(2**31), 2**31 - 1, 13),
+    )
+}
+
+
+def quant_type(name: str) -> QuantType:
+    try:
+        return QUANT_TYPES[name]
+    except KeyError:
+        raise ConfigError(
+            f"Unknown quantization type {name!r}. Use one of: {', '.join(QUANT_TYPES)}."
+        ) from None
+
+
+# The smallest scale we emit: a tensor that is constant zero still needs a positive scale.
+_MIN_SCALE = np.float32(1e-12)
+
+
+def activation_qparams(
+    rmin: float, rmax: float, qtype: QuantType, symmetric: bool
+) -> tuple[np.float32, int]:
+    """Per-tensor scale and zero point that map [rmin, rmax] onto qtype.
+
+    The range is first widened to contain 0, so that 0.0 (padding, ReLU) is exact.
+    Asymmetric:  scale = (rmax - rmin) / (qmax - qmin),  zp = round(qmin - rmin / scale).
+    Symmetric:   scale = max(|rmin|, |rmax|) / ((qmax - qmin) / 2),  zp = 0 for signed types and
+                 the middle of the range ((qmin + qmax + 1) / 2, e.g. 128) for unsigned ones.
+    """
+    rmin, rmax = min(float(rmin), 0.0), max(float(rmax), 0.0)
+    span = qtype.qmax - qtype.qmin
+    if symmetric:
+        amax = max(abs(rmin), abs(rmax))
+        scale = np.float32(max(amax / (span / 2), _MIN_SCALE))
+        zero_point = 0 if qtype.signed else (qtype.qmin + qtype.qmax + 1) // 2
+        return scale, zero_point
+    scale = np.float32(max((rmax - rmin) / span, _MIN_SCALE))
+    zero_point = int(np.clip(round(qtype.qmin - rmin / float(scale)), qtype.qmin, qtype.qmax))
+    return scale, zero_point
+
+
+def weight_qparams(
+    weight: np.ndarray, axis: int | None, qtype: QuantType
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric scales (one per channel along ``axis``, or one if None) with zero points 0.
+
+    scale = max|w| / qmax over the channel, so the grid is [-qmax, qmax]: the restricted range
+    keeps -128 unused, which avoids the asymmetric extra code that some integer kernels mishandle.
+    """
+    w = np.asarray(weight, dtype=np.float32)
+    if axis is None:
+        amax = np.abs(w).max(initial=0.0).reshape(1)
+    else:
+        reduce_axes = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+        amax = np.abs(w).max(axis=reduce_axes, initial=0.0)
+    scale = np.maximum(amax / qtype.qmax, _MIN_SCALE).astype(np.float32)
+    zero_point = np.zeros(scale.shape, dtype=qtype.numpy_dtype)
+    return scale, zero_point
+
+
+def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    param = np.asarray(param)
+    if axis is None or param.size == 1:
+        return param.reshape(())
+    shape = [1] * ndim
+    shape[axis % ndim] = param.size
+    return param.reshape(shape)
+
+
+def quantize(
+    x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qtype: QuantType, axis: int | None = None
+) -> np.ndarray:
+    """ONNX QuantizeLinear: saturate(round_half_to_even(x / scale) + zero_point)."""
+    s = _broadcast(scale, x.ndim, axis).astype(np.float32)
+    z = _broadcast(zero_point, x.ndim, axis).astype(np.int64)
+    q = np.rint(np.asarray(x, dtype=np.float32) / s).astype(np.int64) + z
+    return np.clip(q, qtype.qmin, qtype.qmax).astype(qtype.numpy_dtype)
+
+
+def dequantize(
+    q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None
+) -> np.ndarray:
+    """ONNX DequantizeLinear: (q - zero_point) * scale."""
+    s = _broadcast(scale, q.ndim, axis).astype(np.float32)
+    z = _broadcast(zero_point, q.ndim, axis).astype(np.int64)
+    return ((q.astype(np.int64) - z) * s).astype(np.float32)

@@ -1,0 +1,90 @@
+"""The compile report: what was done, what it cost, and how accurate and fast the result is."""
+
+from __future__ import annotations
+
+__all__ = ["Report"]
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no inf/nan
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        return _jsonable(value.item())
+    return value
+
+
+@dataclasses.dataclass
+class Report:
+    """Everything one compilation did, as plain data; ``str(report)`` is the terminal summary."""
+
+    versions: dict[str, str]
+    source: str
+    target: str
+    config: dict[str, Any]
+    pipeline: str
+    passes: list[dict[str, Any]]
+    plan: dict[str, Any]
+    calibration: dict[str, Any]
+    evaluation: dict[str, Any]
+    size: dict[str, int]
+    latency: dict[str, Any]
+    fusion: dict[str, Any]
+    accuracy_gate: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @property
+    def gate_passed(self) -> bool:
+        return bool(self.accuracy_gate.get("passed", True))
+
+    def __str__(self) -> str:
+        lines = [f"qcompile {self.versions.get('qcompile')}: {self.source} -> target {self.target}"]
+        plan = self.plan
+        by_op = ", ".join(f"{k} {v}" for k, v in plan.get("quantized_by_op_type", {}).items())
+        lines.append(f"  quantized: {plan.get('quantized_nodes', 0)} nodes ({by_op})")
+        floats = plan.get("float_tensors", {})
+        if floats:
+            lines.append(f"  kept float: {len(floats)} tensors (masks/sentinels/exclusions; see report.json)")
+        if self.calibration:
+            lines.append(
+                f"  calibration: {self.calibration.get('batches')} batches, method {self.calibration.get('method')}"
+            )
+        before, after = self.size.get("float_bytes", 0), self.size.get("quantized_bytes", 0)
+        if before:
+            lines.append(f"  size: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({after / before:.1%})")
+        for name, metrics in self.evaluation.get("outputs", {}).items():
+            lines.append(
+                f"  output {name}: SQNR {metrics['sqnr_db']} dB, cosine {metrics['cosine']}, "
+                f"max abs error {metrics['max_abs_error']}"
+            )
+        if self.evaluation.get("data"):
+            lines.append(f"  evaluated on: {self.evaluation['data']}")
+        if self.latency.get("float") and self.latency.get("quantized"):
+            lines.append(
+                f"  latency (median): {self.latency['float']['median_ms']} ms float -> "
+                f"{self.latency['quantized']['median_ms']} ms quantized ({self.latency['speedup']}x)"
+            )
+        if self.fusion:
+            kernels = ", ".join(f"{k} {v}" for k, v in self.fusion.get("integer_kernels", {}).items())
+            unfused = len(self.fusion.get("unfused_quantized_anchors", []))
+            lines.append(f"  ORT integer kernels: {kernels or 'none'}; unfused quantized anchors: {unfused}")
+        total = sum(p["seconds"] for p in self.passes)
+        lines.append(f"  compile time: {total:.2f}s in {len(self.passes)} passes")
+        gate = self.accuracy_gate
+        if gate.get("min_sqnr") is not None:
+            verdict = "passed" if gate.get("passed") else f"FAILED: {gate.get('failing')}"
+            lines.append(f"  accuracy gate (SQNR >= {gate['min_sqnr']} dB): {verdict}")
+        return "\n".join(lines)
