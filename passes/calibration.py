@@ -14,7 +14,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qcompile.errors import CalibrationDataError, ModelError
+from qcompile.errors import CalibrationDataError, ModelError, detail
 from qcompile.passes.quantization_plan import build_plan
 from qcompile.passes.registry import register_pass
 from qcompile.runtime import make_session
@@ -51,7 +51,7 @@ def collect_statistics(
             outputs = session.run(tensor_names, batch)
         except Exception as error:
             raise CalibrationDataError(
-                f"ONNX Runtime failed on calibration batch {index}: {str(error).strip().splitlines()[0]}"
+                f"ONNX Runtime failed on calibration batch {index}: {detail(error)}"
             ) from None
         for name, values in zip(tensor_names, outputs):
             table.update(name, values)

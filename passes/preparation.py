@@ -32,7 +32,7 @@ from onnxscript.rewriter.rules.common import (
     fuse_batchnorm_into_gemm_rule,
 )
 
-from qcompile.errors import ModelError
+from qcompile.errors import ModelError, detail
 from qcompile.passes.registry import register_pass
 from qcompile.qparams import quant_type
 
@@ -63,7 +63,7 @@ class ShapeInference(ir.passes.InPlacePass):
             inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
         except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
             raise ModelError(
-                f"ONNX shape inference rejected the model: {str(error).splitlines()[0]} "
+                f"ONNX shape inference rejected the model: {detail(error)} "
                 "Fix the model (or export it again) so that onnx.shape_inference.infer_shapes accepts it."
             ) from None
         inferred_values = {
@@ -230,14 +230,12 @@ class UpgradeOpset(ir.passes.InPlacePass):
         except Exception as error:  # the converter raises bare RuntimeErrors from C++
             raise ModelError(
                 f"Could not convert the model from opset {current} to {self.min_opset}, which the "
-                f"chosen quantization formats need: {str(error).splitlines()[0]}. Export the model "
+                f"chosen quantization formats need: {detail(error)}. Export the model "
                 f"with opset {self.min_opset} or newer."
             ) from None
         logger.info("Converted the model from opset %d to %d", current, self.min_opset)
         upgraded = ir.serde.deserialize_model(converted)
-        model.graph = upgraded.graph
-        model.opset_imports.clear()
-        model.opset_imports.update(upgraded.opset_imports)
+        model.graph = upgraded.graph  # the model's opset imports are its graph's
         return ir.passes.PassResult(model, True)
 
 
@@ -269,7 +267,7 @@ class CheckModel(ir.passes.InPlacePass):
                 onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as error:
             raise ModelError(
-                f"The compiled model fails onnx.checker: {str(error).splitlines()[0]}. This is a qcompile "
+                f"The compiled model fails onnx.checker: {detail(error)}. This is a qcompile "
                 "bug: please report it with the model, or exclude the node it names."
             ) from None
         return ir.passes.PassResult(model, False)

@@ -10,6 +10,7 @@ __all__ = [
     "PipelineError",
     "OutputError",
     "AccuracyGateError",
+    "detail",
 ]
 
 
@@ -46,3 +47,9 @@ class AccuracyGateError(QcompileError):
     """The compiled model is below the accuracy the user required; the CLI exits with 3."""
 
     exit_code = 3
+
+
+def detail(error: BaseException, limit: int = 600) -> str:
+    """An exception's whole message on one line (onnx spreads the node name over several lines)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

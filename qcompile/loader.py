@@ -14,7 +14,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from qcompile.errors import ModelError
+from qcompile.errors import ModelError, detail
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _load_file(path: Path) -> ir.Model:
     except Exception as error:  # protobuf's DecodeError, onnx's own errors, missing external data
         raise ModelError(
             f"{str(path)!r} is not a readable ONNX model ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no detail'}). "
+            f"{detail(error)}). "
             "Check that the file is complete and that its external data files sit beside it."
         ) from None
     if not proto.graph.node:
@@ -64,7 +64,7 @@ def _load_file(path: Path) -> ir.Model:
         onnx.checker.check_model(proto) if proto.ByteSize() < 2**31 - 1 else None
     except onnx.checker.ValidationError as error:
         raise ModelError(
-            f"{str(path)!r} is not a valid ONNX model: {str(error).strip().splitlines()[0]} "
+            f"{str(path)!r} is not a valid ONNX model: {detail(error)} "
             "Export it again, or fix the node named above."
         ) from None
     try:
@@ -100,7 +100,7 @@ def _export_torch(module, example_inputs: tuple | None, dynamic_shapes: Any) -> 
             )
     except Exception as error:
         raise ModelError(
-            f"torch.onnx.export(dynamo=True) failed: {str(error).strip().splitlines()[0]} "
+            f"torch.onnx.export(dynamo=True) failed: {detail(error)} "
             "Export the model yourself and pass the .onnx file, or fix what the exporter names."
         ) from None
     finally:

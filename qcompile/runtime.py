@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import onnx
 import onnxruntime as ort
 
-from qcompile.errors import ModelError
+from qcompile.errors import ModelError, detail
 
 # Protobuf cannot serialize more than 2 GB; larger models go through a file with external data.
 _INLINE_LIMIT = 1_800_000_000
@@ -52,5 +52,5 @@ def make_session(
             return ort.InferenceSession(model, options, providers=list(providers))
         except Exception as error:  # ORT raises its own exception types from C++
             raise ModelError(
-                f"ONNX Runtime cannot load the {what}: {str(error).strip().splitlines()[0]}"
+                f"ONNX Runtime cannot load the {what}: {detail(error)}"
             ) from None

@@ -1,0 +1,23 @@
+import sys
+from pathlib import Path
+
+# tests/tiny_models.py builds the tiny models every test file uses.
+sys.path.insert(0, str(Path(__file__).parent))
+
+import onnx_ir as ir  # noqa: E402
+
+from qcompile.backends import get_target  # noqa: E402
+from qcompile.config import CompileConfig  # noqa: E402
+from qcompile.context import CompileContext  # noqa: E402
+from qcompile.data import BatchSource, input_specs  # noqa: E402
+from qcompile.pipeline import parse_pipeline, run_pipeline  # noqa: E402
+
+
+def run_passes(proto, pipeline, data=None, **config):
+    """Run the named passes on a copy of ``proto``; return (model, context) to inspect."""
+    model = ir.serde.deserialize_model(proto)
+    cfg = CompileConfig(**config)
+    source = BatchSource(data, input_specs(model), max_eval=0) if data is not None else None
+    context = CompileContext(config=cfg, target=get_target(cfg.target), data=source)
+    model, _ = run_pipeline(model, parse_pipeline(pipeline), context)
+    return model, context

@@ -1,0 +1,67 @@
+"""The QDQ rewrite: graph structure, stored integer types, bias formula, names kept."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import run_passes
+from tiny_models import cnn_batches, tiny_cnn, tiny_transformer, transformer_batches
+
+from qcompile.errors import PipelineError
+
+CPU = "fix-names,shape-inference,fold-batchnorm,remove-unused,plan-quantization,calibrate,insert-qdq,remove-unused"
+
+
+def _initializer(model, name):
+    return model.graph.initializers[name].const_value.numpy()
+
+
+def test_weights_become_int8_per_channel_and_float_weights_are_gone():
+    model, _ = run_passes(tiny_cnn(), CPU, data=cnn_batches(4))
+    w2 = _initializer(model, "w2_quantized")
+    assert w2.dtype == np.int8 and w2.shape == (8, 8, 3, 3)
+    assert _initializer(model, "w2_scale").shape == (8,)
+    assert "w2" not in model.graph.initializers  # the float copy no longer ships
+    dq = next(n for n in model.graph if n.name == "w2_DequantizeLinear")
+    assert dq.attributes["axis"].value == 0
+
+
+def test_bias_is_int32_with_input_scale_times_weight_scale():
+    model, context = run_passes(tiny_cnn(), CPU, data=cnn_batches(4))
+    plan = context.analyses["plan"]
+    bias = _initializer(model, "b2_quantized")
+    assert bias.dtype == np.int32
+    expected_scale = np.float32(plan.activations["r1"].scale) * _initializer(model, "w2_scale")
+    np.testing.assert_allclose(_initializer(model, "b2_scale"), expected_scale, rtol=1e-6)
+    original = onnx.numpy_helper.to_array(next(i for i in tiny_cnn().graph.initializer if i.name == "b2"))
+    np.testing.assert_allclose(bias * expected_scale, original, atol=float(expected_scale.max()) / 2 + 1e-7)
+
+
+def test_each_activation_gets_one_qdq_pair_read_by_all_consumers():
+    model, _ = run_passes(tiny_cnn(), CPU, data=cnn_batches(4))
+    # r1 feeds conv2 and the residual Add: both read the same DequantizeLinear.
+    dq_out = next(n for n in model.graph if n.name == "r1_DequantizeLinear").outputs[0]
+    assert {u.node.name for u in dq_out.uses()} == {"conv2", "residual_add"}
+    assert sum(1 for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "r1") == 1
+
+
+def test_activation_types_are_what_the_config_asks():
+    model, _ = run_passes(tiny_cnn(), CPU + ",upgrade-opset", data=cnn_batches(4), activation_type="uint16")
+    zp = _initializer(model, "r1_zero_point")
+    assert zp.dtype == np.uint16
+
+
+def test_graph_names_are_kept_and_model_is_valid():
+    model, _ = run_passes(tiny_transformer(), CPU, data=transformer_batches(4))
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    assert [i.name for i in proto.graph.input] == ["x", "attention_mask"]
+    assert [o.name for o in proto.graph.output] == ["y"]
+    out = ort.InferenceSession(proto.SerializeToString()).run(None, transformer_batches(1)[0])[0]
+    assert np.isfinite(out).all()
+
+
+def test_insert_qdq_without_calibration_is_a_pipeline_error():
+    with pytest.raises(PipelineError, match="calibrate"):
+        run_passes(tiny_cnn(), "fix-names,plan-quantization,insert-qdq")

@@ -1,0 +1,85 @@
+"""The planner: what gets quantized, what stays float, and why."""
+
+import numpy as np
+from conftest import run_passes
+from onnx import TensorProto, helper, numpy_helper
+from tiny_models import cnn_batches, make_model, tiny_cnn, tiny_transformer, transformer_batches
+
+PREP = "fix-names,shape-inference,fold-batchnorm,remove-unused"
+
+
+def test_cnn_plan_quantizes_convs_residual_add_and_absorbs_relus():
+    _, context = run_passes(tiny_cnn(), PREP + ",plan-quantization")
+    plan = context.analyses["plan"]
+    # conv1 was rebuilt by the BatchNorm fold, under a new name.
+    assert {"conv2", "conv3", "fc"} <= plan.anchors and len(plan.anchors) == 4
+    assert "residual_add" in plan.nodes
+    assert {"relu2", "relu3"} <= plan.absorbed
+    # An absorbed Relu's input is not quantized: the Q after the Relu performs the clamp.
+    assert "c2" not in plan.activations and "r2" in plan.activations
+    # MaxPool shares its input's parameters instead of requantizing.
+    assert plan.activations["p"].shares == "r3"
+    # Per-channel Conv weights on axis 0, Gemm (transB=1) on axis 0; biases derived.
+    axes = {w.node: w.axis for w in plan.weights}
+    assert axes["conv2"] == 0 and axes["fc"] == 0
+    assert {b.node for b in plan.biases} >= {"conv2", "conv3", "fc"}
+
+
+def test_transformer_mask_stays_float_from_the_graph_alone():
+    _, context = run_passes(tiny_transformer(), PREP + ",plan-quantization")
+    plan = context.analyses["plan"]
+    assert {"mask_f", "mask_bias"} <= set(plan.float_tensors)
+    assert "mask_bias" not in plan.activations and "add_mask" not in plan.nodes
+    assert {"q_matmul", "k_matmul", "v_matmul", "out_matmul", "up_matmul", "down_matmul"} <= plan.anchors
+    # Bias Adds after MatMuls are not quantized: that would add a requantization.
+    assert "q_bias" not in plan.nodes
+
+
+def test_sentinel_detected_from_calibration_statistics():
+    """A float input carrying a -1e9 sentinel (not derived from an integer input) stays float."""
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    proto = make_model(
+        [helper.make_node("Add", ["x", "bias"], ["masked"], name="add_bias"),
+         helper.make_node("MatMul", ["masked", "w"], ["y"], name="mm"),
+         helper.make_node("MatMul", ["x", "w"], ["z"], name="mm_plain")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+         helper.make_tensor_value_info("bias", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4])], [w],
+    )
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.normal(size=(2, 4)).astype(np.float32),
+             "bias": np.where(rng.random((2, 4)) > 0.5, -1e9, 0).astype(np.float32)} for _ in range(4)]
+    _, context = run_passes(proto, PREP + ",plan-quantization,calibrate", data=data)
+    plan = context.analyses["plan"]
+    assert "masked" in plan.float_tensors and "sentinel" in plan.float_tensors["masked"]
+    assert "mm" not in plan.nodes and "mm_plain" in plan.nodes
+
+
+def test_exclusions_by_name_op_type_and_regex():
+    for option, value, node in (("exclude_nodes", ["conv2"], "conv2"),
+                                ("exclude_op_types", ["Gemm"], "fc"),
+                                ("exclude_regex", ["^conv3$"], "conv3")):
+        _, context = run_passes(tiny_cnn(), PREP + ",plan-quantization", **{option: value})
+        plan = context.analyses["plan"]
+        assert node not in plan.nodes and "config" in plan.float_nodes[node]
+
+
+def test_symmetric_activations_do_not_absorb_relu():
+    """With int8 symmetric activations a Q cannot clamp at 0, so the Relu input is quantized too."""
+    _, context = run_passes(tiny_cnn(), PREP + ",plan-quantization,calibrate", data=cnn_batches(4),
+                            activation_type="int8", activation_symmetric=True)
+    plan = context.analyses["plan"]
+    assert not plan.absorbed and "c2" in plan.activations
+
+
+def test_activation_matmul_can_be_left_float():
+    _, context = run_passes(tiny_transformer(), PREP + ",plan-quantization", quantize_activation_matmul=False)
+    plan = context.analyses["plan"]
+    assert "scores_matmul" not in plan.nodes and "q_matmul" in plan.nodes
+
+
+def test_calibrated_scales_are_set_for_every_planned_tensor():
+    _, context = run_passes(tiny_transformer(), PREP + ",plan-quantization,calibrate", data=transformer_batches(3))
+    plan = context.analyses["plan"]
+    assert plan.activations and all(q.scale is not None and q.scale > 0 for q in plan.activations.values())
