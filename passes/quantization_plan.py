@@ -102,21 +102,34 @@ def _is_float_activation(value: ir.Value | None) -> bool:
     return value is not None and not _is_constant(value) and (value.dtype is None or value.dtype in _FLOAT_TYPES)
 
 
-def _mask_tensors(graph: ir.Graph) -> dict[str, str]:
-    """Float tensors computed only from non-float graph inputs and constants.
+# A constant this small is a mask's fill value (0, 1, float32 min); a larger one is a table of
+# signal (an embedding), and what is looked up in it is signal too.
+_MASK_CONSTANT_LIMIT = 16
 
-    An additive attention mask is the typical case: Cast(int64 mask) -> Sub -> Mul(float32 min).
-    Such tensors carry structure, not signal, and a quantizer must not give them a scale.
+
+def _mask_tensors(graph: ir.Graph) -> dict[str, str]:
+    """Float tensors computed only from non-float graph inputs and small constants.
+
+    An additive attention mask is the typical case: Cast(int64 mask) -> Sub(1, .) -> Mul(float32 min).
+    Such tensors carry structure, not signal, and a quantizer must not give them a scale. An
+    embedding lookup (Gather from a large float table by integer ids) is signal, not a mask.
     """
     derived: set[str] = {v.name for v in graph.inputs if v.dtype not in _FLOAT_TYPES}
     masks = {}
     for node in graph:
         live = [v for v in node.inputs if v is not None and not _is_constant(v)]
-        if live and all(v.name in derived for v in live):
-            for out in node.outputs:
-                derived.add(out.name)
-                if out.dtype in _FLOAT_TYPES:
-                    masks[out.name] = "computed only from integer/bool inputs and constants (a mask)"
+        if not live or not all(v.name in derived for v in live):
+            continue
+        tables = [
+            v for v in node.inputs
+            if _is_constant(v) and v.dtype in _FLOAT_TYPES and v.const_value.size > _MASK_CONSTANT_LIMIT
+        ]
+        if tables:
+            continue
+        for out in node.outputs:
+            derived.add(out.name)
+            if out.dtype in _FLOAT_TYPES:
+                masks[out.name] = "computed only from integer/bool inputs and constants (a mask)"
     return masks
 
 

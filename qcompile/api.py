@@ -81,6 +81,10 @@ def _temp_beside(path: Path):
     except OSError as error:
         raise OutputError(f"Cannot write into {str(path.parent)!r}: {error.strerror}. Choose a writable folder.") from None
     os.close(fd)
+    # mkstemp creates the file 0600; the output gets the mode any new file would (0666 less umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return Path(tmp)
 
 

@@ -305,3 +305,19 @@ def test_accuracy_gate_failure(model_path, out):
     assert model_path.read_bytes() == before
     assert not out.exists()
     assert _files(out.parent) == files_before
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the final files must not stay owner-only."""
+    import os
+
+    from tiny_models import cnn_batches, tiny_cnn
+
+    import qcompile
+
+    result = qcompile.compile(tiny_cnn(), cnn_batches(3), config={"measure_latency": False})
+    umask = os.umask(0)
+    os.umask(umask)
+    result.save(tmp_path / "m.onnx", report_path=tmp_path / "report.json")
+    for name in ("m.onnx", "report.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask

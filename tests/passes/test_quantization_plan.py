@@ -83,3 +83,18 @@ def test_calibrated_scales_are_set_for_every_planned_tensor():
     _, context = run_passes(tiny_transformer(), PREP + ",plan-quantization,calibrate", data=transformer_batches(3))
     plan = context.analyses["plan"]
     assert plan.activations and all(q.scale is not None and q.scale > 0 for q in plan.activations.values())
+
+
+def test_embedding_lookup_by_integer_ids_is_signal_not_a_mask():
+    """Gather from a large float table by int64 ids: what comes out is quantizable signal."""
+    table = numpy_helper.from_array(np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32), "table")
+    w = numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")
+    proto = make_model(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+         helper.make_node("MatMul", ["emb", "w"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 8])], [table, w],
+    )
+    _, context = run_passes(proto, PREP + ",plan-quantization")
+    plan = context.analyses["plan"]
+    assert "emb" not in plan.float_tensors and "mm" in plan.nodes
