@@ -48,6 +48,9 @@ class OpRule:
     output: OutputRole
     anchor: bool = False
     weight_axis: Callable[[Any], int | None] | None = None
+    # For lookups (Gather): the axis of a constant table input 0 that is stored as int8 with one
+    # scale per slice, dequantized before the op runs in float (weight-only: the file shrinks).
+    table_axis: Callable[[Any], int | None] | None = None
     # For ABSORBED ops: the float interval the op clamps to, given the node; None if unknown.
     clamp: Callable[[Any], tuple[float, float] | None] | None = None
 

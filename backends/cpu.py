@@ -79,7 +79,7 @@ COMMON_RULES = {
         _shared("Squeeze", (A, F)),
         _shared("Unsqueeze", (A, F)),
         _shared("Slice", (A, F, F, F, F)),
-        _shared("Gather", (A, F)),
+        OpRule("Gather", (A, F), OutputRole.SHARED, table_axis=lambda n: _attr(n, "axis", 0)),
         _shared("Resize", (A, F, F, F)),
     )
 }

@@ -105,6 +105,8 @@ def _is_float_activation(value: ir.Value | None) -> bool:
 # A constant this small is a mask's fill value (0, 1, float32 min); a larger one is a table of
 # signal (an embedding), and what is looked up in it is signal too.
 _MASK_CONSTANT_LIMIT = 16
+# Lookup tables smaller than this stay float: the saving would not pay for a DequantizeLinear.
+_TABLE_MIN_SIZE = 4096
 
 
 def _mask_tensors(graph: ir.Graph) -> dict[str, str]:
@@ -245,6 +247,18 @@ def _build_once(
             if weight_index is None:
                 continue  # no quantized weight to derive the bias scale from: bias stays float
             plan.biases.append(BiasQuant(node.name, index, node.inputs[activations[0]].name, weight_index))
+
+    # Lookup tables (embeddings): stored as integers, one scale per looked-up slice.
+    for node in nodes:
+        rule = rule_for(node)
+        table = node.inputs[0] if node.inputs else None
+        if (
+            rule is not None and rule.table_axis is not None and _is_constant(table)
+            and table.dtype in _FLOAT_TYPES and table.const_value.size >= _TABLE_MIN_SIZE
+            and exclusions.reason(node) is None
+        ):
+            axis = rule.table_axis(node) % len(table.shape)
+            plan.weights.append(WeightQuant(node.name, 0, axis if per_channel else None, weight_type))
 
     # 2. Followers: join while every activation input is already quantized; repeat to a fixed point.
     def produces_integers(value: ir.Value) -> bool:

@@ -98,3 +98,20 @@ def test_embedding_lookup_by_integer_ids_is_signal_not_a_mask():
     _, context = run_passes(proto, PREP + ",plan-quantization")
     plan = context.analyses["plan"]
     assert "emb" not in plan.float_tensors and "mm" in plan.nodes
+
+
+def test_large_embedding_table_is_stored_as_int8_per_row():
+    from conftest import run_passes as run
+
+    table = numpy_helper.from_array(np.random.default_rng(0).normal(size=(600, 8)).astype(np.float32), "table")
+    proto = make_model(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed")],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, [2, 5, 8])], [table],
+    )
+    data = [{"ids": np.arange(10, dtype=np.int64).reshape(2, 5)}]
+    model, context = run(proto, PREP + ",plan-quantization,calibrate,insert-qdq,remove-unused", data=data)
+    assert [(w.node, w.axis) for w in context.analyses["plan"].weights] == [("embed", 0)]
+    q = model.graph.initializers["table_quantized"].const_value.numpy()
+    assert q.dtype == np.int8 and model.graph.initializers["table_scale"].const_value.numpy().shape == (600,)
+    assert "table" not in model.graph.initializers
