@@ -30,7 +30,7 @@ class CompileConfig:
     weight_type: str | None = None
     activation_symmetric: bool | None = None
     per_channel: bool | None = None
-    calibration_method: str = "minmax"
+    calibration_method: str = "mse"
     percentile: float = 99.999
     # Nodes left in float: exact node names, op types, or regular expressions over node names.
     exclude_nodes: list[str] = dataclasses.field(default_factory=list)

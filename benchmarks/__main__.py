@@ -1,0 +1,81 @@
+"""``python -m benchmarks [--quick] [--out DIR] [--case NAME ...]``: run the cases, print the tables,
+write ``<out>/{quick,full}.json`` and ``.md``. Diagnostics go to the log (stderr)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import importlib
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from benchmarks.table import format_markdown, format_text
+
+CASES = ("calibration_memory", "resnet18_cnn")
+logger = logging.getLogger("benchmarks")
+
+
+def _environment(quick: bool) -> dict:
+    versions = {}
+    for package in ("qcompile", "onnxruntime", "onnx", "numpy", "torch"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"mode": "quick" if quick else "full", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "versions": versions}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller models, fewer samples and runs")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where the JSON and Markdown go")
+    parser.add_argument("--case", action="append", choices=CASES, help="run only this case (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("benchmarks").setLevel(logging.INFO)
+
+    environment = _environment(args.quick)
+    results, failed = [], []
+    with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as workdir:
+        for name in args.case or CASES:
+            start = time.perf_counter()
+            try:
+                # Exporters and ORT's quantizer print progress to stdout; stdout is for the table.
+                with contextlib.redirect_stdout(sys.stderr):
+                    case = importlib.import_module(f"benchmarks.{name}").run(args.quick, Path(workdir))
+            except Exception:
+                logger.exception("case %s failed", name)
+                failed.append(name)
+                continue
+            case.details["case_seconds"] = round(time.perf_counter() - start, 1)
+            logger.info("case %s took %.0f s", name, case.details["case_seconds"])
+            results.append(case)
+            print(format_text(case) + "\n", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / environment["mode"]
+    payload = {"environment": environment, "failed": failed, "cases": [dataclasses.asdict(c) for c in results]}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    versions = ", ".join(f"{k} {v}" for k, v in environment["versions"].items())
+    header = (f"# qcompile benchmarks ({environment['mode']})\n\n{environment['date']}, {environment['cpus']} CPUs, "
+              f"Python {environment['python']}; {versions}\n\n")
+    stem.with_suffix(".md").write_text(header + "\n".join(format_markdown(c) for c in results))
+    logger.info("wrote %s.json and %s.md", stem, stem)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
