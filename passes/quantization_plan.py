@@ -274,8 +274,8 @@ def _build_once(
             rule = rule_for(node)
             if rule is None or rule.anchor or node in quantized:
                 continue
-            if exclusions.reason(node) is not None:
-                plan.float_nodes[node.name] = exclusions.reason(node)
+            if (why := exclusions.reason(node)) is not None:
+                plan.float_nodes[node.name] = why
                 continue
             inputs = [
                 v for i, v in enumerate(node.inputs) if v is not None and rule.role(i) is InputRole.ACTIVATION

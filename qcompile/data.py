@@ -129,7 +129,6 @@ class BatchSource:
         self.max_eval = max_eval
         self.holdout_every = holdout_every
         self._held_out: list[Batch] = []
-        self._calibration_read = False
         self.calibration_batches = 0
 
     @staticmethod
@@ -190,7 +189,6 @@ class BatchSource:
                 continue
             count += 1
             yield batch
-        self._calibration_read = True
         self.calibration_batches = count
         if count == 0:
             raise CalibrationDataError("calibration data has no batches.")

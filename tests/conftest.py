@@ -4,7 +4,10 @@ from pathlib import Path
 # tests/tiny_models.py builds the tiny models every test file uses.
 sys.path.insert(0, str(Path(__file__).parent))
 
+import onnx  # noqa: E402
 import onnx_ir as ir  # noqa: E402
+import pytest  # noqa: E402
+from tiny_models import tiny_cnn  # noqa: E402
 
 from qcompile.backends import get_target  # noqa: E402
 from qcompile.config import CompileConfig  # noqa: E402
@@ -21,3 +24,11 @@ def run_passes(proto, pipeline, data=None, **config):
     context = CompileContext(config=cfg, target=get_target(cfg.target), data=source)
     model, _ = run_pipeline(model, parse_pipeline(pipeline), context)
     return model, context
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    """The tiny CNN saved as an .onnx file."""
+    path = tmp_path / "model.onnx"
+    onnx.save(tiny_cnn(), str(path))
+    return path

@@ -26,13 +26,6 @@ from qcompile.errors import (
 
 
 @pytest.fixture
-def model_path(tmp_path):
-    path = tmp_path / "model.onnx"
-    onnx.save(tiny_cnn(), str(path))
-    return path
-
-
-@pytest.fixture
 def out(tmp_path):
     return tmp_path / "out.onnx"
 

@@ -8,17 +8,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from tiny_models import cnn_batches, tiny_cnn
+from tiny_models import cnn_batches
 
 from qcompile.cli import main
 from qcompile.pipeline import parse_pipeline
-
-
-@pytest.fixture
-def model_path(tmp_path):
-    path = tmp_path / "model.onnx"
-    onnx.save(tiny_cnn(), str(path))
-    return path
 
 
 @pytest.fixture
