@@ -30,9 +30,11 @@ def collect_statistics(
     *,
     threads: int = 0,
     progress: bool = False,
+    histograms: bool = True,
 ) -> CalibrationTable:
     """Run ``model`` on each batch with ``tensor_names`` exposed as outputs, folding each into
-    running statistics right away: memory holds one batch's activations, whatever the data size."""
+    running statistics right away: memory holds one batch's activations, whatever the data size.
+    ``histograms=False`` collects min/max only (all that minmax calibration reads)."""
     proto = ir.serde.serialize_model(model)
     existing = {o.name for o in proto.graph.output}
     for name in tensor_names:
@@ -44,7 +46,7 @@ def collect_statistics(
         proto, threads=threads, optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         what="model for calibration",
     )
-    table = CalibrationTable()
+    table = CalibrationTable(histograms=histograms)
     start = time.perf_counter()
     for index, batch in enumerate(batches):
         try:
@@ -96,6 +98,7 @@ class Calibrate(ir.passes.InPlacePass):
             self.context.data.calibration(),
             threads=self.context.config.threads,
             progress=self.context.show_progress,
+            histograms=self.context.config.calibration_method != "minmax",
         )
         if table.batches == 0:
             raise ModelError("Calibration saw no batches.")

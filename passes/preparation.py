@@ -24,6 +24,7 @@ import logging
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from onnx_ir.passes.common._c_api_utils import call_onnx_api
 import onnxscript.optimizer
 import onnxscript.rewriter
 from onnxscript.rewriter.rules.common import (
@@ -53,14 +54,13 @@ class ShapeInference(ir.passes.InPlacePass):
         super().__init__()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+            return onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+
         try:
-            proto = ir.serde.serialize_model(model)
-            if proto.ByteSize() > _PROTO_LIMIT:
-                # Protobuf cannot hold more than 2 GB; large weights are not needed for shapes.
-                for init in proto.graph.initializer:
-                    if len(init.raw_data) > 1024:
-                        init.ClearField("raw_data")
-            inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+            # onnx-ir's helper serializes the model without its large initializers (shapes do not
+            # need their values): much faster, and never over protobuf's 2 GB limit.
+            inferred = call_onnx_api(infer, model)
         except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
             raise ModelError(
                 f"ONNX shape inference rejected the model: {detail(error)} "

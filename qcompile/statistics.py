@@ -25,17 +25,24 @@ HALF_BINS = 2048
 
 @dataclasses.dataclass
 class TensorStatistics:
-    """Running statistics of one tensor over all calibration batches."""
+    """Running statistics of one tensor over all calibration batches.
 
+    ``with_histogram=False`` keeps only count and min/max: enough for minmax calibration, and it
+    skips the histogram's cost (most of the statistics time on large activations).
+    """
+
+    with_histogram: bool = True
     count: int = 0
     nonfinite: int = 0
     min: float = math.inf
     max: float = -math.inf
     # Bin width is 2 ** width_exponent; None until the first finite value arrives.
     width_exponent: int | None = None
-    counts: np.ndarray = dataclasses.field(
-        default_factory=lambda: np.zeros(2 * HALF_BINS, dtype=np.int64)
-    )
+    counts: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.with_histogram and self.counts is None:
+            self.counts = np.zeros(2 * HALF_BINS, dtype=np.int64)
 
     # ----- collection -----
     def update(self, values: np.ndarray) -> None:
@@ -49,22 +56,29 @@ class TensorStatistics:
         self.count += int(x.size)
         lo, hi = float(x.min()), float(x.max())
         self.min, self.max = min(self.min, lo), max(self.max, hi)
+        if not self.with_histogram:
+            return
         self._widen_to(self._exponent_for(max(abs(lo), abs(hi))))
-        width = 2.0 ** self.width_exponent
-        # Computed in float64 so the bin of a value never depends on float32 rounding of x / width.
-        bins = np.floor(x.astype(np.float64) / width).astype(np.int64) + HALF_BINS
+        # The width is a power of two, so x * 2**-e is exact in float32 (|x / width| < HALF_BINS:
+        # no overflow) and floor() gives every value its true bin. Tiny widths (all-zero tensors
+        # so far) need float64, where 2**-e itself does not overflow.
+        dtype = np.float32 if self.width_exponent > -120 else np.float64
+        bins = x.astype(dtype, copy=False) * dtype(2.0 ** -self.width_exponent)
+        np.floor(bins, out=bins)
+        bins += HALF_BINS
         np.clip(bins, 0, 2 * HALF_BINS - 1, out=bins)
-        self.counts += np.bincount(bins, minlength=2 * HALF_BINS)
+        self.counts += np.bincount(bins.astype(np.intp), minlength=2 * HALF_BINS)
 
     def merge(self, other: TensorStatistics) -> TensorStatistics:
         """Combine two partial collections into the one a single pass over both would give."""
         merged = TensorStatistics(
+            with_histogram=self.with_histogram and other.with_histogram,
             count=self.count + other.count,
             nonfinite=self.nonfinite + other.nonfinite,
             min=min(self.min, other.min),
             max=max(self.max, other.max),
         )
-        for part in (self, other):
+        for part in (self, other) if merged.with_histogram else ():
             if part.width_exponent is None:
                 continue
             aligned = dataclasses.replace(part, counts=part.counts.copy())
@@ -123,6 +137,11 @@ class TensorStatistics:
             return 0.0, 0.0
         if method == "minmax":
             return self.min, self.max
+        if not self.with_histogram:
+            raise ConfigError(
+                f"Calibration method {method!r} needs histograms, but these statistics were collected "
+                "without them (minmax calibration). Calibrate again with that method."
+            )
         if method == "percentile":
             return self._percentile_range(percentile)
         if method == "entropy":
@@ -160,29 +179,32 @@ class TensorStatistics:
         if last <= target_bins:
             return self.abs_max
         best_kl, best_stop = math.inf, last
+        nonzero = hist > 0
         # Candidate thresholds from target_bins up to the last non-empty bin, ~256 candidates.
         for stop in np.unique(np.linspace(target_bins, last, num=min(256, last - target_bins + 1)).astype(int)):
+            stop = int(stop)
             reference = hist[:stop].copy()
             reference[stop - 1] += hist[stop:].sum()  # clipped values land in the last bin
-            # Quantize the first `stop` bins into target_bins groups, spread each group's mass
-            # evenly over its non-empty bins.
-            groups = np.array_split(np.arange(stop), target_bins)
-            candidate = np.zeros(stop)
-            source = hist[:stop]
-            for g in groups:
-                nonzero = source[g] > 0
-                if nonzero.any():
-                    candidate[g[nonzero]] = source[g].sum() / nonzero.sum()
-            p = reference / reference.sum()
+            # Quantize the first `stop` bins into target_bins groups (np.array_split's sizes), and
+            # spread each group's mass evenly over its non-empty bins.
+            size, extra = divmod(stop, target_bins)
+            sizes = np.full(target_bins, size)
+            sizes[:extra] += 1
+            starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+            group_mass = np.add.reduceat(hist[:stop], starts)
+            group_nonzero = np.add.reduceat(nonzero[:stop].astype(np.int64), starts)
+            per_bin = np.divide(group_mass, group_nonzero, out=np.zeros(target_bins), where=group_nonzero > 0)
+            candidate = np.repeat(per_bin, sizes) * nonzero[:stop]
             q_total = candidate.sum()
             if q_total == 0:
                 continue
+            p = reference / reference.sum()
             q = candidate / q_total
             mask = p > 0
             q_masked = np.where(q[mask] > 0, q[mask], 1e-12)
             kl = float(np.sum(p[mask] * np.log(p[mask] / q_masked)))
             if kl < best_kl:
-                best_kl, best_stop = kl, int(stop)
+                best_kl, best_stop = kl, stop
         return min(self.abs_max, best_stop * width)
 
     def _mse_range(self, levels: int) -> tuple[float, float]:
@@ -208,6 +230,7 @@ class CalibrationTable:
 
     tensors: dict[str, TensorStatistics] = dataclasses.field(default_factory=dict)
     batches: int = 0
+    histograms: bool = True
     # Observed tensors that turned out not to be float32 (name -> dtype): never quantized.
     non_float: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -215,11 +238,15 @@ class CalibrationTable:
         if values.dtype != np.float32:
             self.non_float[name] = str(values.dtype)
             return
-        self.tensors.setdefault(name, TensorStatistics()).update(values)
+        statistics = self.tensors.get(name)
+        if statistics is None:
+            statistics = self.tensors[name] = TensorStatistics(with_histogram=self.histograms)
+        statistics.update(values)
 
     def merge(self, other: CalibrationTable) -> CalibrationTable:
         merged = CalibrationTable(
-            batches=self.batches + other.batches, non_float={**self.non_float, **other.non_float}
+            batches=self.batches + other.batches, non_float={**self.non_float, **other.non_float},
+            histograms=self.histograms and other.histograms,
         )
         for name in sorted(set(self.tensors) | set(other.tensors)):
             parts = [t for t in (self.tensors.get(name), other.tensors.get(name)) if t is not None]
