@@ -18,9 +18,17 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from benchmarks.harness import CaseSkipped
 from benchmarks.table import format_markdown, format_text
 
-CASES = ("calibration_memory", "resnet18_cnn")
+# Case name -> "module:function", each function ``(quick, workdir) -> CaseResult``.
+CASES = {
+    "digits_cnn": "benchmarks.digits_cnn:run",
+    "resnet18_cnn": "benchmarks.cnn:run_resnet18",
+    "mobilenetv2_cnn": "benchmarks.cnn:run_mobilenetv2",
+    "minilm": "benchmarks.minilm:run",
+    "calibration": "benchmarks.calibration:run",
+}
 logger = logging.getLogger("benchmarks")
 
 
@@ -48,14 +56,19 @@ def main() -> int:
     logging.getLogger("benchmarks").setLevel(logging.INFO)
 
     environment = _environment(args.quick)
-    results, failed = [], []
+    results, failed, skipped = [], [], {}
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as workdir:
         for name in args.case or CASES:
             start = time.perf_counter()
             try:
                 # Exporters and ORT's quantizer print progress to stdout; stdout is for the table.
                 with contextlib.redirect_stdout(sys.stderr):
-                    case = importlib.import_module(f"benchmarks.{name}").run(args.quick, Path(workdir))
+                    module, function = CASES[name].split(":")
+                    case = getattr(importlib.import_module(module), function)(args.quick, Path(workdir))
+            except CaseSkipped as reason:
+                logger.warning("case %s skipped: %s", name, reason)
+                skipped[name] = str(reason)
+                continue
             except Exception:
                 logger.exception("case %s failed", name)
                 failed.append(name)
@@ -67,12 +80,13 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / environment["mode"]
-    payload = {"environment": environment, "failed": failed, "cases": [dataclasses.asdict(c) for c in results]}
+    payload = {"environment": environment, "failed": failed, "skipped": skipped, "cases": [dataclasses.asdict(c) for c in results]}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     versions = ", ".join(f"{k} {v}" for k, v in environment["versions"].items())
     header = (f"# qcompile benchmarks ({environment['mode']})\n\n{environment['date']}, {environment['cpus']} CPUs, "
               f"Python {environment['python']}; {versions}\n\n")
-    stem.with_suffix(".md").write_text(header + "\n".join(format_markdown(c) for c in results))
+    skipped_md = "".join(f"- {name} skipped: {reason}\n" for name, reason in skipped.items())
+    stem.with_suffix(".md").write_text(header + skipped_md + "\n".join(format_markdown(c) for c in results))
     logger.info("wrote %s.json and %s.md", stem, stem)
     return 1 if failed else 0
 

@@ -93,11 +93,11 @@ def _is_plain_sentence(sentence: str) -> bool:
     )
 
 
-def load_sentences() -> tuple[list[str], list[str]]:
-    """Return (calibration, evaluation) sentences from CPython's pydoc topics; disjoint, fixed.
+def all_sentences() -> list[str]:
+    """Every plain prose sentence of CPython's pydoc topics, deduplicated, shuffled with a fixed seed.
 
-    The sentences are deduplicated and shuffled with a fixed seed. The exact set depends on the
-    Python version's documentation, which is fixed for a given interpreter.
+    The exact set depends on the Python version's documentation, which is fixed for a given
+    interpreter (about 970 sentences for 3.11).
     """
     unique = {}
     for topic in sorted(pydoc_topics):
@@ -105,11 +105,16 @@ def load_sentences() -> tuple[list[str], list[str]]:
             if _is_plain_sentence(sentence):
                 unique.setdefault(sentence, None)
     sentences = list(unique)
-    needed = CALIBRATION_SENTENCES + EVALUATION_SENTENCES
-    if len(sentences) < needed:
-        raise RuntimeError(f"only {len(sentences)} sentences in pydoc_data.topics, need {needed}")
     order = np.random.default_rng(SEED).permutation(len(sentences))
-    shuffled = [sentences[i] for i in order]
+    return [sentences[i] for i in order]
+
+
+def load_sentences() -> tuple[list[str], list[str]]:
+    """Return (calibration, evaluation) sentences from CPython's pydoc topics; disjoint, fixed."""
+    shuffled = all_sentences()
+    needed = CALIBRATION_SENTENCES + EVALUATION_SENTENCES
+    if len(shuffled) < needed:
+        raise RuntimeError(f"only {len(shuffled)} sentences in pydoc_data.topics, need {needed}")
     return shuffled[:CALIBRATION_SENTENCES], shuffled[CALIBRATION_SENTENCES:needed]
 
 
