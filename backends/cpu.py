@@ -157,6 +157,7 @@ TARGET = Target(
         "remove-unused",
         "upgrade-opset",
         "topological-sort",
+        "smooth-quant",
         "plan-quantization",
         "calibrate",
         "insert-qdq",

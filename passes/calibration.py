@@ -66,7 +66,7 @@ def collect_statistics(
     return table
 
 
-@register_pass("calibrate")
+@register_pass("calibrate", needs_data=True)
 class Calibrate(ir.passes.InPlacePass):
     """Collect min/max and a histogram of every tensor the plan quantizes, over the calibration data.
 

@@ -88,6 +88,13 @@ class _Rewriter:
         value = self._value(name)
         value.dtype = ir.DataType.FLOAT  # calibration confirmed it where shape inference could not
         uses = list(value.uses())  # before the QuantizeLinear below becomes a use too
+        producer = value.producer()
+        # A quantized producer's kernel writes integers: everything downstream reads the DQ, or
+        # the runtime could not fuse it. A float producer's other readers keep the exact float
+        # value: rounding a residual connection or a graph output buys no integer kernel.
+        rounded_for_all = producer is not None and producer.name in self.plan.nodes
+        if not rounded_for_all:
+            uses = [use for use in uses if use.node.name in self.plan.nodes]
         scale = self.initializer(f"{name}_scale", np.asarray(quant.scale, dtype=np.float32))
         zero_point = self.initializer(
             f"{name}_zero_point", np.asarray(quant.zero_point, dtype=quant.qtype.numpy_dtype)
@@ -99,8 +106,7 @@ class _Rewriter:
         dq_node = ir.node("DequantizeLinear", [q_out, scale, zero_point], name=self.name(f"{name}_DequantizeLinear"))
         dq_out = dq_node.outputs[0]
         dq_out.dtype, dq_out.shape = ir.DataType.FLOAT, value.shape
-        was_output = value.is_graph_output()
-        producer = value.producer()
+        was_output = value.is_graph_output() and rounded_for_all
         if producer is not None:
             self.graph.insert_after(producer, [q_node, dq_node])
         else:  # a graph input: quantize before anything reads it
@@ -157,7 +163,9 @@ class InsertQDQ(ir.passes.InPlacePass):
     """Insert QuantizeLinear/DequantizeLinear as the plan says, with int8 weights and int32 biases.
 
     Requires: the ``plan`` analysis with scales fixed by ``calibrate``. Guarantees: every planned
-    activation is followed by one Q/DQ pair that all its consumers read; every planned weight is an
+    activation is followed by one Q/DQ pair that its quantized consumers read (all consumers, and the
+    graph output, where its producer is quantized too; float readers of a float producer's output,
+    such as a residual connection, keep the exact value); every planned weight is an
     integer initializer feeding a DequantizeLinear (per channel where planned), so the file shrinks;
     biases are int32 with scale = input scale x weight scale; graph input and output names are kept.
     """

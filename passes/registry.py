@@ -20,12 +20,13 @@ class PassInfo:
     factory: Callable[..., ir.passes.PassBase]
     summary: str
     options: dict[str, Any]  # option name -> default
+    needs_data: bool = False  # runs the model on calibration data (skipped by `qcompile inspect`)
 
 
 _REGISTRY: dict[str, PassInfo] = {}
 
 
-def register_pass(name: str):
+def register_pass(name: str, *, needs_data: bool = False):
     """Class decorator: make a pass available to pipelines under ``name``.
 
     The class is built as ``cls(context, **options)``; its keyword-only ``__init__`` parameters
@@ -40,7 +41,7 @@ def register_pass(name: str):
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
         summary = (inspect.getdoc(cls) or "").splitlines()[0]
-        _REGISTRY[name] = PassInfo(name, cls, summary, options)
+        _REGISTRY[name] = PassInfo(name, cls, summary, options, needs_data)
         cls.pass_name = name
         return cls
 

@@ -187,6 +187,7 @@ def compile(  # noqa: A001  (the verb users expect: qcompile.compile)
         latency=latency,
         fusion=fusion,
         accuracy_gate=gate,
+        transformations=context.records,
     )
     result = CompileResult(compiled, report)
     if not report.gate_passed:

@@ -180,9 +180,13 @@ def _cmd_inspect(args) -> int:
         "op_types": dict(Counter(n.op_type for n in model.graph).most_common()),
         "parameters": int(sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None)),
     }
-    # What would be quantized: the target's pipeline up to the plan, without data.
+    # What would be quantized: the target's pipeline up to the plan, without the passes that need data.
+    from qcompile.passes import registered_passes
+
     pipeline = list(target.default_pipeline)
-    specs = parse_pipeline(pipeline[: pipeline.index("plan-quantization") + 1])
+    passes = registered_passes()
+    specs = [s for s in parse_pipeline(pipeline[: pipeline.index("plan-quantization") + 1])
+             if not passes[s.name].needs_data]
     context = CompileContext(config=CompileConfig(target=target.name), target=target)
     run_pipeline(model, specs, context)
     plan = context.analyses["plan"].summary()

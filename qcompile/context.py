@@ -29,6 +29,8 @@ class CompileContext:
     target: Target
     data: BatchSource | None = None
     analyses: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # What passes did that the report shows as is (pass name -> plain data), e.g. what smooth-quant changed.
+    records: dict[str, Any] = dataclasses.field(default_factory=dict)
     logger: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("qcompile"))
     show_progress: bool = False
 

@@ -123,6 +123,8 @@ class BatchSource:
     ):
         self.specs = specs
         self.description, self._open = self._opener(source, "calibration data")
+        # A directory or a list can be read by more than one pass; a one-shot iterator cannot.
+        self.rereadable = isinstance(source, (str, Path, list, tuple))
         self._eval = None
         if eval_source is not None:
             self._eval = self._opener(eval_source, "evaluation data")

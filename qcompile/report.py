@@ -39,6 +39,7 @@ class Report:
     latency: dict[str, Any]
     fusion: dict[str, Any]
     accuracy_gate: dict[str, Any]
+    transformations: dict[str, Any] = dataclasses.field(default_factory=dict)  # records passes left
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -58,6 +59,9 @@ class Report:
         floats = plan.get("float_tensors", {})
         if floats:
             lines.append(f"  kept float: {len(floats)} tensors (masks/sentinels/exclusions; see report.json)")
+        smoothing = self.transformations.get("smooth-quant", {})
+        if smoothing.get("smoothed"):
+            lines.append(f"  smooth-quant: {len(smoothing['smoothed'])} of {smoothing['candidates']} MatMul inputs smoothed")
         if self.calibration:
             lines.append(
                 f"  calibration: {self.calibration.get('batches')} batches, method {self.calibration.get('method')}"

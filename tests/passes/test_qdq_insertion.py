@@ -65,3 +65,30 @@ def test_graph_names_are_kept_and_model_is_valid():
 def test_insert_qdq_without_calibration_is_a_pipeline_error():
     with pytest.raises(PipelineError, match="calibrate"):
         run_passes(tiny_cnn(), "fix-names,plan-quantization,insert-qdq")
+
+
+def test_float_readers_of_a_float_producer_keep_the_exact_value():
+    """LayerNorm (float) feeds a quantized MatMul and a float residual Add: only the MatMul reads
+    the rounded value; the residual connection and the graph output do not lose precision."""
+    from onnx import TensorProto, helper
+    from tiny_models import _init, make_model
+
+    rng = np.random.default_rng(0)
+    proto = make_model(
+        [
+            helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], name="ln", axis=-1),
+            helper.make_node("MatMul", ["h", "w"], ["m"], name="mm"),
+            helper.make_node("Add", ["h", "m"], ["y"], name="residual"),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 16])],
+        [_init("gamma", np.ones(16, np.float32)), _init("beta", np.zeros(16, np.float32)),
+         _init("w", rng.normal(0, 0.2, (16, 16)).astype(np.float32))],
+    )
+    data = [{"x": rng.normal(0, 1, (4, 16)).astype(np.float32)} for _ in range(4)]
+    model, _ = run_passes(proto, CPU, data=data)
+    nodes = {n.name: n for n in model.graph}
+    assert nodes["mm"].inputs[0].producer().op_type == "DequantizeLinear"
+    assert nodes["residual"].inputs[0].producer() is nodes["ln"]
+    assert model.graph.outputs[1].producer() is nodes["ln"]
