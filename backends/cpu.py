@@ -162,6 +162,7 @@ TARGET = Target(
         "calibrate",
         "insert-qdq",
         "remove-unused",
+        "strip-metadata",
         "check-model",
     ),
     fusion_report=cpu_fusion_report,

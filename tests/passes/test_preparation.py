@@ -75,3 +75,14 @@ def test_upgrade_opset_to_13_for_per_axis_quantization():
     assert model.opset_imports[""] == 13
     model, _ = run_passes(proto, "upgrade-opset", activation_type="uint16")
     assert model.opset_imports[""] == 21
+
+
+def test_strip_metadata_drops_node_metadata_and_keeps_the_computation():
+    proto = tiny_cnn()
+    entry = proto.graph.node[0].metadata_props.add()
+    entry.key, entry.value = "pkg.torch.onnx.stack_trace", "File model.py, line 1" * 50
+    proto.graph.node[0].doc_string = "exported"
+    model, _ = run_passes(proto, ["strip-metadata"])
+    first = next(iter(model.graph))
+    assert first.metadata_props == {} and not first.doc_string
+    assert [n.op_type for n in model.graph] == [n.op_type for n in proto.graph.node]
