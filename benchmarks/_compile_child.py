@@ -9,7 +9,8 @@ report the parent's RSS (~500 MB) as its own peak.
 Data: ``--calib DIR`` (a directory of .npz batches, read by both tools one file at a time) or
 ``--random N --shape 1x3x224x224`` (seeded standard-normal batches made one at a time, so the
 data itself is never held). qcompile gets its evaluation batches separately (``--eval DIR``, or
-one random batch), so that every calibration batch calibrates, as with ORT.
+one random batch with ``--random``), so that every calibration batch calibrates, as with ORT;
+with ``--calib`` and no ``--eval`` it holds out every 10th file, as it does by default.
 
 Tools:
 - ``qcompile``: ``qcompile.compile`` with its defaults, except the calibration method when given
@@ -61,6 +62,8 @@ def run_qcompile(args) -> dict:
         config["calibration_method"] = args.method
     if args.eval:
         eval_data = args.eval
+    elif args.calib:
+        eval_data = None  # qcompile's default: every 10th calibration file is held out for its report
     else:
         rng = np.random.default_rng(args.seed + 1)
         eval_data = [{args.input_name: rng.standard_normal(tuple(int(d) for d in args.shape.split("x")), dtype=np.float32)}]
