@@ -23,8 +23,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.harness import THREADS, alternating_latencies, compile_in_child, cpu_session, examples_module, ratio_note
 from benchmarks.table import CaseResult
 
