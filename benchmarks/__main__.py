@@ -20,6 +20,7 @@ from pathlib import Path
 
 from benchmarks.harness import CaseSkipped
 from benchmarks.table import format_markdown, format_text
+from benchmarks.targets import check_targets
 
 # Case name -> "module:function", each function ``(quick, workdir) -> CaseResult``.
 CASES = {
@@ -49,6 +50,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller models, fewer samples and runs")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where the JSON and Markdown go")
     parser.add_argument("--case", action="append", choices=CASES, help="run only this case (repeatable)")
+    parser.add_argument("--readme", type=Path, help="also write the Markdown between the benchmark markers of this README")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -78,6 +80,10 @@ def main() -> int:
             results.append(case)
             print(format_text(case) + "\n", flush=True)
 
+    targets = check_targets({case.name: case for case in results})
+    if targets is not None:
+        print(format_text(targets) + "\n", flush=True)
+        results.insert(0, targets)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / environment["mode"]
     payload = {"environment": environment, "failed": failed, "skipped": skipped, "cases": [dataclasses.asdict(c) for c in results]}
@@ -86,9 +92,27 @@ def main() -> int:
     header = (f"# qcompile benchmarks ({environment['mode']})\n\n{environment['date']}, {environment['cpus']} CPUs, "
               f"Python {environment['python']}; {versions}\n\n")
     skipped_md = "".join(f"- {name} skipped: {reason}\n" for name, reason in skipped.items())
-    stem.with_suffix(".md").write_text(header + skipped_md + "\n".join(format_markdown(c) for c in results))
+    markdown = header + skipped_md + "\n".join(format_markdown(c) for c in results)
+    stem.with_suffix(".md").write_text(markdown)
+    if args.readme:
+        _write_into_readme(args.readme, markdown)
     logger.info("wrote %s.json and %s.md", stem, stem)
     return 1 if failed else 0
+
+
+README_BEGIN, README_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+
+
+def _write_into_readme(readme: Path, markdown: str) -> None:
+    """Replace what lies between the README's benchmark markers, so its tables are generated, not typed."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} block to write into")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    # One heading level down, so the tables sit under the README's own "Results" heading.
+    body = "\n".join(("#" + line) if line.startswith("#") else line for line in markdown.splitlines())
+    readme.write_text(f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,9 @@ def run_qcompile(args) -> dict:
         rng = np.random.default_rng(args.seed + 1)
         eval_data = [{args.input_name: rng.standard_normal(tuple(int(d) for d in args.shape.split("x")), dtype=np.float32)}]
         config["eval_batches"] = 1
-    result = qcompile.compile(args.model, batches(args), config=config, eval_data=eval_data)
+    # A directory is what users pass; it can be read more than once (smooth-quant needs that).
+    data = args.calib if args.calib else batches(args)
+    result = qcompile.compile(args.model, data, config=config, eval_data=eval_data)
     result.save(args.out, report_path=Path(args.out).with_suffix(".report.json"))
     return {"calibration_batches": result.report.to_dict()["calibration"]["batches"]}
 

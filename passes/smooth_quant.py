@@ -25,7 +25,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qcompile.errors import CalibrationDataError, detail
+from qcompile.errors import CalibrationDataError
+from qcompile.passes.calibration import DEFAULT_CHUNK, ChunkedRunner
 from qcompile.passes.registry import register_pass
 from qcompile.qparams import activation_qparams, dequantize, quant_type, quantize, weight_qparams
 from qcompile.runtime import make_session
@@ -124,9 +125,13 @@ class SmoothQuant(ir.passes.InPlacePass):
     and after are recorded in the report.
     """
 
-    def __init__(self, context, *, alpha: float | None = None, batches: int | None = None, min_gain: float = 0.1):
+    def __init__(
+        self, context, *, alpha: float | None = None, batches: int | None = None, min_gain: float = 0.1,
+        chunk: int = DEFAULT_CHUNK,
+    ):
         super().__init__()
         self.context = context
+        self.chunk = chunk
         self.alphas = (alpha,) if alpha is not None else _DEFAULT_ALPHAS
         self.batches = batches
         self.min_gain = min_gain
@@ -179,22 +184,19 @@ class SmoothQuant(ir.passes.InPlacePass):
 
     def _observe(self, model: ir.Model, groups: list[_Group]) -> None:
         proto = ir.serde.serialize_model(model)
-        existing = {o.name for o in proto.graph.output}
+        graph_outputs = [o.name for o in proto.graph.output]
         names = [g.value.name for g in groups]
-        proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-        session = make_session(proto, threads=self.context.config.threads, what="model for smooth-quant")
+        proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in graph_outputs)
+        session = make_session(proto, threads=self.context.config.threads, what="model for smooth-quant", low_memory=True)
+        del proto  # the session has its own copy of the weights
+        runner = ChunkedRunner(session, names, graph_outputs, self.chunk)
         for index, batch in enumerate(self.context.data.calibration()):
             if self.batches is not None and index >= self.batches:
                 break
-            try:
-                outputs = session.run(names, batch)
-            except Exception as error:
-                raise CalibrationDataError(
-                    f"ONNX Runtime failed on calibration batch {index} (smooth-quant): {detail(error)}"
-                ) from None
-            for group, values in zip(groups, outputs):
-                if values.dtype == np.float32 and values.ndim >= 2 and values.shape[-1] == group.readers[0].weight.shape[0]:
-                    group.observe(values)
+            for outputs in runner.runs(batch, f"calibration batch {index} (smooth-quant)"):
+                for group, values in zip(groups, outputs):
+                    if values.dtype == np.float32 and values.ndim >= 2 and values.shape[-1] == group.readers[0].weight.shape[0]:
+                        group.observe(values)
 
 
 class _Scorer:

@@ -39,10 +39,16 @@ def make_session(
     optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     optimized_model_path: str | None = None,
     what: str = "model",
+    low_memory: bool = False,
 ) -> ort.InferenceSession:
+    """A session on ``proto``; ``low_memory`` trades a little speed for returning memory after each
+    run (no arena, no memory pattern): for calibration, whose runs fetch many large tensors."""
     options = ort.SessionOptions()
     options.graph_optimization_level = optimization
     options.log_severity_level = 3
+    if low_memory:
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
     if threads:
         options.intra_op_num_threads = threads
     if optimized_model_path:

@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 from conftest import run_passes
-from onnx import helper
-from tiny_models import tiny_cnn
+from onnx import TensorProto, helper
+from tiny_models import make_model, tiny_cnn
 
 from qcompile.passes.calibration import collect_statistics
 
@@ -77,3 +77,30 @@ def test_calibrate_pass_uses_the_configured_method():
     _, pct = run_passes(tiny_cnn(), "fix-names,shape-inference,plan-quantization,calibrate(method=percentile,percentile=99.0)", data=data)
     a, b = minmax.analyses["plan"].activations["x"], pct.analyses["plan"].activations["x"]
     assert b.rmax < a.rmax and b.rmin > a.rmin
+
+
+def test_batches_cut_into_chunks_give_the_statistics_of_whole_batches():
+    batches = list(_batches(3))  # 4 samples each
+    whole = collect_statistics(_model(), TENSORS, batches, chunk=0)
+    chunked = collect_statistics(_model(), TENSORS, batches, chunk=1)
+    for name in TENSORS:
+        assert chunked[name].range("minmax", 256) == whole[name].range("minmax", 256)
+        # Histograms: the same values in other runs; only float summation order could differ.
+        assert chunked[name].count == whole[name].count
+        assert np.abs(chunked[name].counts - whole[name].counts).sum() <= 0.001 * whole[name].count
+
+
+def test_a_model_that_mixes_samples_is_calibrated_on_whole_batches():
+    # y = x - mean over the batch axis: each sample's output depends on the others.
+    proto = make_model(
+        [helper.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1), helper.make_node("Sub", ["x", "m"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [],
+    )
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.normal(0, 1, (4, 8)).astype(np.float32) + np.arange(4, dtype=np.float32)[:, None]}]
+    model = ir.serde.deserialize_model(proto)
+    whole = collect_statistics(model, ["y"], batches, chunk=0)
+    chunked = collect_statistics(model, ["y"], batches, chunk=2)
+    assert chunked["y"].range("minmax", 256) == whole["y"].range("minmax", 256)
