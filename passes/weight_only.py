@@ -1,0 +1,332 @@
+"""Weight-only quantization of MatMul weights: INT4/INT8, block-wise or per channel, RTN or GPTQ.
+
+Language models spend their memory and most of their decode time reading weights, and their
+activations have outliers that make activation quantization costly in accuracy; storing only the
+weights as 4-bit integers (one scale per block of ``block`` input channels of each output column)
+shrinks the file ~7x against fp32 and keeps activations float.
+
+Rounding: RTN rounds each weight to the nearest level. GPTQ (Frantar et al., ICLR 2023) rounds one
+input channel at a time and spreads each rounding error over the channels not yet rounded, weighted
+by the inverse Hessian H = X^T X of the layer's inputs on calibration data, so the layer's output
+error ``||X W - X Q||`` (not the weight error) is minimised. Here the Hessians come from the float
+model's activations, accumulated batch by batch (memory: one K x K matrix per distinct MatMul
+input, never the activations).
+
+Output forms: ``matmulnbits`` (``com.microsoft.MatMulNBits``, ONNX Runtime's 4/8-bit kernel, packed
+two 4-bit codes per byte) or ``dq`` (a standard opset-21 blocked ``DequantizeLinear`` of an
+INT4/INT8 initializer feeding the MatMul; portable, and ONNX Runtime fuses it into the same kernel).
+A tied lm_head (``MatMul(h, Transpose(embedding))``) is quantized as its own weight.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QuantizeWeights", "BlockQuantized", "quantize_rtn", "quantize_gptq", "pack_4bit", "matmul_weights"]
+
+import dataclasses
+import logging
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qcompile.errors import CalibrationDataError, ConfigError
+from qcompile.passes.calibration import DEFAULT_CHUNK, ChunkedRunner
+from qcompile.passes.registry import register_pass
+from qcompile.runtime import make_session
+
+logger = logging.getLogger(__name__)
+
+_METHODS = ("rtn", "gptq")
+_FORMS = ("matmulnbits", "dq")
+
+
+@dataclasses.dataclass
+class BlockQuantized:
+    """Unsigned codes with per-block scales and zero points: w[n, k] ~ (codes[n, k] - zp[n, b]) * scale[n, b],
+    b = k // block, for a weight stored transposed as [N output channels, K input channels]."""
+
+    codes: np.ndarray  # uint8 [N, K], values in [0, 2**bits)
+    scales: np.ndarray  # float32 [N, blocks]
+    zero_points: np.ndarray  # uint8 [N, blocks]
+    bits: int
+    block: int
+
+    def dequantize(self) -> np.ndarray:
+        """The float weight [N, K] these codes stand for."""
+        expand = np.repeat(np.arange(self.scales.shape[1]), self.block)[: self.codes.shape[1]]
+        return ((self.codes.astype(np.float32) - self.zero_points[:, expand]) * self.scales[:, expand]).astype(np.float32)
+
+
+def _block_params(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point per row of ``w`` [rows, block] (the block's weights of one output channel).
+
+    Symmetric: scale = max|w| / (2**(bits-1) - 1), zp = 2**(bits-1) (codes centred, -qmax..qmax used).
+    Asymmetric: scale = (max - min) / (2**bits - 1) over [min(w, 0), max(w, 0)], zp = round(-min / scale).
+    """
+    levels = 2**bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = np.abs(w).max(axis=1) / (half - 1)
+        zero_point = np.full(w.shape[0], half, dtype=np.float32)
+    else:
+        low, high = np.minimum(w.min(axis=1), 0.0), np.maximum(w.max(axis=1), 0.0)
+        scale = (high - low) / levels
+        zero_point = np.clip(np.round(-low / np.where(scale > 0, scale, 1.0)), 0, levels)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero block: any scale is exact
+    return scale, zero_point.astype(np.float32)
+
+
+def _round(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int) -> np.ndarray:
+    return np.clip(np.round(w / scale + zero_point), 0, 2**bits - 1)
+
+
+def _blocks(k: int, block: int) -> int:
+    return (k + block - 1) // block
+
+
+def quantize_rtn(w_t: np.ndarray, bits: int, block: int, symmetric: bool) -> BlockQuantized:
+    """Round to nearest, block by block. ``w_t`` is [N, K] (output channels x input channels)."""
+    n, k = w_t.shape
+    codes = np.zeros((n, k), dtype=np.uint8)
+    scales = np.zeros((n, _blocks(k, block)), dtype=np.float32)
+    zeros = np.zeros_like(scales)
+    for b in range(scales.shape[1]):
+        part = w_t[:, b * block : (b + 1) * block].astype(np.float32)
+        scales[:, b], zeros[:, b] = _block_params(part, bits, symmetric)
+        codes[:, b * block : (b + 1) * block] = _round(part, scales[:, b : b + 1], zeros[:, b : b + 1], bits)
+    return BlockQuantized(codes, scales, zeros.astype(np.uint8), bits, block)
+
+
+def quantize_gptq(
+    w_t: np.ndarray, hessian: np.ndarray, bits: int, block: int, symmetric: bool,
+    *, damp: float = 0.01, act_order: bool = True, lazy_batch: int = 128,
+) -> BlockQuantized:
+    """GPTQ rounding of ``w_t`` [N, K] given the input Hessian ``hessian`` [K, K] (X^T X).
+
+    Scales and zero points are fixed per block from the original weights first ("static groups"),
+    so that rounding in activation order (largest Hessian diagonal first) keeps the block layout
+    the kernels need. Errors are propagated with the upper Cholesky factor of H^-1 in lazy batches
+    of ``lazy_batch`` columns, as in the paper's Algorithm 1. ``damp`` adds damp * mean(diag H) to
+    the diagonal for numerical stability.
+    """
+    n, k = w_t.shape
+    reference = quantize_rtn(w_t, bits, block, symmetric)  # for the static per-block parameters
+    block_of = np.arange(k) // block
+    scale_cols, zero_cols = reference.scales[:, block_of], reference.zero_points[:, block_of].astype(np.float64)
+    w = w_t.astype(np.float64).copy()
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    w, h = w[:, order], h[np.ix_(order, order)]
+    scale_cols, zero_cols = scale_cols[:, order], zero_cols[:, order]
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    # Upper Cholesky factor of H^-1: row i holds how rounding column i moves the later columns.
+    inverse = np.linalg.cholesky(np.linalg.inv(h)).T
+    codes = np.zeros((n, k), dtype=np.float64)
+    for start in range(0, k, lazy_batch):
+        stop = min(start + lazy_batch, k)
+        w_block = w[:, start:stop].copy()
+        errors = np.zeros_like(w_block)
+        inv_block = inverse[start:stop, start:stop]
+        for i in range(stop - start):
+            column = w_block[:, i]
+            s, z = scale_cols[:, start + i], zero_cols[:, start + i]
+            q = np.clip(np.round(column / s + z), 0, 2**bits - 1)
+            codes[:, start + i] = q
+            error = (column - (q - z) * s) / inv_block[i, i]
+            w_block[:, i:] -= np.outer(error, inv_block[i, i:])
+            errors[:, i] = error
+        w[:, stop:] -= errors @ inverse[start:stop, stop:]
+    restored = np.empty_like(codes)
+    restored[:, order] = codes
+    return BlockQuantized(restored.astype(np.uint8), reference.scales, reference.zero_points, bits, block)
+
+
+def pack_4bit(codes: np.ndarray) -> np.ndarray:
+    """[rows, cols] 4-bit codes -> [rows, ceil(cols / 2)] bytes, element 2i in the low nibble."""
+    rows, cols = codes.shape
+    if cols % 2:
+        codes = np.concatenate([codes, np.zeros((rows, 1), dtype=codes.dtype)], axis=1)
+    return (codes[:, 0::2] & 0x0F) | ((codes[:, 1::2] & 0x0F) << 4)
+
+
+@dataclasses.dataclass
+class _Weight:
+    node: ir.Node  # the MatMul
+    weight: np.ndarray  # [K, N], as the MatMul multiplies it
+    source: str  # the initializer's name (with "transposed" for a tied lm_head)
+
+
+def matmul_weights(graph: ir.Graph) -> list[_Weight]:
+    """MatMuls whose second input is a constant 2-D float weight, or the transpose of one."""
+    found = []
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        b = node.inputs[1]
+        if b is None:
+            continue
+        if b.const_value is not None and not b.is_graph_input():
+            array, source = b.const_value.numpy(), b.name
+        else:
+            producer = b.producer()
+            if producer is None or producer.op_type != "Transpose" or producer.inputs[0].const_value is None:
+                continue
+            perm = producer.attributes.get("perm")
+            if perm is not None and list(perm.value) != [1, 0]:
+                continue
+            array, source = producer.inputs[0].const_value.numpy().T, f"{producer.inputs[0].name} (transposed)"
+        if array.ndim == 2 and array.dtype == np.float32 and array.shape[0] >= 16:
+            found.append(_Weight(node, array, source))
+    return found
+
+
+@register_pass("quantize-weights", needs_data=False)
+class QuantizeWeights(ir.passes.InPlacePass):
+    """Store MatMul weights as INT4/INT8 blocks (RTN or GPTQ); activations stay float.
+
+    Requires: calibration data (re-readable) when ``method=gptq``. Guarantees: every MatMul with a
+    constant 2-D weight (or the transpose of one: a tied lm_head) reads it through a 4/8-bit
+    ``MatMulNBits`` or blocked ``DequantizeLinear``; block size ``block`` along the input channels
+    (0: one block per output channel), symmetric or asymmetric; the report lists each weight with
+    its method and relative weight error, and any MatMul left float with the reason.
+    """
+
+    def __init__(
+        self, context, *, bits: int = 4, block: int = 128, symmetric: bool = True, method: str = "rtn",
+        form: str = "matmulnbits", damp: float = 0.01, act_order: bool = True, accuracy_level: int = 0,
+        chunk: int = DEFAULT_CHUNK,
+    ):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ConfigError(f"quantize-weights: bits must be 4 or 8, got {bits}.")
+        if method not in _METHODS:
+            raise ConfigError(f"quantize-weights: method must be one of {', '.join(_METHODS)}, got {method!r}.")
+        if form not in _FORMS:
+            raise ConfigError(f"quantize-weights: form must be one of {', '.join(_FORMS)}, got {form!r}.")
+        if block and (block < 16 or block & (block - 1)):
+            raise ConfigError(f"quantize-weights: block must be a power of two >= 16 (or 0 for per channel), got {block}.")
+        if form == "matmulnbits" and not block:
+            raise ConfigError("quantize-weights: MatMulNBits needs a block size; use form=dq for per-channel weights.")
+        self.context = context
+        self.bits, self.block, self.symmetric, self.method, self.form = bits, block, symmetric, method, form
+        self.damp, self.act_order, self.accuracy_level, self.chunk = damp, act_order, accuracy_level, chunk
+
+    def requires(self, model: ir.Model) -> None:
+        if self.method == "gptq" and (self.context.data is None or not self.context.data.rereadable):
+            raise CalibrationDataError(
+                "quantize-weights(method=gptq) needs calibration data it can read (a directory of .npz "
+                "batches or a list) to measure each layer's inputs. Pass --calib DIR, or use method=rtn."
+            )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        weights = matmul_weights(model.graph)
+        hessians = self._hessians(model, weights) if self.method == "gptq" else {}
+        records = {}
+        for weight in weights:
+            w_t = np.ascontiguousarray(weight.weight.T)
+            block = self.block or w_t.shape[1]
+            hessian = hessians.get(weight.node.inputs[0].name)
+            if hessian is not None:
+                quantized = quantize_gptq(w_t, hessian, self.bits, block, self.symmetric, damp=self.damp, act_order=self.act_order)
+            else:
+                quantized = quantize_rtn(w_t, self.bits, block, self.symmetric)
+            error = float(np.linalg.norm(quantized.dequantize() - w_t) / max(np.linalg.norm(w_t), 1e-12))
+            (self._emit_matmulnbits if self.form == "matmulnbits" else self._emit_dq)(model.graph, weight, quantized)
+            records[weight.node.name] = {
+                "weight": weight.source, "shape": list(weight.weight.shape), "bits": self.bits, "block": block,
+                "method": "gptq" if hessian is not None else "rtn", "relative_weight_error": round(error, 5),
+            }
+        left = {
+            node.name: "second input is not a constant 2-D float32 weight"
+            for node in model.graph if node.op_type == "MatMul" and node.name not in records
+        }
+        self.context.records["quantize-weights"] = {"form": self.form, "weights": records, "left_float": left}
+        logger.info("quantize-weights: %d MatMul weights at %d bits (%s), %d left float", len(records), self.bits, self.method, len(left))
+        return ir.passes.PassResult(model, bool(records))
+
+    # ----- GPTQ statistics -----
+    def _hessians(self, model: ir.Model, weights: list[_Weight]) -> dict[str, np.ndarray]:
+        """X^T X per distinct MatMul input (rows = all leading axes), over the calibration data."""
+        names = sorted({w.node.inputs[0].name for w in weights})
+        proto = ir.serde.serialize_model(model)
+        graph_outputs = [o.name for o in proto.graph.output]
+        proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in graph_outputs)
+        session = make_session(proto, threads=self.context.config.threads, what="model for GPTQ", low_memory=True)
+        del proto
+        runner = ChunkedRunner(session, names, graph_outputs, self.chunk)
+        sums: dict[str, np.ndarray] = {}
+        for index, batch in enumerate(self.context.data.calibration()):
+            for outputs in runner.runs(batch, f"calibration batch {index} (GPTQ)"):
+                for name, x in zip(names, outputs):
+                    rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                    sums[name] = sums.get(name, 0.0) + rows.T @ rows
+        return sums
+
+    # ----- output forms -----
+    def _emit_matmulnbits(self, graph: ir.Graph, weight: _Weight, q: BlockQuantized) -> None:
+        n, k = q.codes.shape
+        blocks = q.scales.shape[1]
+        padded = np.zeros((n, blocks * q.block), dtype=np.uint8)
+        padded[:, :k] = q.codes
+        if self.bits == 4:
+            packed = pack_4bit(padded).reshape(n, blocks, q.block // 2)
+        else:
+            packed = padded.reshape(n, blocks, q.block)
+        base = weight.source.split(" ")[0]
+        inputs = [weight.node.inputs[0], _constant(graph, f"{base}_q{self.bits}", packed),
+                  _constant(graph, f"{base}_scales", q.scales.reshape(-1))]
+        if not self.symmetric:
+            zero_points = pack_4bit(q.zero_points).reshape(-1) if self.bits == 4 else q.zero_points.reshape(-1)
+            inputs.append(_constant(graph, f"{base}_zero_points", zero_points))
+        node = ir.node(
+            "MatMulNBits", inputs, domain="com.microsoft", name=weight.node.name,
+            attributes={"K": k, "N": n, "bits": self.bits, "block_size": q.block, "accuracy_level": self.accuracy_level},
+        )
+        _replace(graph, weight.node, node)
+        if "com.microsoft" not in graph.opset_imports:
+            graph.opset_imports["com.microsoft"] = 1
+
+    def _emit_dq(self, graph: ir.Graph, weight: _Weight, q: BlockQuantized) -> None:
+        # DequantizeLinear (opset 21) blocked along axis 0 of the [K, N] weight.
+        signed = self.symmetric
+        offset = 2 ** (self.bits - 1) if signed else 0
+        storage = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}[(self.bits, signed)]
+        values = (q.codes.astype(np.int16) - offset).T.astype(storage)  # [K, N]
+        base = weight.source.split(" ")[0]
+        inputs = [_constant(graph, f"{base}_q{self.bits}", values), _constant(graph, f"{base}_scales", np.ascontiguousarray(q.scales.T))]
+        if not signed:
+            inputs.append(_constant(graph, f"{base}_zero_points", np.ascontiguousarray(q.zero_points.T).astype(storage)))
+        dq = ir.node("DequantizeLinear", inputs, attributes={"axis": 0, "block_size": q.block}, name=f"{weight.node.name}_DequantizeLinear")
+        dq.outputs[0].name = f"{base}_dequantized"
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(weight.weight.shape))
+        graph.insert_before(weight.node, dq)
+        weight.node.replace_input_with(1, dq.outputs[0])
+        if graph.opset_imports.get("", 0) < 21:
+            graph.opset_imports[""] = 21
+
+
+def _constant(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    taken = set(graph.initializers)
+    name, suffix = base, 1
+    while name in taken:
+        name, suffix = f"{base}_{suffix}", suffix + 1
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape, value.dtype = ir.Shape(array.shape), value.const_value.dtype
+    graph.register_initializer(value)
+    return value
+
+
+def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    """Put ``new`` where ``old`` was; ``old``'s output value moves to ``new`` (same name, same readers)."""
+    graph.insert_before(old, new)
+    out, replacement = old.outputs[0], new.outputs[0]
+    replacement.dtype, replacement.shape = out.dtype or ir.DataType.FLOAT, out.shape
+    name = out.name
+    ir.convenience.replace_all_uses_with(out, replacement, replace_graph_outputs=True)
+    graph.remove(old, safe=True)
+    out.name = None
+    replacement.name = name

@@ -1,0 +1,135 @@
+"""quantize-weights: packed INT4 round-trips through ONNX Runtime's kernels, GPTQ beats RTN on a
+layer's output error, and a tied lm_head is quantized too."""
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import run_passes
+from onnx import TensorProto, helper
+from tiny_models import _init, make_model
+
+import qcompile.passes.weight_only  # noqa: F401  (registers the pass)
+from qcompile.errors import ConfigError
+from qcompile.passes.weight_only import pack_4bit, quantize_gptq, quantize_rtn
+
+VOCAB, HIDDEN, FFN = 64, 32, 64
+
+
+def _tiny_lm(seed=0):
+    """ids -> embedding -> up (MatMul) -> Relu -> down (MatMul) + residual -> tied lm_head
+    (MatMul with the transposed embedding), the shape of a one-layer language model."""
+    rng = np.random.default_rng(seed)
+    return make_model(
+        [
+            helper.make_node("Gather", ["embedding", "ids"], ["h"], name="embed"),
+            helper.make_node("MatMul", ["h", "w_up"], ["u"], name="up"),
+            helper.make_node("Relu", ["u"], ["r"], name="act"),
+            helper.make_node("MatMul", ["r", "w_down"], ["d"], name="down"),
+            helper.make_node("Add", ["h", "d"], ["s"], name="residual"),
+            helper.make_node("Transpose", ["embedding"], ["embedding_t"], name="tie", perm=[1, 0]),
+            helper.make_node("MatMul", ["s", "embedding_t"], ["logits"], name="lm_head"),
+        ],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "T"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "T", VOCAB])],
+        [
+            _init("embedding", rng.normal(0, 1, (VOCAB, HIDDEN)).astype(np.float32)),
+            _init("w_up", rng.normal(0, 0.2, (HIDDEN, FFN)).astype(np.float32)),
+            _init("w_down", rng.normal(0, 0.2, (FFN, HIDDEN)).astype(np.float32)),
+        ],
+        opset=21,
+    )
+
+
+def _ids(count=4, seed=1):
+    rng = np.random.default_rng(seed)
+    return [{"ids": rng.integers(0, VOCAB, (2, 16)).astype(np.int64)} for _ in range(count)]
+
+
+def _run(model, feed):
+    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def _single_matmul(k=64, n=32):
+    w = np.random.default_rng(0).normal(0, 0.1, (k, n)).astype(np.float32)
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+        [_init("w", w)], opset=21,
+    )
+    return proto, w
+
+
+def test_pack_4bit_puts_even_elements_in_the_low_nibble():
+    codes = np.array([[1, 2, 3, 4, 15]], dtype=np.uint8)
+    np.testing.assert_array_equal(pack_4bit(codes), [[0x21, 0x43, 0x0F]])
+
+
+@pytest.mark.parametrize("form", ["matmulnbits", "dq"])
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
+def test_onnx_runtime_computes_x_times_the_dequantized_weight(form, bits, symmetric):
+    proto, w = _single_matmul()
+    model, context = run_passes(
+        proto, [f"quantize-weights(bits={bits}, block=32, symmetric={symmetric}, form={form})", "remove-unused"]
+    )
+    assert not any(n.op_type == "MatMul" and n.inputs[1].name == "w" for n in model.graph)
+    dequantized = quantize_rtn(w.T, bits, 32, symmetric).dequantize().T
+    # x = I reads the weight the kernel uses row by row: exact (a packing slip would be off by levels).
+    np.testing.assert_allclose(_run(model, {"x": np.eye(64, dtype=np.float32)}), dequantized, rtol=0, atol=1e-6)
+    # ORT's 4-bit CPU kernel may quantize activations to int8 on the fly: close, not exact.
+    x = np.random.default_rng(3).normal(0, 1, (5, 64)).astype(np.float32)
+    expected = x @ dequantized
+    assert np.abs(_run(model, {"x": x}) - expected).max() <= 0.02 * np.abs(expected).max()
+    # ~bits/32 of the float weight's bytes, plus one scale per 32 weights.
+    stored = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    assert stored <= w.nbytes * (bits / 32 + 1 / 32 + 1 / 64)
+    assert context.records["quantize-weights"]["weights"]["mm"]["bits"] == bits
+
+
+def test_gptq_lowers_the_layer_output_error_below_rtn_on_held_out_inputs():
+    rng = np.random.default_rng(0)
+    k, n = 128, 64
+    mixing = rng.normal(0, 1, (k, k)) * np.linspace(2.0, 0.1, k)  # correlated, unequal channels
+    calibration, held_out = rng.normal(0, 1, (2048, k)) @ mixing, rng.normal(0, 1, (512, k)) @ mixing
+    w_t = rng.normal(0, 0.1, (n, k)).astype(np.float32)
+    hessian = calibration.T @ calibration
+    rtn = quantize_rtn(w_t, 4, 32, True).dequantize()
+    gptq = quantize_gptq(w_t, hessian, 4, 32, True).dequantize()
+    reference = held_out @ w_t.T
+    rtn_error = np.linalg.norm(reference - held_out @ rtn.T)
+    gptq_error = np.linalg.norm(reference - held_out @ gptq.T)
+    assert gptq_error < 0.8 * rtn_error, (gptq_error, rtn_error)
+
+
+def test_gptq_keeps_the_block_layout_and_code_range():
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (256, 64))
+    q = quantize_gptq(rng.normal(0, 0.1, (16, 64)).astype(np.float32), x.T @ x, 4, 32, False)
+    assert q.codes.max() <= 15 and q.scales.shape == (16, 2) and q.zero_points.shape == (16, 2)
+
+
+def test_every_matmul_including_the_tied_lm_head_is_quantized_with_gptq():
+    model, context = run_passes(_tiny_lm(), ["quantize-weights(bits=4, block=16, method=gptq)", "remove-unused"], data=_ids())
+    records = context.records["quantize-weights"]
+    assert set(records["weights"]) == {"up", "down", "lm_head"} and records["left_float"] == {}
+    assert records["weights"]["lm_head"]["weight"] == "embedding (transposed)"
+    assert all(r["method"] == "gptq" for r in records["weights"].values())
+    assert [n.op_type for n in model.graph].count("MatMulNBits") == 3
+    feed = _ids(1, seed=9)[0]
+    reference, quantized = _run(_tiny_lm(), feed), _run(model, feed)
+    assert np.corrcoef(reference.ravel(), quantized.ravel())[0, 1] > 0.99
+
+
+def test_gptq_without_rereadable_data_is_a_clear_error():
+    from qcompile.errors import CalibrationDataError
+
+    with pytest.raises(CalibrationDataError, match="method=rtn"):
+        run_passes(_tiny_lm(), ["quantize-weights(method=gptq)"], data=iter(_ids()))
+
+
+@pytest.mark.parametrize("options", ["bits=3", "block=48", "method=awq", "block=0, form=matmulnbits"])
+def test_bad_options_are_config_errors(options):
+    with pytest.raises(ConfigError):
+        run_passes(_tiny_lm(), [f"quantize-weights({options})"])
