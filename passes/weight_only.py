@@ -29,10 +29,10 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
-
-from qcompile.errors import CalibrationDataError, ConfigError
 from qcompile.passes.calibration import DEFAULT_CHUNK, ChunkedRunner
 from qcompile.passes.registry import register_pass
+
+from qcompile.errors import CalibrationDataError, ConfigError
 from qcompile.runtime import make_session
 
 logger = logging.getLogger(__name__)

@@ -5,13 +5,13 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+import qcompile.passes.weight_only  # noqa: F401  (registers the pass)
 from conftest import run_passes
 from onnx import TensorProto, helper
+from qcompile.passes.weight_only import pack_4bit, quantize_gptq, quantize_rtn
 from tiny_models import _init, make_model
 
-import qcompile.passes.weight_only  # noqa: F401  (registers the pass)
 from qcompile.errors import ConfigError
-from qcompile.passes.weight_only import pack_4bit, quantize_gptq, quantize_rtn
 
 VOCAB, HIDDEN, FFN = 64, 32, 64
 
