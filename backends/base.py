@@ -7,7 +7,7 @@ never an ``if target == ...`` in a pass.
 
 from __future__ import annotations
 
-__all__ = ["InputRole", "OutputRole", "OpRule", "Target"]
+__all__ = ["InputRole", "OutputRole", "TypeSource", "ConstantFormat", "OpRule", "Target"]
 
 import dataclasses
 import enum
@@ -33,6 +33,28 @@ class OutputRole(enum.Enum):
     ABSORBED = "absorbed"  # a clamp (Relu, Clip) the next QuantizeLinear's saturation performs
 
 
+class TypeSource(enum.Enum):
+    """Which integer type a constant input is stored in, relative to the run's settings."""
+
+    WEIGHT = "weight"  # the weight type (int8 by default)
+    ACTIVATION = "activation"  # the activation type (uint8, uint16, ...)
+    ACTIVATION_8BIT = "activation-8bit"  # 8 bits with the activation type's signedness (uint8 for uint16)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantFormat:
+    """How one constant input is stored: integer type, symmetry, and per channel or per tensor.
+
+    ``per_channel`` uses the rule's ``weight_axis`` (and only when the run allows per-channel
+    weights); otherwise the constant gets one scale. Asymmetric constants get a zero point that
+    maps [min(w, 0), max(w, 0)] onto the type, like an activation.
+    """
+
+    qtype: TypeSource = TypeSource.WEIGHT
+    symmetric: bool = True
+    per_channel: bool = True
+
+
 @dataclasses.dataclass(frozen=True)
 class OpRule:
     """What the provider does with one op type when its inputs are quantized.
@@ -53,6 +75,12 @@ class OpRule:
     table_axis: Callable[[Any], int | None] | None = None
     # For ABSORBED ops: the float interval the op clamps to, given the node; None if unknown.
     clamp: Callable[[Any], tuple[float, float] | None] | None = None
+    # Input index -> how that constant input is stored, where it differs from the target's default
+    # (e.g. QNN's LayerNormalization scale: 8 bits with the activations' signedness, per tensor).
+    constant_formats: Mapping[int, ConstantFormat] = dataclasses.field(default_factory=dict)
+    # Activation type name -> (scale, zero point) the output must have whatever calibration says
+    # (e.g. Softmax on QNN: uint8 1/256, zp 0). Such outputs are not calibrated.
+    fixed_output: Mapping[str, tuple[float, int]] = dataclasses.field(default_factory=dict)
 
     def role(self, index: int) -> InputRole:
         if index < len(self.inputs):
@@ -77,6 +105,22 @@ class Target:
     rules: Mapping[str, OpRule]
     default_pipeline: Sequence[str]
     install_hint: str = ""
+    # True: every op with a rule is planned like an anchor, quantized wherever its inputs can be,
+    # so the provider sees no float op between quantized ones (NPUs that run integers only).
+    # False: followers join only where their inputs are already quantized (CPU: no requantization).
+    quantize_all: bool = False
+    # How constants in activation positions (Add's bias, Mul's scale, a Gather table) are stored
+    # when their op is quantized; None: like a per-tensor weight.
+    constant_input_format: ConstantFormat | None = None
+    # Provider options for the target's provider (a plugin EP needs e.g. its backend library).
+    provider_options: Callable[[], dict[str, str]] | None = None
+    # Where the report's float-vs-quantized evaluation runs; None: ``providers``. A provider that a
+    # plain session cannot open (a plugin EP) or that is slow to simulate evaluates on the CPU's
+    # run of the same QDQ model, and ``verify`` checks the provider against that.
+    evaluation_providers: tuple[str, ...] | None = None
+    # Runs the compiled model on the target's provider after compiling: placement and fidelity
+    # against the CPU provider's QDQ reference. Called as verify(compiled_proto, batches, config).
+    verify: Callable[..., dict] | None = None
     # Inspects the provider-optimized model and says which quantized groups became integer kernels.
     fusion_report: Callable[..., dict] | None = None
 
@@ -95,5 +139,10 @@ class Target:
             "activation_symmetric": self.activation_symmetric,
             "weight_per_channel": self.weight_per_channel,
             "quantized_ops": sorted(self.rules),
+            "quantize_all": self.quantize_all,
+            "fixed_output_encodings": {
+                op: {t: list(v) for t, v in rule.fixed_output.items()}
+                for op, rule in sorted(self.rules.items()) if rule.fixed_output
+            },
             "default_pipeline": list(self.default_pipeline),
         }

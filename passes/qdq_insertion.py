@@ -12,7 +12,7 @@ import onnx_ir as ir
 from qcompile.errors import PipelineError
 from qcompile.passes.quantization_plan import QuantizationPlan
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import QUANT_TYPES, quantize, weight_qparams
+from qcompile.qparams import QUANT_TYPES, constant_qparams, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class _Rewriter:
         self.nodes = {n.name: n for n in self.graph}
         self.values = {v.name: v for v in self.graph.inputs}
         self.values.update({o.name: o for n in self.graph for o in n.outputs})
-        self.weight_cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}
+        self.weight_cache: dict[tuple, tuple[ir.Value, np.ndarray]] = {}
 
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:
         name = self.name(base)
@@ -65,13 +65,14 @@ class _Rewriter:
         out.dtype, out.shape = ir.DataType.FLOAT, shape
         return node, out
 
-    def quantize_weight(self, node: ir.Node, index: int, axis: int | None, qtype) -> np.ndarray:
+    def quantize_weight(self, node: ir.Node, index: int, axis: int | None, qtype, symmetric: bool = True) -> np.ndarray:
         """Replace a float weight input by DQ(int weight); return the weight scales."""
         value = node.inputs[index]
-        key = (value.name, axis)
+        # One stored copy per format: two consumers may want the same constant in different types.
+        key = (value.name, axis, qtype.name, symmetric)
         if key not in self.weight_cache:
             weight = value.const_value.numpy().astype(np.float32)
-            scale, zero_point = weight_qparams(weight, axis, qtype)
+            scale, zero_point = constant_qparams(weight, axis, qtype, symmetric)
             q = quantize(weight, scale, zero_point, qtype, axis)
             if axis is None:
                 scale, zero_point = scale.reshape(()), zero_point.reshape(())
@@ -129,8 +130,9 @@ class _Rewriter:
         bias = value.const_value.numpy().astype(np.float64)
         # Integer kernels add the bias to the int32 accumulator of x_q * w_q, whose scale is
         # x_scale * w_scale: the bias must be stored on exactly that grid, zero point 0.
+        # One scale when the weight has one: QNN rejects a per-axis bias on a per-tensor weight
+        # (LayerNormalization), and it is the same grid.
         scale = (np.float64(quant.scale) * weight_scale.astype(np.float64)).astype(np.float32)
-        scale = np.broadcast_to(scale, bias.shape).copy() if scale.size == 1 and bias.size > 1 else scale
         int32 = QUANT_TYPES["int32"]
         q = np.clip(np.rint(bias / scale.astype(np.float64)), int32.qmin, int32.qmax).astype(np.int32)
         axis = 0 if scale.size > 1 else None
@@ -151,7 +153,9 @@ class _Rewriter:
         weight_scales: dict[tuple[str, int], np.ndarray] = {}
         for w in self.plan.weights:
             node = self.nodes[w.node]
-            weight_scales[(w.node, w.input_index)] = self.quantize_weight(node, w.input_index, w.axis, w.qtype)
+            weight_scales[(w.node, w.input_index)] = self.quantize_weight(
+                node, w.input_index, w.axis, w.qtype, w.symmetric
+            )
         for b in self.plan.biases:
             self.quantize_bias(self.nodes[b.node], b.input_index, b.activation, weight_scales[(b.node, b.weight_index)])
         for name in self.plan.activations:

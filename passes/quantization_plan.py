@@ -22,11 +22,11 @@ import re
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.backends.base import InputRole, OutputRole, Target
+from qcompile.backends.base import ConstantFormat, InputRole, OutputRole, Target, TypeSource
 from qcompile.config import CompileConfig
 from qcompile.errors import ConfigError
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import QuantType, activation_qparams, quant_type
+from qcompile.qparams import QuantType, activation_qparams, constant_qparams, quant_type
 from qcompile.statistics import CalibrationTable
 
 logger = logging.getLogger(__name__)
@@ -36,12 +36,17 @@ _FLOAT_TYPES = {ir.DataType.FLOAT}
 
 @dataclasses.dataclass
 class ActivationQuant:
-    """Per-tensor quantization of one activation; ``shares`` names the tensor whose parameters it reuses."""
+    """Per-tensor quantization of one activation; ``shares`` names the tensor whose parameters it reuses.
+
+    ``fixed`` is set when the parameters do not come from calibration: a fixed output encoding
+    of the target (Softmax), or the parameters of the constant a data-movement op reads.
+    """
 
     tensor: str
     qtype: QuantType
     symmetric: bool
     shares: str | None = None
+    fixed: tuple[np.float32, int] | None = None
     rmin: float | None = None
     rmax: float | None = None
     scale: np.float32 | None = None
@@ -54,6 +59,7 @@ class WeightQuant:
     input_index: int
     axis: int | None
     qtype: QuantType
+    symmetric: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +182,27 @@ def _weight_settings(config: CompileConfig, target: Target) -> tuple[QuantType, 
     return quant_type(name), per_channel
 
 
+# Weights (role WEIGHT) and constants elsewhere when the target names no format of its own.
+_WEIGHT_FORMAT = ConstantFormat(TypeSource.WEIGHT, symmetric=True, per_channel=True)
+_CONSTANT_FORMAT = ConstantFormat(TypeSource.WEIGHT, symmetric=True, per_channel=False)
+# A constant that a data-movement op reads (a lookup table): stored like the activation it becomes,
+# so the op's output can keep exactly its parameters.
+_SHARED_CONSTANT_FORMAT = ConstantFormat(TypeSource.ACTIVATION, symmetric=False, per_channel=False)
+
+
+def _fixed(scale: float, zero_point: int) -> tuple[np.float32, int]:
+    return np.float32(scale), int(zero_point)
+
+
+def _set_fixed(quant: ActivationQuant) -> ActivationQuant:
+    """Give an activation with a fixed encoding its parameters now: it is not calibrated."""
+    if quant.fixed is not None:
+        quant.scale, quant.zero_point = quant.fixed
+        quant.rmin = float((quant.qtype.qmin - quant.zero_point) * quant.scale)
+        quant.rmax = float((quant.qtype.qmax - quant.zero_point) * quant.scale)
+    return quant
+
+
 def _build_once(
     graph: ir.Graph,
     target: Target,
@@ -199,10 +226,32 @@ def _build_once(
             return None
         return target.rule(node.op_type)
 
-    # 1. Anchors: quantized wherever their activation inputs can be.
+    def is_anchor(rule) -> bool:
+        return rule.anchor or (target.quantize_all and rule.output is not OutputRole.ABSORBED)
+
+    def constant_format(rule, index: int) -> ConstantFormat:
+        if index in rule.constant_formats:
+            return rule.constant_formats[index]
+        if rule.role(index) is InputRole.WEIGHT:
+            return _WEIGHT_FORMAT
+        if rule.output is OutputRole.SHARED:
+            return _SHARED_CONSTANT_FORMAT
+        return target.constant_input_format or _CONSTANT_FORMAT
+
+    def resolve_type(source: TypeSource) -> QuantType:
+        if source is TypeSource.WEIGHT:
+            return weight_type
+        if source is TypeSource.ACTIVATION:
+            return act_type
+        return quant_type("int8" if act_type.signed else "uint8")
+
+    fixed_by_constant: dict[str, tuple[np.float32, int]] = {}  # output of data movement -> its constant's
+
+    # 1. Anchors (every op with a rule, for quantize_all targets): quantized wherever their
+    # activation inputs can be.
     for node in nodes:
         rule = rule_for(node)
-        if rule is None or not rule.anchor:
+        if rule is None or not is_anchor(rule):
             continue
         if (why := exclusions.reason(node)) is not None:
             plan.float_nodes[node.name] = why
@@ -218,10 +267,22 @@ def _build_once(
                 weights.append(index)
             else:
                 activations.append(index)
-        if not activations:
+        # A lookup in a constant table by computed indices has no activation input but still runs
+        # on the provider: quantize_all targets store the table like an activation.
+        reads_live = any(v is not None and not _is_constant(v) for v in node.inputs)
+        if not activations and not (target.quantize_all and weights and reads_live):
             plan.float_nodes[node.name] = "no activation input"
             continue
-        if len(activations) > 1 and not config.quantize_activation_matmul:
+        sentinels = [
+            node.inputs[i].name for i in weights
+            if not np.isfinite(arr := node.inputs[i].const_value.numpy()).all()
+            or np.abs(arr).max(initial=0.0) >= config.sentinel_threshold
+        ]
+        if sentinels:
+            # A mask's fill value (float32 min): on any integer grid it would swamp or overflow.
+            plan.float_nodes[node.name] = f"constant {sentinels[0]!r} is a sentinel (magnitude >= sentinel_threshold)"
+            continue
+        if rule.anchor and len(activations) > 1 and not config.quantize_activation_matmul:
             plan.float_nodes[node.name] = "both inputs are activations (quantize_activation_matmul = false)"
             continue
         blocked = [node.inputs[i].name for i in activations if not quantizable(node.inputs[i])]
@@ -236,12 +297,21 @@ def _build_once(
         plan.anchors.add(node.name)
         wanted.update(node.inputs[i].name for i in activations)
         for index in weights:
+            fmt = constant_format(rule, index)
+            qtype = resolve_type(fmt.qtype)
             axis = None
-            if per_channel and rule.role(index) is InputRole.WEIGHT and rule.weight_axis is not None:
+            if (
+                per_channel and fmt.per_channel and rule.role(index) is InputRole.WEIGHT
+                and rule.weight_axis is not None
+            ):
                 axis = rule.weight_axis(node)
                 rank = node.inputs[index].const_value.numpy().ndim
                 axis = None if rank < 2 else axis % rank
-            plan.weights.append(WeightQuant(node.name, index, axis, weight_type))
+            plan.weights.append(WeightQuant(node.name, index, axis, qtype, fmt.symmetric))
+            if rule.output is OutputRole.SHARED and index == 0:
+                scale, zero_point = constant_qparams(node.inputs[0].const_value.numpy(), None, qtype, fmt.symmetric)
+                for out in node.outputs:
+                    fixed_by_constant[out.name] = _fixed(scale[0], zero_point[0])
         for index in biases:
             weight_index = next((i for i in weights if rule.role(i) is InputRole.WEIGHT), None)
             if weight_index is None:
@@ -272,7 +342,7 @@ def _build_once(
         changed = False
         for node in nodes:
             rule = rule_for(node)
-            if rule is None or rule.anchor or node in quantized:
+            if rule is None or is_anchor(rule) or node in quantized:
                 continue
             if (why := exclusions.reason(node)) is not None:
                 plan.float_nodes[node.name] = why
@@ -294,6 +364,12 @@ def _build_once(
                     or rule.clamp is None
                     or rule.clamp(node) is None
                 ):
+                    if not target.quantize_all:
+                        continue
+                    # Not foldable into a Q, but the provider must still run it on integers.
+                    quantized.add(node)
+                    wanted.update(v.name for v in inputs)
+                    changed = True
                     continue
             elif not all(v.name in wanted or produces_integers(v) for v in inputs):
                 continue
@@ -315,15 +391,22 @@ def _build_once(
         for out in node.outputs:
             if not quantizable(out) or out.name in absorbed_inputs:
                 continue
-            if rule.output is OutputRole.SHARED:
+            if out.name in fixed_by_constant:
+                activations[out.name] = _set_fixed(
+                    ActivationQuant(out.name, act_type, symmetric, fixed=fixed_by_constant[out.name])
+                )
+            elif rule.output is OutputRole.SHARED:
                 activations[out.name] = ActivationQuant(out.name, act_type, symmetric, shares=node.inputs[0].name)
             elif rule.output in (OutputRole.QUANTIZE, OutputRole.ABSORBED) or out.name in wanted:
-                activations.setdefault(out.name, ActivationQuant(out.name, act_type, symmetric))
+                encoding = rule.fixed_output.get(act_type.name)
+                fixed = _fixed(*encoding) if encoding is not None else None
+                activations.setdefault(out.name, _set_fixed(ActivationQuant(out.name, act_type, symmetric, fixed=fixed)))
     for name in wanted:
         activations.setdefault(name, ActivationQuant(name, act_type, symmetric))
     # Keep graph order so the rewrite is deterministic.
     order = {v.name: i for i, v in enumerate(list(graph.inputs) + [o for n in nodes for o in n.outputs])}
     plan.activations = dict(sorted(activations.items(), key=lambda kv: order.get(kv[0], 0)))
+    # Fixed encodings are observed too: if a re-plan leaves their producer float, they need statistics.
     plan.calibrate = [
         name for name in plan.activations if plan.activations[name].shares is None
     ] + sorted(absorbed_inputs)
@@ -356,7 +439,10 @@ def build_plan(
     performs its clamp. Each exclusion re-plans until nothing changes.
     """
     graph = model.graph
-    excluded = _mask_tensors(graph)
+    # On a target that runs every op on integers, a mask is quantized too: its two values (0 and
+    # the fill) are exact on an 8-bit grid. A sentinel fill (float32 min) still stays float, from
+    # its calibrated magnitude.
+    excluded = {} if target.quantize_all else _mask_tensors(graph)
     unabsorbable: set[str] = set()
     while True:
         plan = _build_once(graph, target, config, excluded, unabsorbable)
@@ -364,7 +450,7 @@ def build_plan(
             return plan
         newly_excluded = {}
         for name, quant in plan.activations.items():
-            if quant.shares is not None and quant.shares in plan.activations:
+            if (quant.shares is not None and quant.shares in plan.activations) or quant.fixed is not None:
                 continue
             stats = table.tensors.get(name)
             if name in table.non_float:
@@ -382,7 +468,7 @@ def build_plan(
             excluded.update(newly_excluded)
             continue
         for quant in plan.activations.values():
-            if quant.shares is not None and quant.shares in plan.activations:
+            if (quant.shares is not None and quant.shares in plan.activations) or quant.fixed is not None:
                 continue
             levels = quant.qtype.qmax - quant.qtype.qmin + 1
             quant.rmin, quant.rmax = table[quant.tensor].range(config.calibration_method, levels, config.percentile)

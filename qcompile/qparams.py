@@ -11,6 +11,7 @@ __all__ = [
     "quant_type",
     "activation_qparams",
     "weight_qparams",
+    "constant_qparams",
     "quantize",
     "dequantize",
 ]
@@ -103,6 +104,22 @@ def weight_qparams(
     scale = np.maximum(amax / qtype.qmax, _MIN_SCALE).astype(np.float32)
     zero_point = np.zeros(scale.shape, dtype=qtype.numpy_dtype)
     return scale, zero_point
+
+
+def constant_qparams(
+    weight: np.ndarray, axis: int | None, qtype: QuantType, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points of a stored constant: ``weight_qparams`` when symmetric; otherwise
+    one asymmetric scale over the whole tensor, with the activation formula (``activation_qparams``
+    on [min(w), max(w)]), for constants that meet activations (an Add's bias, a LayerNorm scale
+    stored as uint8, a lookup table whose output keeps the table's parameters)."""
+    if symmetric:
+        return weight_qparams(weight, axis, qtype)
+    if axis is not None:
+        raise ConfigError("Asymmetric constants are quantized per tensor; a per-channel axis was given.")
+    w = np.asarray(weight, dtype=np.float32)
+    scale, zero_point = activation_qparams(float(w.min(initial=0.0)), float(w.max(initial=0.0)), qtype, False)
+    return np.asarray([scale], dtype=np.float32), np.asarray([zero_point], dtype=qtype.numpy_dtype)
 
 
 def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
