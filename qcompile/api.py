@@ -172,6 +172,7 @@ def compile(  # noqa: A001  (the verb users expect: qcompile.compile)
 
     plan = context.analyses.get("plan")
     evaluation, latency, fusion = _evaluate(float_proto, compiled_proto, data, config, target_spec, plan)
+    verification = _verify_on_target(compiled_proto, data, config, target_spec)
     gate = _accuracy_gate(config, evaluation)
     report = Report(
         versions=_versions(),
@@ -188,6 +189,7 @@ def compile(  # noqa: A001  (the verb users expect: qcompile.compile)
         fusion=fusion,
         accuracy_gate=gate,
         transformations=context.records,
+        verification=verification,
     )
     result = CompileResult(compiled, report)
     if not report.gate_passed:
@@ -220,7 +222,7 @@ def _evaluate(float_proto, compiled_proto, data: BatchSource | None, config: Com
     with tempfile.TemporaryDirectory(prefix="qcompile-") as tmp:
         optimized = os.path.join(tmp, "optimized.onnx")
         quant_session = make_session(
-            compiled_proto, providers=target.providers, threads=config.threads,
+            compiled_proto, providers=target.evaluation_providers or target.providers, threads=config.threads,
             optimized_model_path=optimized, what="compiled model",
         )
         fusion = {}
@@ -242,6 +244,14 @@ def _evaluate(float_proto, compiled_proto, data: BatchSource | None, config: Com
             }
             latency["speedup"] = round(latency["float"]["median_ms"] / latency["quantized"]["median_ms"], 3)
     return evaluation, latency, fusion
+
+
+def _verify_on_target(compiled_proto, data: BatchSource | None, config: CompileConfig, target) -> dict:
+    """The target's own check on its provider (placement, fidelity), for targets that have one."""
+    if target.verify is None:
+        return {}
+    batches = data.evaluation()[1] if data is not None else []
+    return target.verify(compiled_proto, batches, config)
 
 
 def _accuracy_gate(config: CompileConfig, evaluation: dict) -> dict:

@@ -48,6 +48,12 @@ class CompileConfig:
     min_sqnr: float | None = None
     # Intra-op threads for ONNX Runtime sessions qcompile creates (0: ORT's default).
     threads: int = 0
+    # Static input shapes for targets that need them (fix-shapes), e.g. {"x": [1, 3, 224, 224]};
+    # empty: the first calibration batch's shapes.
+    input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    # Targets that promise full offload fail the compile when a node would run on the CPU
+    # provider; true: compile anyway and report the nodes that fall back.
+    allow_fallback: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,6 +102,7 @@ _TYPE_CHECKS = {
     "int": (int,),
     "float": (int, float),
     "list[str]": (list,),
+    "dict[str, list[int]]": (dict,),
 }
 
 
@@ -109,6 +116,12 @@ def _check_type(key: str, value: Any, annotation: str, source: str) -> None:
     )
     if ok and base == "list[str]":
         ok = all(isinstance(item, str) for item in value)
+    if ok and base == "dict[str, list[int]]":
+        ok = all(
+            isinstance(k, str) and isinstance(v, list) and v
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v)
+            for k, v in value.items()
+        )
     if not ok:
         raise ConfigError(f"{key} in {source} must be {base}, got {value!r}.")
 

@@ -10,6 +10,8 @@ __all__ = [
     "PipelineError",
     "OutputError",
     "AccuracyGateError",
+    "ProviderError",
+    "PlacementError",
     "detail",
 ]
 
@@ -41,6 +43,14 @@ class PipelineError(QcompileError):
 
 class OutputError(QcompileError):
     """The output cannot be written."""
+
+
+class ProviderError(QcompileError):
+    """The execution provider a target needs is not installed (or cannot be loaded) here."""
+
+
+class PlacementError(QcompileError):
+    """Nodes of the model would not run on the target's provider."""
 
 
 class AccuracyGateError(QcompileError):

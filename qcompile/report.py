@@ -40,6 +40,8 @@ class Report:
     fusion: dict[str, Any]
     accuracy_gate: dict[str, Any]
     transformations: dict[str, Any] = dataclasses.field(default_factory=dict)  # records passes left
+    # The target's check on its own provider: where nodes run, agreement with the CPU reference.
+    verification: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -85,6 +87,11 @@ class Report:
             kernels = ", ".join(f"{k} {v}" for k, v in self.fusion.get("integer_kernels", {}).items())
             unfused = len(self.fusion.get("unfused_quantized_anchors", []))
             lines.append(f"  ORT integer kernels: {kernels or 'none'}; unfused quantized anchors: {unfused}")
+        fixed = self.transformations.get("fix-shapes")
+        if fixed:
+            shapes = ", ".join(f"{k} {v['from']} -> {v['to']}" for k, v in fixed["inputs"].items())
+            lines.append(f"  fixed shapes ({fixed['source']}): {shapes}")
+        lines.extend(_verification_lines(self.verification))
         total = sum(p["seconds"] for p in self.passes)
         lines.append(f"  compile time: {total:.2f}s in {len(self.passes)} passes")
         gate = self.accuracy_gate
@@ -92,3 +99,22 @@ class Report:
             verdict = "passed" if gate.get("passed") else f"FAILED: {gate.get('failing')}"
             lines.append(f"  accuracy gate (SQNR >= {gate['min_sqnr']} dB): {verdict}")
         return "\n".join(lines)
+
+
+def _verification_lines(verification: dict[str, Any]) -> list[str]:
+    if not verification:
+        return []
+    placed = verification["placement"]
+    lines = [f"  placement: {placed['on_provider']} of {placed['nodes']} nodes on {placed['provider']}"
+             + (f"; on other providers: {', '.join(r['name'] or r['op_type'] for r in placed['off_provider'][:5])}"
+                if placed["off_provider"] else "")]
+    floats = verification.get("float_compute_nodes", [])
+    if floats:
+        names = ", ".join(f"{n['name']} ({n['op_type']})" for n in floats[:5])
+        more = f" and {len(floats) - 5} more" if len(floats) > 5 else ""
+        lines.append(f"  float ops left (run in float on the provider): {names}{more}")
+    for name, m in verification.get("fidelity", {}).get("outputs", {}).items():
+        agreement = (f"{m['within_1_step']:.4%} within 1 step, max {m['max_diff_steps']} steps, "
+                     if "within_1_step" in m else "")
+        lines.append(f"  {placed['provider']} vs CPU reference, output {name}: {agreement}SQNR {m['sqnr_db']} dB")
+    return lines

@@ -1,0 +1,146 @@
+"""The ``qnn-htp`` target: Qualcomm's Hexagon NPU through ONNX Runtime's QNN plugin provider.
+
+The rules come from running every op and format on the HTP backend that ``onnxruntime-qnn``
+ships (an x86-64 simulator of the NPU; QNN SDK 2.51) with CPU fallback disabled:
+
+* the whole graph is quantized: the NPU computes on integers, and a float op between quantized
+  ones becomes DQ -> float -> Q inside the QNN graph (the simulator runs it; a device may not);
+* per-channel weights must be symmetric int8 with zero point 0 (uint8 or asymmetric int8
+  per-channel weights are rejected, error 3110); 16-bit weights are rejected;
+* LayerNormalization's scale must be 8-bit with the activations' signedness (uint8 for uint8
+  and uint16 activations), per tensor; its bias int32 with scale = input scale x scale's scale;
+* Softmax needs a fixed output encoding: int8 with zero point 0 gives silently wrong results;
+* MaxPool, Gather, Reshape, Transpose (data movement) need identical input/output parameters;
+  a Gather from a constant table stores the table with its output's parameters;
+* Erf is not supported: GELU must be the Gelu op (opset 20), see the ``fuse-gelu`` pass;
+* dynamic dimensions make QNN reject the whole graph: ``fix-shapes`` makes them static.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TARGET"]
+
+import dataclasses
+
+from qcompile.backends.base import ConstantFormat, InputRole, OpRule, OutputRole, Target, TypeSource
+from qcompile.backends.cpu import COMMON_RULES
+
+A, W, B, F = InputRole.ACTIVATION, InputRole.WEIGHT, InputRole.BIAS, InputRole.FLOAT
+
+# Softmax's output is a probability in [0, 1]: the fixed grid puts 0 at the lowest code
+# (any zero point = qmin encoding is exact on HTP; int8 with zero point 0 is not).
+_PROBABILITY = {"uint8": (1 / 256, 0), "int8": (1 / 256, -128), "uint16": (1 / 65536, 0), "int16": (1 / 32768, 0)}
+# ORT's QNN configuration fixes 16-bit Sigmoid/Tanh outputs (their HTP kernels assume them);
+# 8-bit ones run calibrated.
+_SIGMOID = {"uint16": (1 / 65536, 0), "int16": (1 / 32768, 0)}
+_TANH = {"uint16": (1 / 32768, 32768), "int16": (1 / 32768, 0)}
+
+# LayerNormalization's scale: 8 bits with the activations' signedness, one scale.
+_LAYERNORM_SCALE = ConstantFormat(TypeSource.ACTIVATION_8BIT, symmetric=False, per_channel=False)
+
+
+def _op(op_type: str, inputs=(A,), **fields) -> OpRule:
+    return OpRule(op_type, inputs, OutputRole.QUANTIZE, **fields)
+
+
+def _shared(op_type: str, inputs=(A,)) -> OpRule:
+    return OpRule(op_type, inputs, OutputRole.SHARED)
+
+
+_RULES = {
+    # Compute with weights: the CPU rules (per-channel symmetric int8), but the output is always
+    # requantized: HTP has no integer-in, float-out kernel (a float Gemm output is rejected).
+    **{
+        name: dataclasses.replace(COMMON_RULES[name], output=OutputRole.QUANTIZE)
+        for name in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    },
+    **{
+        rule.op_type: rule
+        for rule in (
+            _op("LayerNormalization", (A, W, B), constant_formats={1: _LAYERNORM_SCALE}),
+            _op("Softmax", fixed_output=_PROBABILITY),
+            _op("Sigmoid", fixed_output=_SIGMOID),
+            _op("Tanh", fixed_output=_TANH),
+            _op("Gelu"),
+            _op("Relu"),
+            _op("Clip", (A, F, F)),
+            _op("LeakyRelu"),
+            _op("HardSigmoid"),
+            _op("Add", (A, A)),
+            _op("Sub", (A, A)),
+            _op("Mul", (A, A)),
+            _op("Div", (A, A)),
+            _op("Concat"),
+            _op("AveragePool"),
+            _op("GlobalAveragePool"),
+            _op("ReduceMean", (A, F)),
+            _op("Resize", (A, F, F, F)),
+            _shared("MaxPool"),
+            _shared("Reshape", (A, F)),
+            _shared("Transpose"),
+            _shared("Flatten"),
+            _shared("Squeeze", (A, F)),
+            _shared("Unsqueeze", (A, F)),
+            _shared("Slice", (A, F, F, F, F)),
+            _shared("Split", (A, F)),
+            _shared("Gather", (A, F)),
+            _shared("Expand", (A, F)),
+        )
+    },
+}
+
+
+def _htp_provider_options() -> dict[str, str]:
+    import onnxruntime_qnn  # only called once the provider was found installed
+
+    # offload_graph_io_quantization=0: the graph input's Quantize and output's Dequantize run on
+    # HTP too, instead of on the CPU provider (the default), so the whole model is on the NPU.
+    return {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), "offload_graph_io_quantization": "0"}
+
+
+def _verify(compiled_proto, batches, config) -> dict:
+    from qcompile.providers import verify_on_target
+
+    return verify_on_target(compiled_proto, batches, TARGET, allow_fallback=config.allow_fallback)
+
+
+TARGET = Target(
+    name="qnn-htp",
+    description="Qualcomm Hexagon NPU (HTP) through ONNX Runtime's QNN provider; the whole graph in integers",
+    providers=("QNNExecutionProvider",),
+    activation_types=("uint8", "uint16", "int8"),
+    weight_types=("int8",),
+    default_activation_type="uint8",
+    default_weight_type="int8",
+    activation_symmetric=False,
+    weight_per_channel=True,
+    rules=_RULES,
+    default_pipeline=(
+        "fix-names",
+        "fix-shapes",
+        "shape-inference",
+        "lift-constants",
+        "fold-constants",
+        "fold-batchnorm",
+        "remove-identity",
+        "remove-unused",
+        "upgrade-opset(min_opset=21)",
+        "fuse-gelu",
+        "shape-inference",
+        "topological-sort",
+        "plan-quantization",
+        # Whole batches: the model's batch axis is now fixed to the calibration batch's size.
+        "calibrate(chunk=0)",
+        "insert-qdq",
+        "remove-unused",
+        "strip-metadata",
+        "check-model",
+    ),
+    install_hint="pip install onnxruntime-qnn (x86-64 Linux and Windows on Arm/x64 wheels; "
+    "it installs beside onnxruntime and ships the HTP simulator)",
+    quantize_all=True,
+    constant_input_format=ConstantFormat(TypeSource.ACTIVATION, symmetric=False, per_channel=False),
+    provider_options=_htp_provider_options,
+    evaluation_providers=("CPUExecutionProvider",),
+    verify=_verify,
+)

@@ -1,0 +1,308 @@
+"""Execution providers: what is installed here, sessions on a target's provider, and where nodes run.
+
+A session for a target runs on that target's provider with the CPU fallback disabled, so a model
+that would quietly run part of itself on the CPU fails instead; the nodes responsible are named by
+opening it once more with the fallback allowed and reading ORT's per-node assignment. A missing
+provider is an error that says what to install, never a session on another provider.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ProviderStatus",
+    "provider_status",
+    "open_session",
+    "placement",
+    "placement_summary",
+    "output_steps",
+    "compare_with_reference",
+    "verify_on_target",
+]
+
+import dataclasses
+import importlib
+import importlib.util
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from qcompile.errors import PlacementError, ProviderError, detail
+
+logger = logging.getLogger(__name__)
+
+_CPU = "CPUExecutionProvider"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plugin:
+    """A provider shipped as a plugin library in its own Python package."""
+
+    module: str  # the package's import name; its get_library_path() locates the library
+    package: str  # what to pip install
+
+
+# Providers that are not built into the onnxruntime package but registered at run time.
+_PLUGINS = {"QNNExecutionProvider": _Plugin("onnxruntime_qnn", "onnxruntime-qnn")}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderStatus:
+    name: str
+    installed: bool
+    how: str  # "built into onnxruntime", "plugin from onnxruntime-qnn 2.7.0", or why it is missing
+
+
+def _registered(name: str) -> bool:
+    return any(device.ep_name == name for device in ort.get_ep_devices())
+
+
+def _register_plugin(name: str) -> ProviderStatus:
+    plugin = _PLUGINS[name]
+    if importlib.util.find_spec(plugin.module) is None:
+        return ProviderStatus(name, False, f"not installed (pip install {plugin.package})")
+    try:
+        version = metadata.version(plugin.package)
+    except metadata.PackageNotFoundError:
+        version = "unknown version"
+    how = f"plugin from {plugin.package} {version}"
+    if _registered(name):
+        return ProviderStatus(name, True, how)
+    try:
+        module = importlib.import_module(plugin.module)
+        # Registering twice raises, hence the check above.
+        ort.register_execution_provider_library(name, module.get_library_path())
+    except Exception as error:  # ORT raises its own types; a broken install must not crash discovery
+        return ProviderStatus(name, False, f"{plugin.package} {version} is installed but its library does not load: {detail(error)}")
+    if not _registered(name):
+        return ProviderStatus(name, False, f"{plugin.package} {version} registered no device")
+    return ProviderStatus(name, True, how)
+
+
+def provider_status(name: str) -> ProviderStatus:
+    """Whether provider ``name`` can run sessions here; plugin providers are registered on the way."""
+    if name in _PLUGINS:
+        return _register_plugin(name)
+    if name in ort.get_available_providers():
+        return ProviderStatus(name, True, "built into onnxruntime")
+    return ProviderStatus(name, False, "not in this onnxruntime build")
+
+
+def _model_input(model: str | Path | bytes | onnx.ModelProto) -> str | bytes:
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString()
+    if isinstance(model, Path):
+        return str(model)
+    return model
+
+
+def _session(model, target, *, allow_fallback: bool, config: dict[str, str]) -> ort.InferenceSession:
+    provider = target.providers[0]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    if not allow_fallback and provider != _CPU:
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    provider_options = target.provider_options() if target.provider_options is not None else {}
+    if provider in _PLUGINS:
+        # A plugin provider named in providers=[...] is silently ignored (a CPU-only session):
+        # it must be attached through its device.
+        devices = [d for d in ort.get_ep_devices() if d.ep_name == provider]
+        options.add_provider_for_devices(devices, provider_options)
+        return ort.InferenceSession(model, sess_options=options)
+    providers = [(provider, provider_options)] + ([(_CPU, {})] if provider != _CPU else [])
+    session = ort.InferenceSession(model, sess_options=options, providers=providers)
+    if session.get_providers()[0] != provider:
+        raise ProviderError(f"ONNX Runtime did not enable {provider} for this session; nothing runs on it.")
+    return session
+
+
+def open_session(
+    model: str | Path | bytes | onnx.ModelProto,
+    target,
+    *,
+    allow_fallback: bool = False,
+    config: dict[str, str] | None = None,
+) -> ort.InferenceSession:
+    """A session running ``model`` on ``target``'s provider, with the CPU fallback disabled.
+
+    Raises ProviderError when the provider is not installed, and PlacementError naming the nodes
+    that the provider does not take (unless ``allow_fallback``: then they run on the CPU, and
+    ``placement(session)`` says which). ``config`` adds session config entries (e.g. ep.context_*).
+    """
+    provider = target.providers[0]
+    status = provider_status(provider)
+    if not status.installed:
+        hint = f" Install it: {target.install_hint}." if target.install_hint else ""
+        raise ProviderError(f"Target {target.name!r} needs {provider}, which is {status.how}.{hint}")
+    model = _model_input(model)
+    try:
+        return _session(model, target, allow_fallback=allow_fallback, config=config or {})
+    except (ProviderError, PlacementError):
+        raise
+    except Exception as error:  # ORT raises its own exception types from C++
+        message = detail(error)
+    if allow_fallback:
+        raise PlacementError(f"{provider} cannot compile this model: {message}")
+    # Fallback disabled: ORT says only that some node went to the CPU. Ask it which ones.
+    try:
+        fallback = _session(model, target, allow_fallback=True, config={})
+    except Exception as error:
+        raise PlacementError(
+            f"{provider} cannot compile this model: {message} (with the CPU fallback allowed too: {detail(error)})"
+        ) from None
+    off = [row for row in placement(fallback) if row["provider"] != provider]
+    if not off:
+        raise PlacementError(f"{provider} cannot compile this model: {message}")
+    names = ", ".join(f"{row['name'] or '(unnamed)'} ({row['op_type']})" for row in off[:10])
+    more = f" and {len(off) - 10} more" if len(off) > 10 else ""
+    raise PlacementError(
+        f"{len(off)} node(s) would not run on {provider} for target {target.name!r}: {names}{more}. "
+        "Replace or remove those ops before compiling, or allow the fallback (allow_fallback = true) "
+        "to run them on the CPU provider."
+    ) from None
+
+
+def placement(session: ort.InferenceSession) -> list[dict[str, str]]:
+    """The provider of every node ORT runs (after its layout changes, so QNN's inserted NHWC
+    Transposes appear too), from ``session.record_ep_graph_assignment_info``."""
+    return [
+        {"provider": subgraph.ep_name, "op_type": node.op_type, "name": node.name}
+        for subgraph in session.get_provider_graph_assignment_info()
+        for node in subgraph.get_nodes()
+    ]
+
+
+def placement_summary(rows: list[dict[str, str]], provider: str) -> dict:
+    off = [row for row in rows if row["provider"] != provider]
+    return {
+        "provider": provider,
+        "nodes": len(rows),
+        "on_provider": len(rows) - len(off),
+        "by_provider": dict(Counter(row["provider"] for row in rows)),
+        "off_provider": off,
+    }
+
+
+def output_steps(proto: onnx.ModelProto) -> dict[str, float]:
+    """Quantization step of each graph output that a per-tensor DequantizeLinear produces."""
+    constants = {t.name: t for t in proto.graph.initializer}
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    steps = {}
+    for output in proto.graph.output:
+        node = producers.get(output.name)
+        if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in constants:
+            continue
+        scale = onnx.numpy_helper.to_array(constants[node.input[1]])
+        if scale.size == 1:
+            steps[output.name] = float(scale.reshape(()))
+    return steps
+
+
+def float_compute_nodes(proto: onnx.ModelProto) -> list[dict[str, str]]:
+    """Nodes that compute in float between quantized ones: on an NPU these are not integer ops.
+
+    A node counts as integer when every non-constant float input comes from a DequantizeLinear
+    and every float output goes only to QuantizeLinear (ORT's QDQ node units).
+    """
+    constants = {t.name for t in proto.graph.initializer}
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in proto.graph.output}
+    graph_inputs = {i.name for i in proto.graph.input}
+    result = []
+    for node in proto.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        reads_float = any(
+            name and name not in constants
+            and (name in graph_inputs or (name in producers and producers[name].op_type != "DequantizeLinear"))
+            and not _is_integer_input(name, producers, proto)
+            for name in node.input
+        )
+        writes_float = any(
+            name in outputs or any(c.op_type != "QuantizeLinear" for c in consumers.get(name, []))
+            for name in node.output
+        )
+        if reads_float or writes_float:
+            result.append({"name": node.name, "op_type": node.op_type})
+    return result
+
+
+def _is_integer_input(name: str, producers, proto) -> bool:
+    # Indices, masks and shapes are not float: a graph input or Cast with a non-float type.
+    for value in list(proto.graph.input) + list(proto.graph.value_info):
+        if value.name == name:
+            return value.type.tensor_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, 0)
+    return False
+
+
+def compare_with_reference(
+    reference: ort.InferenceSession, candidate: ort.InferenceSession, batches: Sequence[dict],
+    steps: dict[str, float],
+) -> dict[str, dict]:
+    """Per output: share of elements within 1 quantization step of the reference, the largest
+    difference in steps, and the SQNR of the candidate against the reference."""
+    names = [o.name for o in reference.get_outputs()]
+    totals = {name: {"elements": 0, "within": 0, "max_steps": 0.0, "signal": 0.0, "noise": 0.0} for name in names}
+    for batch in batches:
+        for name, x, y in zip(names, reference.run(names, batch), candidate.run(names, batch)):
+            x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+            diff = np.abs(x - y)
+            total = totals[name]
+            total["elements"] += diff.size
+            total["signal"] += float((x * x).sum())
+            total["noise"] += float((diff * diff).sum())
+            if name in steps:
+                in_steps = diff / steps[name]
+                # A thousandth of a step of slack: the two providers' float rounding.
+                total["within"] += int((in_steps <= 1.001).sum())
+                total["max_steps"] = max(total["max_steps"], float(in_steps.max(initial=0.0)))
+    result = {}
+    for name, total in totals.items():
+        noise, signal = total["noise"], total["signal"]
+        sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
+        entry = {"elements": total["elements"], "sqnr_db": round(sqnr, 3)}
+        if name in steps:
+            entry.update(
+                step=steps[name],
+                within_1_step=round(total["within"] / max(total["elements"], 1), 6),
+                max_diff_steps=round(total["max_steps"], 3),
+            )
+        result[name] = entry
+    return result
+
+
+def verify_on_target(compiled_proto: onnx.ModelProto, batches: Sequence[dict], target, *, allow_fallback: bool = False) -> dict:
+    """Run the compiled model on the target's provider: where each node runs, and how close its
+    outputs are to the CPU provider running the same QDQ model (the reference a user can check)."""
+    from qcompile.runtime import make_session
+
+    provider = target.providers[0]
+    session = open_session(compiled_proto, target, allow_fallback=allow_fallback)
+    rows = placement(session)
+    result = {
+        "provider": provider,
+        "provider_package": provider_status(provider).how,
+        "placement": placement_summary(rows, provider),
+        "float_compute_nodes": float_compute_nodes(compiled_proto),
+    }
+    if batches:
+        reference = make_session(compiled_proto, what="compiled model (CPU reference)")
+        result["fidelity"] = {
+            "reference": "the same QDQ model on CPUExecutionProvider",
+            "batches": len(batches),
+            "outputs": compare_with_reference(reference, session, batches, output_steps(compiled_proto)),
+        }
+    return result
