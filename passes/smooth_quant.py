@@ -16,101 +16,33 @@ candidate lowers that error by at least ``min_gain``.
 
 from __future__ import annotations
 
-__all__ = ["SmoothQuant", "smoothing_groups"]
+__all__ = ["SmoothQuant"]
 
-import dataclasses
 import logging
 
 import numpy as np
-import onnx
 import onnx_ir as ir
+from qcompile.passes.calibration import DEFAULT_CHUNK
+from qcompile.passes.channel_scaling import (
+    Group,
+    apply_channel_scale,
+    matmul_input_groups,
+    observe_groups,
+)
+from qcompile.passes.registry import register_pass
 
 from qcompile.errors import CalibrationDataError
-from qcompile.passes.calibration import DEFAULT_CHUNK, ChunkedRunner
-from qcompile.passes.registry import register_pass
-from qcompile.qparams import activation_qparams, dequantize, quant_type, quantize, weight_qparams
-from qcompile.runtime import make_session
+from qcompile.qparams import (
+    activation_qparams,
+    dequantize,
+    quant_type,
+    quantize,
+    weight_qparams,
+)
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_ALPHAS = (0.5, 0.65, 0.75, 0.85, 0.95)
-# Rows of X kept (a uniform reservoir sample over all batches) to score the candidates: bounded,
-# whatever the data size, and enough to rank candidates whose errors differ by 10% or more.
-_SAMPLE_ROWS = 512
-
-
-@dataclasses.dataclass
-class _Reader:
-    """A MatMul (or Gemm) that reads X as its first input and a constant weight as its second."""
-
-    node: ir.Node
-    weight: np.ndarray  # [in_channels, out_channels], as X multiplies it
-    transposed: bool  # Gemm transB=1 stores it as [out, in]
-
-
-@dataclasses.dataclass
-class _Group:
-    value: ir.Value
-    readers: list[_Reader]
-    channel_min: np.ndarray | None = None
-    channel_max: np.ndarray | None = None
-    sample: np.ndarray | None = None  # [<= _SAMPLE_ROWS, channels]
-    seen_rows: int = 0
-    rng: np.random.Generator = dataclasses.field(default_factory=lambda: np.random.default_rng(0))
-
-    def observe(self, x: np.ndarray) -> None:
-        rows = x.reshape(-1, x.shape[-1])
-        low, high = rows.min(axis=0), rows.max(axis=0)
-        self.channel_min = low if self.channel_min is None else np.minimum(self.channel_min, low)
-        self.channel_max = high if self.channel_max is None else np.maximum(self.channel_max, high)
-        # Reservoir sampling (seeded, so deterministic): every row seen has the same chance to be kept.
-        if self.sample is None:
-            self.sample = np.empty((0, rows.shape[1]), dtype=np.float32)
-        room = _SAMPLE_ROWS - len(self.sample)
-        if room > 0:
-            self.sample = np.concatenate([self.sample, rows[:room]])
-            self.seen_rows += min(room, len(rows))
-            rows = rows[room:]
-        if len(rows):
-            positions = self.seen_rows + 1 + np.arange(len(rows))
-            accepted = np.nonzero(self.rng.random(len(rows)) < _SAMPLE_ROWS / positions)[0]
-            self.sample[self.rng.integers(0, _SAMPLE_ROWS, len(accepted))] = rows[accepted]
-            self.seen_rows += len(rows)
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
-
-
-def _reader(node: ir.Node, index: int) -> _Reader | None:
-    if index != 0 or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-        return None
-    weight = _constant(node.inputs[1])
-    if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
-        return None
-    if node.op_type == "MatMul":
-        return _Reader(node, weight, transposed=False)
-    if node.op_type == "Gemm":
-        attributes = {name: attr.value for name, attr in node.attributes.items()}
-        if attributes.get("transA", 0):
-            return None
-        transposed = bool(attributes.get("transB", 0))
-        return _Reader(node, weight.T if transposed else weight, transposed)
-    return None
-
-
-def smoothing_groups(graph: ir.Graph) -> list[_Group]:
-    """Float activations read by at least one MatMul/Gemm with a constant 2-D weight."""
-    groups = []
-    for value in list(graph.inputs) + [o for node in graph for o in node.outputs]:
-        if value.dtype not in (ir.DataType.FLOAT, None) or value.const_value is not None:
-            continue
-        readers = [r for use in value.uses() if (r := _reader(use.node, use.idx)) is not None]
-        if readers and len({r.weight.shape[0] for r in readers}) == 1:
-            groups.append(_Group(value, readers))
-    return groups
 
 
 @register_pass("smooth-quant", needs_data=True)
@@ -149,10 +81,10 @@ class SmoothQuant(ir.passes.InPlacePass):
             records["skipped"] = "calibration data is a one-shot iterator; pass a list or a directory to smooth"
             logger.warning("smooth-quant skipped: %s", records["skipped"])
             return ir.passes.PassResult(model, False)
-        groups = smoothing_groups(model.graph)
+        groups = matmul_input_groups(model.graph)
         if not groups:
             return ir.passes.PassResult(model, False)
-        self._observe(model, groups)
+        observe_groups(model, groups, self.context, batches=self.batches, chunk=self.chunk, what="smooth-quant")
         config, target = self.context.config, self.context.target
         act_type = quant_type(config.activation_type or target.default_activation_type)
         symmetric = target.activation_symmetric if config.activation_symmetric is None else config.activation_symmetric
@@ -172,7 +104,7 @@ class SmoothQuant(ir.passes.InPlacePass):
                     best_alpha, best_error, best_s = alpha, error, s
             if best_s is None or best_error > (1.0 - self.min_gain) * baseline:
                 continue
-            how = _apply(model.graph, group, best_s)
+            how = apply_channel_scale(model.graph, group, best_s)
             smoothed[group.value.name] = {
                 "alpha": best_alpha, "relative_error_before": float(baseline),
                 "relative_error_after": float(best_error), "folded_into": how,
@@ -182,27 +114,10 @@ class SmoothQuant(ir.passes.InPlacePass):
         logger.info("smooth-quant: smoothed %d of %d MatMul inputs", len(smoothed), len(groups))
         return ir.passes.PassResult(model, bool(smoothed))
 
-    def _observe(self, model: ir.Model, groups: list[_Group]) -> None:
-        proto = ir.serde.serialize_model(model)
-        graph_outputs = [o.name for o in proto.graph.output]
-        names = [g.value.name for g in groups]
-        proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in graph_outputs)
-        session = make_session(proto, threads=self.context.config.threads, what="model for smooth-quant", low_memory=True)
-        del proto  # the session has its own copy of the weights
-        runner = ChunkedRunner(session, names, graph_outputs, self.chunk)
-        for index, batch in enumerate(self.context.data.calibration()):
-            if self.batches is not None and index >= self.batches:
-                break
-            for outputs in runner.runs(batch, f"calibration batch {index} (smooth-quant)"):
-                for group, values in zip(groups, outputs):
-                    if values.dtype == np.float32 and values.ndim >= 2 and values.shape[-1] == group.readers[0].weight.shape[0]:
-                        group.observe(values)
-
-
 class _Scorer:
     """Relative output error of one group quantized with smoothing vector s, on the sampled rows."""
 
-    def __init__(self, group: _Group, act_type, symmetric: bool, weight_type, per_channel: bool):
+    def __init__(self, group: Group, act_type, symmetric: bool, weight_type, per_channel: bool):
         self.group = group
         self.x = group.sample
         self.reference = [self.x @ r.weight for r in group.readers]
@@ -233,55 +148,3 @@ class _Scorer:
         return total / self.energy
 
 
-def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    taken = set(graph.initializers) | {o.name for n in graph for o in n.outputs} | {v.name for v in graph.inputs}
-    name, suffix = base, 1
-    while name in taken:
-        name, suffix = f"{base}_{suffix}", suffix + 1
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
-    graph.register_initializer(value)
-    return value
-
-
-def _apply(graph: ir.Graph, group: _Group, s: np.ndarray) -> str:
-    """Rewrite the graph so that the group's MatMuls read X / s with weights diag(s) W."""
-    x = group.value
-    inverse = (1.0 / s).astype(np.float32)
-    producer = x.producer()
-    reader_nodes = {id(r.node) for r in group.readers}
-    only_matmuls = all(id(use.node) in reader_nodes for use in x.uses()) and not x.is_graph_output()
-    gamma = _constant(producer.inputs[1]) if producer is not None and len(producer.inputs) > 1 else None
-    beta = _constant(producer.inputs[2]) if producer is not None and len(producer.inputs) > 2 else None
-    if (
-        producer is not None and producer.op_type == "LayerNormalization" and producer.domain in ("", "ai.onnx")
-        and only_matmuls and gamma is not None and gamma.shape == s.shape
-        and (len(producer.inputs) < 3 or producer.inputs[2] is None or (beta is not None and beta.shape == s.shape))
-    ):
-        # LayerNorm(x) * gamma + beta, divided by s: fold 1/s into gamma and beta.
-        producer.replace_input_with(1, _initializer(graph, f"{x.name}_smoothed_gamma", gamma * inverse))
-        if beta is not None:
-            producer.replace_input_with(2, _initializer(graph, f"{x.name}_smoothed_beta", beta * inverse))
-        smoothed, how = x, "LayerNormalization"
-    else:
-        factor = _initializer(graph, f"{x.name}_smoothing", inverse)
-        node_names = {n.name for n in graph}
-        mul_name, suffix = f"{x.name}_smooth", 1
-        while mul_name in node_names:
-            mul_name, suffix = f"{x.name}_smooth_{suffix}", suffix + 1
-        mul = ir.node("Mul", [x, factor], name=mul_name)
-        smoothed = mul.outputs[0]
-        smoothed.name, smoothed.dtype, smoothed.shape = f"{x.name}_smoothed", ir.DataType.FLOAT, x.shape
-        if producer is not None:
-            graph.insert_after(producer, mul)
-        else:
-            graph.insert_before(next(iter(graph)), mul)
-        how = "Mul"
-    for reader in group.readers:
-        weight = reader.weight * s[:, None]
-        stored = weight.T if reader.transposed else weight
-        old = reader.node.inputs[1]
-        reader.node.replace_input_with(1, _initializer(graph, f"{old.name}_smoothed", np.ascontiguousarray(stored)))
-        if smoothed is not x:
-            reader.node.replace_input_with(0, smoothed)
-    return how

@@ -69,7 +69,7 @@ def test_folds_into_layernorm_when_the_matmul_is_its_only_reader():
 def test_inserts_a_mul_when_the_tensor_has_other_readers_and_keeps_them_exact():
     proto = _layernorm_matmul(residual=True)
     model, context = run_passes(proto, ["smooth-quant"], data=_batches())
-    assert context.records["smooth-quant"]["smoothed"]["h"]["folded_into"] == "Mul"
+    assert context.records["smooth-quant"]["smoothed"]["h"]["folded_into"] == "inserted Mul"
     mul = next(node for node in model.graph if node.op_type == "Mul")
     matmul = next(node for node in model.graph if node.op_type == "MatMul")
     add = next(node for node in model.graph if node.op_type == "Add")
@@ -103,3 +103,21 @@ def test_skips_with_a_reason_when_the_data_can_only_be_read_once():
     model, context = run_passes(proto, ["smooth-quant"], data=iter(_batches()))
     assert "one-shot" in context.records["smooth-quant"]["skipped"]
     assert [node.op_type for node in model.graph] == ["LayerNormalization", "MatMul"]
+
+
+def test_folds_into_a_per_channel_mul_such_as_an_rmsnorm_weight():
+    rng = np.random.default_rng(0)
+    weight = np.ones(HIDDEN, np.float32)
+    weight[list(OUTLIER_CHANNELS)] = 30.0
+    proto = make_model(
+        [helper.make_node("Mul", ["x", "norm_weight"], ["h"], name="rms_weight"),
+         helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, HIDDEN])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, OUT])],
+        [_init("norm_weight", weight), _init("w", rng.normal(0, 0.2, (HIDDEN, OUT)).astype(np.float32))],
+    )
+    model, context = run_passes(proto, ["smooth-quant"], data=_batches())
+    assert context.records["smooth-quant"]["smoothed"]["h"]["folded_into"] == "Mul"
+    assert [node.op_type for node in model.graph] == ["Mul", "MatMul"]
+    for batch in _batches(2, seed=7):
+        np.testing.assert_allclose(_run(model, batch), _run(proto, batch), rtol=1e-4, atol=1e-4)
