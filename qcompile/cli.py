@@ -1,4 +1,4 @@
-"""The ``qcompile`` command line: compile, passes, targets, inspect.
+"""The ``qcompile`` command line: compile, run, passes, targets, inspect.
 
 Exit codes: 0 ok, 2 bad input or usage, 3 accuracy gate failed, 1 an internal error (a bug).
 """
@@ -41,6 +41,7 @@ _CONFIG_FLAGS = {
     "threads": "threads",
     "eval_batches": "eval_batches",
     "pipeline": "pipeline",
+    "allow_fallback": "allow_fallback",
 }
 
 
@@ -72,7 +73,18 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-batches", type=int, help="at most this many evaluation batches (default 8)")
     c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     c.add_argument("--report", help="report path (default: report.json beside the output)")
+    c.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                   help="static shape of an input, for targets that need one (repeatable; default: the first calibration batch's)")
+    c.add_argument("--allow-fallback", action="store_true", default=None,
+                   help="compile even when nodes would run on the CPU provider instead of the target's (reported)")
     c.add_argument("-q", "--quiet", action="store_true", help="no summary, no progress")
+
+    r = sub.add_parser("run", help="run a model on a target's provider; print where each node runs and the outputs")
+    r.add_argument("model")
+    r.add_argument("--target", default="cpu")
+    r.add_argument("--inputs", help=".npz with one array per model input (default: random data of the model's static shapes)")
+    r.add_argument("--allow-fallback", action="store_true", help="let nodes the provider refuses run on the CPU provider")
+    r.add_argument("--nodes", action="store_true", help="list every node with its provider")
 
     sub.add_parser("passes", help="list the passes a pipeline can use")
     sub.add_parser("targets", help="list targets and their rules")
@@ -95,7 +107,22 @@ def _config_from_args(args):
         overrides["pipeline"] = [args.pipeline]
     if args.no_latency:
         overrides["measure_latency"] = False
+    if args.shape:
+        overrides["input_shapes"] = dict(_parse_shape(text) for text in args.shape)
     return resolve_config(args.config, **overrides)
+
+
+def _parse_shape(text: str) -> tuple[str, list[int]]:
+    from qcompile.errors import ConfigError
+
+    name, _, dims = text.rpartition("=")
+    try:
+        shape = [int(d) for d in dims.lower().split("x")]
+    except ValueError:
+        shape = []
+    if not name or not shape or any(d <= 0 for d in shape):
+        raise ConfigError(f"--shape {text!r} must be NAME=DIMxDIM..., e.g. --shape input=1x3x224x224.")
+    return name, shape
 
 
 def _cmd_compile(args) -> int:
@@ -146,20 +173,82 @@ def _cmd_passes(args) -> int:
 
 
 def _cmd_targets(args) -> int:
-    import onnxruntime
-
     from qcompile.backends import available_targets
+    from qcompile.providers import provider_status
 
-    available = set(onnxruntime.get_available_providers())
     for target in available_targets().values():
-        installed = all(p in available for p in target.providers)
         print(f"{target.name}: {target.description}")
-        print(f"  providers: {', '.join(target.providers)} ({'installed' if installed else 'NOT installed: ' + target.install_hint})")
+        for status in map(provider_status, target.providers):
+            state = f"installed, {status.how}" if status.installed else f"NOT installed here: {status.how}"
+            hint = f"; {target.install_hint}" if not status.installed and target.install_hint else ""
+            print(f"  provider: {status.name} ({state}{hint})")
         print(f"  activations: {', '.join(target.activation_types)} (default {target.default_activation_type}, "
               f"{'symmetric' if target.activation_symmetric else 'asymmetric'}); weights: {', '.join(target.weight_types)} "
               f"({'per channel' if target.weight_per_channel else 'per tensor'}, symmetric)")
         print(f"  quantized ops: {', '.join(sorted(target.rules))}")
+        if target.quantize_all:
+            print("  plan: every listed op is quantized wherever its inputs can be (nothing left in float between them)")
+        fixed = target.summary()["fixed_output_encodings"]
+        if fixed:
+            print("  fixed output encodings: " + "; ".join(
+                f"{op} " + ", ".join(f"{t} scale {s:.6g} zp {z}" for t, (s, z) in encodings.items())
+                for op, encodings in fixed.items()))
     return 0
+
+
+def _cmd_run(args) -> int:
+    import numpy as np
+
+    from qcompile.backends import get_target
+    from qcompile.errors import ModelError
+    from qcompile.providers import open_session, placement, placement_summary
+
+    target = get_target(args.target)
+    if not Path(args.model).is_file():
+        raise ModelError(f"Model file {args.model!r} does not exist.")
+    session = open_session(args.model, target, allow_fallback=args.allow_fallback)
+    rows = placement(session)
+    summary = placement_summary(rows, target.providers[0])
+    print(f"{args.model} on {target.name}: {summary['on_provider']} of {summary['nodes']} nodes on {summary['provider']}"
+          + "".join(f", {count} on {name}" for name, count in summary["by_provider"].items() if name != summary["provider"]))
+    for row in rows if args.nodes else summary["off_provider"]:
+        print(f"  {row['provider']:28s} {row['op_type']:20s} {row['name']}")
+    feed = _run_inputs(args.inputs, session, np)
+    outputs = session.run(None, feed)
+    for meta, value in zip(session.get_outputs(), outputs):
+        value = np.asarray(value)
+        stats = (f", min {value.min():.6g}, max {value.max():.6g}, mean {value.mean():.6g}"
+                 if value.size and np.issubdtype(value.dtype, np.number) else "")
+        print(f"  output {meta.name}: {value.dtype} {list(value.shape)}{stats}")
+    return 0
+
+
+def _run_inputs(path: str | None, session, np) -> dict:
+    from qcompile.errors import CalibrationDataError
+
+    inputs = session.get_inputs()
+    if path is None:
+        # No inputs given: random data of the model's shapes (the placement is the point).
+        rng = np.random.default_rng(0)
+        feed = {}
+        for meta in inputs:
+            if not all(isinstance(d, int) for d in meta.shape):
+                raise CalibrationDataError(
+                    f"Input {meta.name!r} has dynamic shape {meta.shape}; pass --inputs sample.npz with its arrays."
+                )
+            name = meta.type[len("tensor("):-1]
+            dtype = np.dtype({"float": "float32", "double": "float64"}.get(name, name))
+            feed[meta.name] = (rng.normal(size=meta.shape) if dtype.kind == "f" else np.zeros(meta.shape)).astype(dtype)
+        return feed
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feed = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as error:
+        raise CalibrationDataError(f"Cannot read --inputs {path!r}: {error}. Write it with numpy.savez.") from None
+    missing = [meta.name for meta in inputs if meta.name not in feed]
+    if missing:
+        raise CalibrationDataError(f"--inputs {path!r} lacks {', '.join(missing)}; its arrays are: {', '.join(feed)}.")
+    return {meta.name: feed[meta.name] for meta in inputs}
 
 
 def _cmd_inspect(args) -> int:
@@ -216,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    commands = {"compile": _cmd_compile, "passes": _cmd_passes, "targets": _cmd_targets, "inspect": _cmd_inspect}
+    commands = {"compile": _cmd_compile, "run": _cmd_run, "passes": _cmd_passes, "targets": _cmd_targets,
+                "inspect": _cmd_inspect}
     try:
         return commands[args.command](args)
     except QcompileError as error:

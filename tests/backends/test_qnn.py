@@ -1,0 +1,140 @@
+"""qnn-htp on the real provider: onnxruntime-qnn's HTP simulator, CPU fallback disabled.
+
+Every test here compiles for qnn-htp and runs the result on QNNExecutionProvider; the module is
+skipped where onnxruntime-qnn is not installed (it has wheels for x86-64 Linux and Windows).
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from tiny_models import cnn_batches, make_model, tiny_cnn, tiny_transformer, transformer_batches
+
+pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn is not installed (pip install onnxruntime-qnn)")
+
+import qcompile  # noqa: E402
+from qcompile.backends import get_target  # noqa: E402
+from qcompile.cli import main  # noqa: E402
+from qcompile.errors import PlacementError, ProviderError  # noqa: E402
+from qcompile.providers import open_session, placement, provider_status  # noqa: E402
+
+QNN = "QNNExecutionProvider"
+CONFIG = {"measure_latency": False}
+
+
+def _sqnr(reference, candidate):
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    return 10 * np.log10((reference**2).sum() / ((reference - candidate) ** 2).sum())
+
+
+@pytest.fixture(scope="module")
+def cnn_result():
+    return qcompile.compile(tiny_cnn(), cnn_batches(6), target="qnn-htp", config=CONFIG)
+
+
+@pytest.fixture(scope="module")
+def transformer_result():
+    return qcompile.compile(tiny_transformer(), transformer_batches(6), target="qnn-htp", config=CONFIG)
+
+
+def test_provider_is_discovered_as_a_plugin():
+    status = provider_status(QNN)
+    assert status.installed and "onnxruntime-qnn" in status.how
+    assert provider_status(QNN) == status  # registering again is harmless
+
+
+def test_cnn_runs_entirely_on_qnn_within_one_step_of_the_cpu_reference(cnn_result):
+    verification = cnn_result.report.verification
+    placed = verification["placement"]
+    assert placed["nodes"] > 0 and placed["on_provider"] == placed["nodes"] and not placed["off_provider"]
+    assert verification["float_compute_nodes"] == []
+    fidelity = verification["fidelity"]["outputs"]["logits"]
+    assert fidelity["within_1_step"] >= 0.999
+    assert fidelity["max_diff_steps"] <= 2
+    # The report records the shapes it fixed.
+    assert cnn_result.report.transformations["fix-shapes"]["inputs"]["x"]["to"] == [4, 3, 16, 16]
+
+
+def test_cnn_placement_and_outputs_checked_independently(cnn_result):
+    """Our own session on the saved model: every node on QNN, outputs as the CPU provider's."""
+    proto = cnn_result.to_proto()
+    session = open_session(proto, get_target("qnn-htp"))
+    assert {row["provider"] for row in placement(session)} == {QNN}
+    batch = cnn_batches(1, seed=7)[0]
+    reference = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, batch)[0]
+    got = session.run(None, batch)[0]
+    step = next(float(numpy_helper.to_array(t)) for t in proto.graph.initializer if t.name == "logits_scale")
+    assert np.mean(np.abs(got - reference) <= step * 1.001) >= 0.999
+
+
+def test_transformer_block_runs_entirely_on_qnn(transformer_result):
+    verification = transformer_result.report.verification
+    placed = verification["placement"]
+    assert placed["on_provider"] == placed["nodes"] and not placed["off_provider"]
+    # Only the float32-min attention mask and what reads it stay float (a sentinel has no grid).
+    floats = {n["op_type"] for n in verification["float_compute_nodes"]}
+    assert floats <= {"Mul", "Add", "Softmax"}
+    fidelity = verification["fidelity"]["outputs"]["y"]
+    assert fidelity["within_1_step"] >= 0.7 and fidelity["max_diff_steps"] <= 8
+
+
+def test_transformer_block_on_qnn_is_as_close_to_float_as_the_cpu_reference(transformer_result):
+    """HTP's Softmax, Gelu and LayerNorm round differently from the CPU provider (up to a few
+    steps per op), but the result is as accurate: its SQNR against float matches the CPU's."""
+    proto = transformer_result.to_proto()
+    batches = transformer_batches(2, seed=5)
+    float_session = ort.InferenceSession(tiny_transformer().SerializeToString(), providers=["CPUExecutionProvider"])
+    cpu = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    qnn = open_session(proto, get_target("qnn-htp"))
+    for batch in batches:
+        expected = float_session.run(None, batch)[0]
+        assert _sqnr(expected, qnn.run(None, batch)[0]) > _sqnr(expected, cpu.run(None, batch)[0]) - 1.5
+
+
+def _erf_model():
+    """A standalone Erf (not part of a GELU): QNN has no Erf."""
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32), "w")
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("Erf", ["h"], ["e"], name="lonely_erf"),
+         helper.make_node("MatMul", ["e", "w"], ["y"], name="mm2")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [w],
+    )
+
+
+def test_unsupported_op_is_refused_with_the_node_named():
+    data = [{"x": np.random.default_rng(i).normal(size=(2, 8)).astype(np.float32)} for i in range(3)]
+    with pytest.raises(PlacementError, match="lonely_erf") as error:
+        qcompile.compile(_erf_model(), data, target="qnn-htp", config=CONFIG)
+    assert "allow_fallback" in str(error.value)
+    # Allowed explicitly: it compiles, and the report names what fell back.
+    result = qcompile.compile(_erf_model(), data, target="qnn-htp", config={**CONFIG, "allow_fallback": True})
+    off = result.report.verification["placement"]["off_provider"]
+    assert "lonely_erf" in {row["name"] for row in off}
+    assert {row["provider"] for row in off} == {"CPUExecutionProvider"}
+
+
+def test_missing_provider_says_what_to_install():
+    target = dataclasses.replace(get_target("qnn-htp"), providers=("NoSuchExecutionProvider",),
+                                 install_hint="pip install no-such-provider")
+    with pytest.raises(ProviderError, match="pip install no-such-provider"):
+        open_session(tiny_cnn(batch=1), target)
+
+
+def test_cli_targets_and_run(cnn_result, tmp_path, capsys):
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    assert "qnn-htp:" in out and f"provider: {QNN} (installed, plugin from onnxruntime-qnn" in out
+    model = tmp_path / "model.qnn.onnx"
+    onnx.save(cnn_result.to_proto(), str(model))
+    sample = tmp_path / "sample.npz"
+    np.savez(sample, **cnn_batches(1, seed=3)[0])
+    assert main(["run", str(model), "--target", "qnn-htp", "--inputs", str(sample)]) == 0
+    out = capsys.readouterr().out
+    on, total = re.search(rf"(\d+) of (\d+) nodes on {QNN}", out).groups()
+    assert on == total and "output logits: float32 [4, 10]" in out
