@@ -33,6 +33,7 @@ from qcompile.passes.calibration import DEFAULT_CHUNK, ChunkedRunner
 from qcompile.passes.registry import register_pass
 
 from qcompile.errors import CalibrationDataError, ConfigError
+from qcompile.qparams import dequantize, quant_type, quantize, weight_qparams
 from qcompile.runtime import make_session
 
 logger = logging.getLogger(__name__)
@@ -191,18 +192,24 @@ class QuantizeWeights(ir.passes.InPlacePass):
     Requires: calibration data (re-readable) when ``method=gptq``. Guarantees: every MatMul with a
     constant 2-D weight (or the transpose of one: a tied lm_head) reads it through a 4/8-bit
     ``MatMulNBits`` or blocked ``DequantizeLinear``; block size ``block`` along the input channels
-    (0: one block per output channel), symmetric or asymmetric; the report lists each weight with
-    its method and relative weight error, and any MatMul left float with the reason.
+    (0: one block per output channel), symmetric or asymmetric. The head (a MatMul whose output is
+    a graph output) uses ``head_bits`` when given, and embedding tables (Gather from a constant
+    table of >= 4096 values) are stored as int8 with one scale per row unless ``embedding_bits=0``.
+    The report lists each weight with its method and relative weight error, and any MatMul left
+    float with the reason.
     """
 
     def __init__(
         self, context, *, bits: int = 4, block: int = 128, symmetric: bool = True, method: str = "rtn",
         form: str = "matmulnbits", damp: float = 0.01, act_order: bool = True, accuracy_level: int = 0,
-        chunk: int = DEFAULT_CHUNK,
+        head_bits: int | None = None, embedding_bits: int = 8, chunk: int = DEFAULT_CHUNK,
     ):
         super().__init__()
-        if bits not in (4, 8):
-            raise ConfigError(f"quantize-weights: bits must be 4 or 8, got {bits}.")
+        for name, value in (("bits", bits), ("head_bits", head_bits)):
+            if value is not None and value not in (4, 8):
+                raise ConfigError(f"quantize-weights: {name} must be 4 or 8, got {value}.")
+        if embedding_bits not in (0, 8):
+            raise ConfigError(f"quantize-weights: embedding_bits must be 8 (int8, one scale per row) or 0 (float), got {embedding_bits}.")
         if method not in _METHODS:
             raise ConfigError(f"quantize-weights: method must be one of {', '.join(_METHODS)}, got {method!r}.")
         if form not in _FORMS:
@@ -214,6 +221,7 @@ class QuantizeWeights(ir.passes.InPlacePass):
         self.context = context
         self.bits, self.block, self.symmetric, self.method, self.form = bits, block, symmetric, method, form
         self.damp, self.act_order, self.accuracy_level, self.chunk = damp, act_order, accuracy_level, chunk
+        self.head_bits, self.embedding_bits = head_bits, embedding_bits
 
     def requires(self, model: ir.Model) -> None:
         if self.method == "gptq" and (self.context.data is None or not self.context.data.rereadable):
@@ -229,24 +237,28 @@ class QuantizeWeights(ir.passes.InPlacePass):
         for weight in weights:
             w_t = np.ascontiguousarray(weight.weight.T)
             block = self.block or w_t.shape[1]
+            is_head = weight.node.outputs[0].is_graph_output()
+            bits = self.head_bits if is_head and self.head_bits is not None else self.bits
             hessian = hessians.get(weight.node.inputs[0].name)
             if hessian is not None:
-                quantized = quantize_gptq(w_t, hessian, self.bits, block, self.symmetric, damp=self.damp, act_order=self.act_order)
+                quantized = quantize_gptq(w_t, hessian, bits, block, self.symmetric, damp=self.damp, act_order=self.act_order)
             else:
-                quantized = quantize_rtn(w_t, self.bits, block, self.symmetric)
+                quantized = quantize_rtn(w_t, bits, block, self.symmetric)
             error = float(np.linalg.norm(quantized.dequantize() - w_t) / max(np.linalg.norm(w_t), 1e-12))
             (self._emit_matmulnbits if self.form == "matmulnbits" else self._emit_dq)(model.graph, weight, quantized)
             records[weight.node.name] = {
-                "weight": weight.source, "shape": list(weight.weight.shape), "bits": self.bits, "block": block,
+                "weight": weight.source, "shape": list(weight.weight.shape), "bits": bits, "block": block,
                 "method": "gptq" if hessian is not None else "rtn", "relative_weight_error": round(error, 5),
+                **({"head": True} if is_head else {}),
             }
+        tables = _quantize_tables(model.graph) if self.embedding_bits else {}
         left = {
             node.name: "second input is not a constant 2-D float32 weight"
             for node in model.graph if node.op_type == "MatMul" and node.name not in records
         }
-        self.context.records["quantize-weights"] = {"form": self.form, "weights": records, "left_float": left}
+        self.context.records["quantize-weights"] = {"form": self.form, "weights": records, "tables": tables, "left_float": left}
         logger.info("quantize-weights: %d MatMul weights at %d bits (%s), %d left float", len(records), self.bits, self.method, len(left))
-        return ir.passes.PassResult(model, bool(records))
+        return ir.passes.PassResult(model, bool(records or tables))
 
     # ----- GPTQ statistics -----
     def _hessians(self, model: ir.Model, weights: list[_Weight]) -> dict[str, np.ndarray]:
@@ -272,19 +284,19 @@ class QuantizeWeights(ir.passes.InPlacePass):
         blocks = q.scales.shape[1]
         padded = np.zeros((n, blocks * q.block), dtype=np.uint8)
         padded[:, :k] = q.codes
-        if self.bits == 4:
+        if q.bits == 4:
             packed = pack_4bit(padded).reshape(n, blocks, q.block // 2)
         else:
             packed = padded.reshape(n, blocks, q.block)
-        base = weight.source.split(" ")[0]
-        inputs = [weight.node.inputs[0], _constant(graph, f"{base}_q{self.bits}", packed),
+        base = weight.source.replace(" (transposed)", "_transposed")
+        inputs = [weight.node.inputs[0], _constant(graph, f"{base}_q{q.bits}", packed),
                   _constant(graph, f"{base}_scales", q.scales.reshape(-1))]
         if not self.symmetric:
-            zero_points = pack_4bit(q.zero_points).reshape(-1) if self.bits == 4 else q.zero_points.reshape(-1)
+            zero_points = pack_4bit(q.zero_points).reshape(-1) if q.bits == 4 else q.zero_points.reshape(-1)
             inputs.append(_constant(graph, f"{base}_zero_points", zero_points))
         node = ir.node(
             "MatMulNBits", inputs, domain="com.microsoft", name=weight.node.name,
-            attributes={"K": k, "N": n, "bits": self.bits, "block_size": q.block, "accuracy_level": self.accuracy_level},
+            attributes={"K": k, "N": n, "bits": q.bits, "block_size": q.block, "accuracy_level": self.accuracy_level},
         )
         _replace(graph, weight.node, node)
         if "com.microsoft" not in graph.opset_imports:
@@ -293,11 +305,11 @@ class QuantizeWeights(ir.passes.InPlacePass):
     def _emit_dq(self, graph: ir.Graph, weight: _Weight, q: BlockQuantized) -> None:
         # DequantizeLinear (opset 21) blocked along axis 0 of the [K, N] weight.
         signed = self.symmetric
-        offset = 2 ** (self.bits - 1) if signed else 0
-        storage = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}[(self.bits, signed)]
+        offset = 2 ** (q.bits - 1) if signed else 0
+        storage = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}[(q.bits, signed)]
         values = (q.codes.astype(np.int16) - offset).T.astype(storage)  # [K, N]
-        base = weight.source.split(" ")[0]
-        inputs = [_constant(graph, f"{base}_q{self.bits}", values), _constant(graph, f"{base}_scales", np.ascontiguousarray(q.scales.T))]
+        base = weight.source.replace(" (transposed)", "_transposed")
+        inputs = [_constant(graph, f"{base}_q{q.bits}", values), _constant(graph, f"{base}_scales", np.ascontiguousarray(q.scales.T))]
         if not signed:
             inputs.append(_constant(graph, f"{base}_zero_points", np.ascontiguousarray(q.zero_points.T).astype(storage)))
         dq = ir.node("DequantizeLinear", inputs, attributes={"axis": 0, "block_size": q.block}, name=f"{weight.node.name}_DequantizeLinear")
@@ -307,6 +319,37 @@ class QuantizeWeights(ir.passes.InPlacePass):
         weight.node.replace_input_with(1, dq.outputs[0])
         if graph.opset_imports.get("", 0) < 21:
             graph.opset_imports[""] = 21
+
+
+# Lookup tables smaller than this stay float: the saving would not pay for a DequantizeLinear.
+_TABLE_MIN_SIZE = 4096
+
+
+def _quantize_tables(graph: ir.Graph) -> dict[str, dict]:
+    """Gather tables (embeddings) -> int8, one symmetric scale per row, through a DequantizeLinear."""
+    records = {}
+    for node in list(graph):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+            continue
+        table = node.inputs[0]
+        axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+        if table is None or table.const_value is None or table.is_graph_input() or axis != 0:
+            continue
+        array = table.const_value.numpy()
+        if array.dtype != np.float32 or array.ndim != 2 or array.size < _TABLE_MIN_SIZE:
+            continue
+        int8 = quant_type("int8")
+        scale, zero_point = weight_qparams(array, 0, int8)
+        codes = quantize(array, scale, zero_point, int8, 0)
+        inputs = [_constant(graph, f"{table.name}_q8", codes), _constant(graph, f"{table.name}_row_scales", scale)]
+        dq = ir.node("DequantizeLinear", inputs, attributes={"axis": 0}, name=f"{node.name}_table_DequantizeLinear")
+        dq.outputs[0].name = f"{table.name}_dequantized"
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(array.shape))
+        graph.insert_before(node, dq)
+        node.replace_input_with(0, dq.outputs[0])
+        error = np.linalg.norm(dequantize(codes, scale, zero_point, 0) - array) / max(np.linalg.norm(array), 1e-12)
+        records[node.name] = {"table": table.name, "shape": list(array.shape), "bits": 8, "relative_weight_error": round(float(error), 5)}
+    return records
 
 
 def _constant(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:

@@ -24,6 +24,7 @@ from qcompile.errors import AccuracyGateError, ConfigError, OutputError
 from qcompile.evaluate import compare_outputs, measure_latency
 from qcompile.loader import describe_source, load_model
 from qcompile.pipeline import format_pipeline, parse_pipeline, run_pipeline
+from qcompile.recipes import pipeline_for
 from qcompile.report import Report
 from qcompile.runtime import make_session
 
@@ -159,7 +160,7 @@ def compile(  # noqa: A001  (the verb users expect: qcompile.compile)
     config = resolve_config(config, target=target)
     target_spec = get_target(config.target)
     float_model = load_model(model, example_inputs, dynamic_shapes)
-    specs = parse_pipeline(config.pipeline or list(target_spec.default_pipeline))
+    specs = parse_pipeline(pipeline_for(config.pipeline, config.recipe, target_spec))
     float_proto = ir.serde.serialize_model(float_model)
     inputs = input_specs(float_model)
     data = None

@@ -26,6 +26,8 @@ class CompileConfig:
     target: str = "cpu"
     # Pipeline: pass names with options, e.g. ["shape-inference", "calibrate(method=percentile)"].
     pipeline: list[str] | None = None
+    # Or a named pipeline (qcompile.recipes): llm-int4, llm-int8-weight, llm-w8a8.
+    recipe: str | None = None
     activation_type: str | None = None
     weight_type: str | None = None
     activation_symmetric: bool | None = None

@@ -135,3 +135,32 @@ def transformer_batches(count: int, batch: int = 2, seq: int = 8, hidden: int = 
         mask[0, seq - 3 :] = 0  # padding in the first sequence
         batches.append({"x": rng.normal(0, 1, (batch, seq, hidden)).astype(np.float32), "attention_mask": mask})
     return batches
+
+
+# tiny_lm: vocabulary x hidden = 4096 values, enough for the embedding to be stored as int8.
+VOCAB, LM_HIDDEN, LM_FFN = 128, 32, 64
+
+
+def tiny_lm(seed: int = 0) -> onnx.ModelProto:
+    """ids -> embedding -> up (MatMul) -> Relu -> down (MatMul) + residual -> tied lm_head
+    (MatMul with the transposed embedding), the shape of a one-layer language model."""
+    rng = np.random.default_rng(seed)
+    return make_model(
+        [
+            helper.make_node("Gather", ["embedding", "ids"], ["h"], name="embed"),
+            helper.make_node("MatMul", ["h", "w_up"], ["u"], name="up"),
+            helper.make_node("Relu", ["u"], ["r"], name="act"),
+            helper.make_node("MatMul", ["r", "w_down"], ["d"], name="down"),
+            helper.make_node("Add", ["h", "d"], ["s"], name="residual"),
+            helper.make_node("Transpose", ["embedding"], ["embedding_t"], name="tie", perm=[1, 0]),
+            helper.make_node("MatMul", ["s", "embedding_t"], ["logits"], name="lm_head"),
+        ],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "T"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "T", VOCAB])],
+        [
+            _init("embedding", rng.normal(0, 1, (VOCAB, LM_HIDDEN)).astype(np.float32)),
+            _init("w_up", rng.normal(0, 0.2, (LM_HIDDEN, LM_FFN)).astype(np.float32)),
+            _init("w_down", rng.normal(0, 0.2, (LM_FFN, LM_HIDDEN)).astype(np.float32)),
+        ],
+        opset=21,
+    )

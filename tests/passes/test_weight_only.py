@@ -9,36 +9,9 @@ import qcompile.passes.weight_only  # noqa: F401  (registers the pass)
 from conftest import run_passes
 from onnx import TensorProto, helper
 from qcompile.passes.weight_only import pack_4bit, quantize_gptq, quantize_rtn
-from tiny_models import _init, make_model
+from tiny_models import VOCAB, _init, make_model, tiny_lm
 
 from qcompile.errors import ConfigError
-
-VOCAB, HIDDEN, FFN = 64, 32, 64
-
-
-def _tiny_lm(seed=0):
-    """ids -> embedding -> up (MatMul) -> Relu -> down (MatMul) + residual -> tied lm_head
-    (MatMul with the transposed embedding), the shape of a one-layer language model."""
-    rng = np.random.default_rng(seed)
-    return make_model(
-        [
-            helper.make_node("Gather", ["embedding", "ids"], ["h"], name="embed"),
-            helper.make_node("MatMul", ["h", "w_up"], ["u"], name="up"),
-            helper.make_node("Relu", ["u"], ["r"], name="act"),
-            helper.make_node("MatMul", ["r", "w_down"], ["d"], name="down"),
-            helper.make_node("Add", ["h", "d"], ["s"], name="residual"),
-            helper.make_node("Transpose", ["embedding"], ["embedding_t"], name="tie", perm=[1, 0]),
-            helper.make_node("MatMul", ["s", "embedding_t"], ["logits"], name="lm_head"),
-        ],
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "T"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "T", VOCAB])],
-        [
-            _init("embedding", rng.normal(0, 1, (VOCAB, HIDDEN)).astype(np.float32)),
-            _init("w_up", rng.normal(0, 0.2, (HIDDEN, FFN)).astype(np.float32)),
-            _init("w_down", rng.normal(0, 0.2, (FFN, HIDDEN)).astype(np.float32)),
-        ],
-        opset=21,
-    )
 
 
 def _ids(count=4, seed=1):
@@ -111,14 +84,14 @@ def test_gptq_keeps_the_block_layout_and_code_range():
 
 
 def test_every_matmul_including_the_tied_lm_head_is_quantized_with_gptq():
-    model, context = run_passes(_tiny_lm(), ["quantize-weights(bits=4, block=16, method=gptq)", "remove-unused"], data=_ids())
+    model, context = run_passes(tiny_lm(), ["quantize-weights(bits=4, block=16, method=gptq)", "remove-unused"], data=_ids())
     records = context.records["quantize-weights"]
     assert set(records["weights"]) == {"up", "down", "lm_head"} and records["left_float"] == {}
     assert records["weights"]["lm_head"]["weight"] == "embedding (transposed)"
     assert all(r["method"] == "gptq" for r in records["weights"].values())
     assert [n.op_type for n in model.graph].count("MatMulNBits") == 3
     feed = _ids(1, seed=9)[0]
-    reference, quantized = _run(_tiny_lm(), feed), _run(model, feed)
+    reference, quantized = _run(tiny_lm(), feed), _run(model, feed)
     assert np.corrcoef(reference.ravel(), quantized.ravel())[0, 1] > 0.99
 
 
@@ -126,10 +99,24 @@ def test_gptq_without_rereadable_data_is_a_clear_error():
     from qcompile.errors import CalibrationDataError
 
     with pytest.raises(CalibrationDataError, match="method=rtn"):
-        run_passes(_tiny_lm(), ["quantize-weights(method=gptq)"], data=iter(_ids()))
+        run_passes(tiny_lm(), ["quantize-weights(method=gptq)"], data=iter(_ids()))
 
 
 @pytest.mark.parametrize("options", ["bits=3", "block=48", "method=awq", "block=0, form=matmulnbits"])
 def test_bad_options_are_config_errors(options):
     with pytest.raises(ConfigError):
-        run_passes(_tiny_lm(), [f"quantize-weights({options})"])
+        run_passes(tiny_lm(), [f"quantize-weights({options})"])
+
+
+def test_the_head_can_keep_more_bits_and_the_embedding_is_int8_per_row():
+    model, context = run_passes(tiny_lm(), ["quantize-weights(bits=4, block=16, head_bits=8)", "remove-unused"])
+    records = context.records["quantize-weights"]
+    assert records["weights"]["lm_head"]["bits"] == 8 and records["weights"]["lm_head"]["head"]
+    assert records["weights"]["up"]["bits"] == 4
+    assert records["tables"]["embed"]["bits"] == 8
+    assert "embedding" not in model.graph.initializers  # neither the table nor the tied head keeps a float copy
+    gather = next(n for n in model.graph if n.op_type == "Gather")
+    assert gather.inputs[0].producer().inputs[0].const_value.dtype == ir.DataType.INT8
+    feed = _ids(1, seed=9)[0]
+    reference, quantized = _run(tiny_lm(), feed), _run(model, feed)
+    assert np.corrcoef(reference.ravel(), quantized.ravel())[0, 1] > 0.99

@@ -1,0 +1,40 @@
+"""Recipes: named pipelines for common jobs, expanded to ordinary pass lists (``--print-pipeline``).
+
+A recipe is data, like a target's default pipeline: choosing one changes which passes run, never
+code inside a pass. ``pipeline_for`` is the one place that decides which pipeline a run uses.
+"""
+
+from __future__ import annotations
+
+__all__ = ["RECIPES", "pipeline_for"]
+
+from qcompile.backends.base import Target
+from qcompile.errors import ConfigError
+
+_PREPARE = ("fix-names", "shape-inference", "lift-constants", "fold-constants", "remove-identity",
+            "remove-unused", "topological-sort")
+_FINISH = ("remove-unused", "strip-metadata", "check-model")
+
+RECIPES: dict[str, tuple[str, ...]] = {
+    # Language models, weights only: 4-bit blocks of 128 (AWQ scaling, then GPTQ rounding); the head
+    # (lm_head, tied or not) at 8 bits and the embedding table int8 per row.
+    "llm-int4": (*_PREPARE, "awq-scale(bits=4, block=128)",
+                 "quantize-weights(bits=4, block=128, method=gptq, head_bits=8)", *_FINISH),
+    # Weights only at 8 bits (blocks of 128, round to nearest): near-lossless, half the size of fp16.
+    "llm-int8-weight": (*_PREPARE, "quantize-weights(bits=8, block=128)", *_FINISH),
+    # Static W8A8 with SmoothQuant: the target's own pipeline, which includes smooth-quant.
+    "llm-w8a8": (),
+}
+
+
+def pipeline_for(pipeline: list[str] | None, recipe: str | None, target: Target) -> list[str]:
+    """The pipeline a run uses: an explicit one, else the recipe's, else the target's default."""
+    if pipeline and recipe:
+        raise ConfigError("Give a pipeline or a recipe, not both: a recipe is a named pipeline.")
+    if pipeline:
+        return list(pipeline)
+    if recipe is None:
+        return list(target.default_pipeline)
+    if recipe not in RECIPES:
+        raise ConfigError(f"Unknown recipe {recipe!r}. Known recipes: {', '.join(RECIPES)}.")
+    return list(RECIPES[recipe] or target.default_pipeline)

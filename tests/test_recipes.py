@@ -1,0 +1,47 @@
+"""Recipes expand to ordinary pipelines; llm-int4 compiles a tiny language model end to end."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from qcompile.backends import get_target
+from tiny_models import VOCAB, tiny_lm
+
+import qcompile
+from qcompile.errors import ConfigError
+from qcompile.recipes import RECIPES, pipeline_for
+
+
+def _ids(count, seed=1):
+    rng = np.random.default_rng(seed)
+    return [{"ids": rng.integers(0, VOCAB, (2, 16)).astype(np.int64)} for _ in range(count)]
+
+
+def test_llm_int4_compiles_every_weight_and_reports_it(tmp_path):
+    result = qcompile.compile(tiny_lm(), _ids(6), config={"recipe": "llm-int4", "measure_latency": False})
+    report = result.report.to_dict()
+    assert report["pipeline"] == ",".join(RECIPES["llm-int4"]).replace(", ", ",")
+    weights = report["transformations"]["quantize-weights"]
+    assert {r["bits"] for name, r in weights["weights"].items() if name != "lm_head"} == {4}
+    assert weights["weights"]["lm_head"]["bits"] == 8 and weights["left_float"] == {}
+    assert set(weights["tables"]) == {"embed"}
+    path = tmp_path / "lm.int4.onnx"
+    result.save(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert sum(n.op_type == "MatMulNBits" for n in onnx.load(str(path)).graph.node) == 3
+    assert session.run(None, _ids(1, seed=4)[0])[0].shape == (2, 16, VOCAB)
+
+
+def test_a_recipe_and_a_pipeline_together_are_refused():
+    with pytest.raises(ConfigError, match="not both"):
+        pipeline_for(["fix-names"], "llm-int4", get_target("cpu"))
+
+
+def test_unknown_recipe_names_the_known_ones():
+    with pytest.raises(ConfigError, match="llm-int4"):
+        pipeline_for(None, "llm-int3", get_target("cpu"))
+
+
+def test_w8a8_is_the_targets_pipeline_with_smooth_quant():
+    pipeline = pipeline_for(None, "llm-w8a8", get_target("cpu"))
+    assert "smooth-quant" in pipeline and "calibrate" in pipeline
