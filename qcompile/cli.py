@@ -41,6 +41,7 @@ _CONFIG_FLAGS = {
     "threads": "threads",
     "eval_batches": "eval_batches",
     "pipeline": "pipeline",
+    "recipe": "recipe",
     "allow_fallback": "allow_fallback",
 }
 
@@ -58,6 +59,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="qcompile.toml with CompileConfig keys")
     c.add_argument("--target", help="target name (`qcompile targets`); default cpu")
     c.add_argument("--pipeline", help="comma-separated passes with options, e.g. 'fix-names,calibrate(method=mse)'")
+    c.add_argument("--recipe", help="a named pipeline: llm-int4, llm-int8-weight, llm-w8a8 (see --print-pipeline)")
     c.add_argument("--print-pipeline", action="store_true", help="print the pipeline this run would use and exit")
     c.add_argument("--dump-after", action="append", default=[], metavar="PASS", help="save the model after PASS (or 'all'); repeatable")
     c.add_argument("--dump-dir", help="where --dump-after writes (default: OUTPUT.dumps/)")
@@ -130,11 +132,12 @@ def _cmd_compile(args) -> int:
     from qcompile.api import write_text_atomically
     from qcompile.backends import get_target
     from qcompile.pipeline import format_pipeline, parse_pipeline
+    from qcompile.recipes import pipeline_for
 
     config = _config_from_args(args)
     if args.print_pipeline:
         target = get_target(config.target)
-        print(format_pipeline(parse_pipeline(config.pipeline or list(target.default_pipeline))))
+        print(format_pipeline(parse_pipeline(pipeline_for(config.pipeline, config.recipe, target))))
         return 0
     model_path = Path(args.model)
     output = Path(args.output) if args.output else model_path.with_suffix(f".{config.target}.onnx")

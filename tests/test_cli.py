@@ -68,6 +68,16 @@ def test_print_pipeline_round_trips(model_path, capsys):
     assert capsys.readouterr().out.strip() == printed
 
 
+def test_a_recipe_prints_as_an_ordinary_pipeline(model_path, capsys):
+    """--recipe llm-int4 expands to passes with options that --pipeline accepts back unchanged."""
+    assert main(["compile", str(model_path), "--recipe", "llm-int4", "--print-pipeline"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert "awq-scale(" in printed and "quantize-weights(" in printed and "method=gptq" in printed
+    assert main(["compile", str(model_path), "--pipeline", printed, "--print-pipeline"]) == 0
+    assert capsys.readouterr().out.strip() == printed
+    assert main(["compile", str(model_path), "--recipe", "llm-int3", "--print-pipeline"]) == 2
+
+
 def test_print_pipeline_round_trips_with_options(model_path, capsys):
     """Pass options survive the print -> --pipeline -> print round trip."""
     pipeline = "shape-inference,plan-quantization,calibrate(method=percentile,percentile=99.9),insert-qdq"
