@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from qcompile.passes.calibration import DEFAULT_CHUNK, ChunkedRunner
+from qcompile.passes.qdq_insertion import Namer, dequantize_after_lookup
 from qcompile.passes.registry import register_pass
 
 from qcompile.errors import CalibrationDataError, ConfigError
@@ -245,7 +246,10 @@ class QuantizeWeights(ir.passes.InPlacePass):
             else:
                 quantized = quantize_rtn(w_t, bits, block, self.symmetric)
             error = float(np.linalg.norm(quantized.dequantize() - w_t) / max(np.linalg.norm(w_t), 1e-12))
+            old_weight = weight.node.inputs[1]
             (self._emit_matmulnbits if self.form == "matmulnbits" else self._emit_dq)(model.graph, weight, quantized)
+            if old_weight.producer() is not None and not old_weight.uses():
+                model.graph.remove(old_weight.producer(), safe=True)  # the tied head's Transpose
             records[weight.node.name] = {
                 "weight": weight.source, "shape": list(weight.weight.shape), "bits": bits, "block": block,
                 "method": "gptq" if hessian is not None else "rtn", "relative_weight_error": round(error, 5),
@@ -326,14 +330,15 @@ _TABLE_MIN_SIZE = 4096
 
 
 def _quantize_tables(graph: ir.Graph) -> dict[str, dict]:
-    """Gather tables (embeddings) -> int8, one symmetric scale per row, through a DequantizeLinear."""
+    """Gather tables (embeddings) -> int8, one symmetric scale per row, dequantized after the lookup."""
     records = {}
+    namer = Namer(graph)
     for node in list(graph):
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
             continue
         table = node.inputs[0]
         axis = node.attributes["axis"].value if "axis" in node.attributes else 0
-        if table is None or table.const_value is None or table.is_graph_input() or axis != 0:
+        if table is None or table.const_value is None or table.is_graph_input() or axis != 0 or len(table.uses()) != 1:
             continue
         array = table.const_value.numpy()
         if array.dtype != np.float32 or array.ndim != 2 or array.size < _TABLE_MIN_SIZE:
@@ -341,12 +346,7 @@ def _quantize_tables(graph: ir.Graph) -> dict[str, dict]:
         int8 = quant_type("int8")
         scale, zero_point = weight_qparams(array, 0, int8)
         codes = quantize(array, scale, zero_point, int8, 0)
-        inputs = [_constant(graph, f"{table.name}_q8", codes), _constant(graph, f"{table.name}_row_scales", scale)]
-        dq = ir.node("DequantizeLinear", inputs, attributes={"axis": 0}, name=f"{node.name}_table_DequantizeLinear")
-        dq.outputs[0].name = f"{table.name}_dequantized"
-        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(array.shape))
-        graph.insert_before(node, dq)
-        node.replace_input_with(0, dq.outputs[0])
+        dequantize_after_lookup(graph, node, codes, scale, namer, lambda base, values: _constant(graph, base, values))
         error = np.linalg.norm(dequantize(codes, scale, zero_point, 0) - array) / max(np.linalg.norm(array), 1e-12)
         records[node.name] = {"table": table.name, "shape": list(array.shape), "bits": 8, "relative_weight_error": round(float(error), 5)}
     return records

@@ -1,6 +1,8 @@
 """The planner: what gets quantized, what stays float, and why."""
 
 import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
 from conftest import run_passes
 from onnx import TensorProto, helper, numpy_helper
 from tiny_models import cnn_batches, make_model, tiny_cnn, tiny_transformer, transformer_batches
@@ -113,5 +115,12 @@ def test_large_embedding_table_is_stored_as_int8_per_row():
     model, context = run(proto, PREP + ",plan-quantization,calibrate,insert-qdq,remove-unused", data=data)
     assert [(w.node, w.axis) for w in context.analyses["plan"].weights] == [("embed", 0)]
     q = model.graph.initializers["table_quantized"].const_value.numpy()
-    assert q.dtype == np.int8 and model.graph.initializers["table_scale"].const_value.numpy().shape == (600,)
+    scales = model.graph.initializers["table_row_scales"].const_value.numpy()
+    assert q.dtype == np.int8 and scales.shape == (600, 1)
     assert "table" not in model.graph.initializers
+    # The int8 rows are looked up first and only they are dequantized: no DequantizeLinear of the table.
+    assert [n.op_type for n in model.graph] == ["Gather", "Gather", "Cast", "Mul"]
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    (emb,) = session.run(None, data[0])
+    np.testing.assert_allclose(emb, (q.astype(np.float32) * scales)[data[0]["ids"]], rtol=0, atol=0)
+    assert np.abs(emb - numpy_helper.to_array(table)[data[0]["ids"]]).max() <= scales.max() / 2 + 1e-7
