@@ -257,8 +257,9 @@ class QuantizeWeights(ir.passes.InPlacePass):
             }
         tables = _quantize_tables(model.graph) if self.embedding_bits else {}
         left = {
-            node.name: "second input is not a constant 2-D float32 weight"
-            for node in model.graph if node.op_type == "MatMul" and node.name not in records
+            node.name: "its weight is not a constant 2-D float32 matrix (or the transpose of one)"
+            for node in model.graph
+            if node.op_type == "MatMul" and node.name not in records and _computed_from_constants(node.inputs[1])
         }
         self.context.records["quantize-weights"] = {"form": self.form, "weights": records, "tables": tables, "left_float": left}
         logger.info("quantize-weights: %d MatMul weights at %d bits (%s), %d left float", len(records), self.bits, self.method, len(left))
@@ -323,6 +324,17 @@ class QuantizeWeights(ir.passes.InPlacePass):
         weight.node.replace_input_with(1, dq.outputs[0])
         if graph.opset_imports.get("", 0) < 21:
             graph.opset_imports[""] = 21
+
+
+def _computed_from_constants(value: ir.Value | None) -> bool:
+    """A weight, as opposed to an activation: a constant, or the output of a node that reads only constants.
+    MatMuls of two activations (attention) have no weight to quantize and are not reported."""
+    if value is None:
+        return False
+    if value.const_value is not None and not value.is_graph_input():
+        return True
+    producer = value.producer()
+    return producer is not None and all(v is None or (v.const_value is not None and not v.is_graph_input()) for v in producer.inputs)
 
 
 # Lookup tables smaller than this stay float: the saving would not pay for a DequantizeLinear.

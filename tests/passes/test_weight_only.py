@@ -121,3 +121,20 @@ def test_the_head_can_keep_more_bits_and_the_embedding_is_int8_per_row():
     feed = _ids(1, seed=9)[0]
     reference, quantized = _run(tiny_lm(), feed), _run(model, feed)
     assert np.corrcoef(reference.ravel(), quantized.ravel())[0, 1] > 0.99
+
+
+def test_a_matmul_of_two_activations_is_not_reported_as_a_weight_left_float():
+    proto = make_model(
+        [helper.make_node("MatMul", ["a", "b"], ["y"], name="scores")],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [4, 8]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [8, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], [], opset=21,
+    )
+    _, context = run_passes(proto, ["quantize-weights"])
+    assert context.records["quantize-weights"]["left_float"] == {}
+    small = make_model(  # a weight too small to quantize (8 input channels) is reported
+        [helper.make_node("MatMul", ["a", "w"], ["y"], name="tiny")],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], [_init("w", np.ones((8, 4), np.float32))], opset=21,
+    )
+    _, context = run_passes(small, ["quantize-weights"])
+    assert set(context.records["quantize-weights"]["left_float"]) == {"tiny"}
