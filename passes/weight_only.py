@@ -63,19 +63,25 @@ class BlockQuantized:
 def _block_params(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per row of ``w`` [rows, block] (the block's weights of one output channel).
 
-    Symmetric: scale = max|w| / (2**(bits-1) - 1), zp = 2**(bits-1) (codes centred, -qmax..qmax used).
+    Symmetric: zp = 2**(bits-1) and scale = e / -2**(bits-1), e the block's value of largest
+    magnitude with its sign, so that e lands exactly on the extra negative level (-8 for 4 bits)
+    and all 2**bits levels are used; the scale is negative when e is positive. This is ONNX
+    Runtime's convention for MatMulNBits, and measured on SmolLM2 (INT4, blocks of 128, 8 windows)
+    it gives perplexity 20.5 where max|w| / 7 over 15 levels gave 25.6.
     Asymmetric: scale = (max - min) / (2**bits - 1) over [min(w, 0), max(w, 0)], zp = round(-min / scale).
     """
     levels = 2**bits - 1
     if symmetric:
         half = 2 ** (bits - 1)
-        scale = np.abs(w).max(axis=1) / (half - 1)
+        high, low = w.max(axis=1), w.min(axis=1)
+        extreme = np.where(np.abs(high) > np.abs(low), high, low)
+        scale = extreme / -half
         zero_point = np.full(w.shape[0], half, dtype=np.float32)
     else:
         low, high = np.minimum(w.min(axis=1), 0.0), np.maximum(w.max(axis=1), 0.0)
         scale = (high - low) / levels
         zero_point = np.clip(np.round(-low / np.where(scale > 0, scale, 1.0)), 0, levels)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero block: any scale is exact
+    scale = np.where(scale != 0, scale, 1.0).astype(np.float32)  # an all-zero block: any scale is exact
     return scale, zero_point.astype(np.float32)
 
 
