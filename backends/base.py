@@ -112,6 +112,10 @@ class Target:
     # How constants in activation positions (Add's bias, Mul's scale, a Gather table) are stored
     # when their op is quantized; None: like a per-tensor weight.
     constant_input_format: ConstantFormat | None = None
+    # Activation type of attention-mask tensors (computed from integer inputs) and of the Adds that
+    # read them, where it is wider than the run's type with the same signedness: a mask's fill and
+    # the scores beside it need more than 8 bits (QNN: uint16, the rest of the graph uint8).
+    mask_activation_type: str | None = None
     # Provider options for the target's provider (a plugin EP needs e.g. its backend library).
     provider_options: Callable[[], dict[str, str]] | None = None
     # Where the report's float-vs-quantized evaluation runs; None: ``providers``. A provider that a

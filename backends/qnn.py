@@ -71,6 +71,8 @@ _RULES = {
             _op("Mul", (A, A)),
             _op("Div", (A, A)),
             _op("Concat"),
+            # A mask select: Where(condition, 0, fill) once clamp-mask-fill made the fill finite.
+            _op("Where", (F, A, A)),
             _op("AveragePool"),
             _op("GlobalAveragePool"),
             _op("ReduceMean", (A, F)),
@@ -101,7 +103,8 @@ def _htp_provider_options() -> dict[str, str]:
 def _verify(compiled_proto, batches, config) -> dict:
     from qcompile.providers import verify_on_target
 
-    return verify_on_target(compiled_proto, batches, TARGET, allow_fallback=config.allow_fallback)
+    return verify_on_target(compiled_proto, batches, TARGET, allow_fallback=config.allow_fallback,
+                            ep_context_path=config.ep_context_path)
 
 
 TARGET = Target(
@@ -123,6 +126,8 @@ TARGET = Target(
         "fold-constants",
         "fold-batchnorm",
         "remove-identity",
+        "lower-gathernd",
+        "clamp-mask-fill",
         "remove-unused",
         "upgrade-opset(min_opset=21)",
         "fuse-gelu",
@@ -140,6 +145,9 @@ TARGET = Target(
     "it installs beside onnxruntime and ships the HTP simulator)",
     quantize_all=True,
     constant_input_format=ConstantFormat(TypeSource.ACTIVATION, symmetric=False, per_channel=False),
+    # Measured on the tiny transformer block: the mask Add and Softmax input at uint16 bring the
+    # uint8 model back from 7 dB to 29 dB SQNR against float, all on HTP.
+    mask_activation_type="uint16",
     provider_options=_htp_provider_options,
     evaluation_providers=("CPUExecutionProvider",),
     verify=_verify,

@@ -160,15 +160,46 @@ class _Exclusions:
         return None
 
 
-def _activation_settings(config: CompileConfig, target: Target) -> tuple[QuantType, bool]:
-    name = config.activation_type or target.default_activation_type
+def _check_activation_type(name: str, target: Target, where: str) -> QuantType:
     if name not in target.activation_types:
         raise ConfigError(
-            f"Target {target.name!r} does not accelerate {name} activations; it supports "
+            f"Target {target.name!r} does not accelerate {name} activations ({where}); it supports "
             f"{', '.join(target.activation_types)}."
         )
+    return quant_type(name)
+
+
+def _activation_settings(config: CompileConfig, target: Target) -> tuple[QuantType, bool]:
+    name = config.activation_type or target.default_activation_type
     symmetric = target.activation_symmetric if config.activation_symmetric is None else config.activation_symmetric
-    return quant_type(name), symmetric
+    return _check_activation_type(name, target, "activation_type"), symmetric
+
+
+class _ActivationTypes:
+    """The activation type of each tensor: ``activation_type_overrides`` (first matching regular
+    expression over the tensor name), else the target's mask type for mask tensors and what reads
+    them (when wider than the run's type), else the run's activation type."""
+
+    def __init__(self, config: CompileConfig, target: Target, default: QuantType, masks: set[str]):
+        self.default = default
+        self.masks = set()
+        if target.mask_activation_type is not None:
+            wide = _check_activation_type(target.mask_activation_type, target, "mask_activation_type")
+            if wide.signed == default.signed and wide.qmax - wide.qmin > default.qmax - default.qmin:
+                self.masks, self.mask_type = masks, wide
+        self.overrides = []
+        for pattern, name in config.activation_type_overrides.items():
+            try:
+                regex = re.compile(pattern)
+            except re.error as error:
+                raise ConfigError(f"activation_type_overrides has an invalid regular expression {pattern!r}: {error}.") from None
+            self.overrides.append((regex, _check_activation_type(name, target, f"activation_type_overrides[{pattern!r}]")))
+
+    def __call__(self, tensor: str) -> QuantType:
+        override = next((qtype for regex, qtype in self.overrides if regex.search(tensor)), None)
+        if override is not None:
+            return override
+        return self.mask_type if tensor in self.masks else self.default
 
 
 def _weight_settings(config: CompileConfig, target: Target) -> tuple[QuantType, bool]:
@@ -212,6 +243,13 @@ def _build_once(
 ) -> QuantizationPlan:
     plan = QuantizationPlan(float_tensors=dict(excluded_tensors))
     act_type, symmetric = _activation_settings(config, target)
+    masks = _mask_tensors(graph)
+    # A mask and the sums that read it (scores + mask, the Softmax input).
+    masks = set(masks) | {
+        out.name for node in graph if any(v is not None and v.name in masks for v in node.inputs)
+        for out in node.outputs
+    }
+    type_of = _ActivationTypes(config, target, act_type, masks)
     weight_type, per_channel = _weight_settings(config, target)
     exclusions = _Exclusions(config)
     nodes = list(graph)
@@ -238,12 +276,14 @@ def _build_once(
             return _SHARED_CONSTANT_FORMAT
         return target.constant_input_format or _CONSTANT_FORMAT
 
-    def resolve_type(source: TypeSource) -> QuantType:
+    def resolve_type(source: TypeSource, node: ir.Node) -> QuantType:
         if source is TypeSource.WEIGHT:
             return weight_type
+        # A constant in an activation position is stored like the activation the node writes.
+        node_type = type_of(node.outputs[0].name) if node.outputs else act_type
         if source is TypeSource.ACTIVATION:
-            return act_type
-        return quant_type("int8" if act_type.signed else "uint8")
+            return node_type
+        return quant_type("int8" if node_type.signed else "uint8")
 
     fixed_by_constant: dict[str, tuple[np.float32, int]] = {}  # output of data movement -> its constant's
 
@@ -298,7 +338,7 @@ def _build_once(
         wanted.update(node.inputs[i].name for i in activations)
         for index in weights:
             fmt = constant_format(rule, index)
-            qtype = resolve_type(fmt.qtype)
+            qtype = resolve_type(fmt.qtype, node)
             axis = None
             if (
                 per_channel and fmt.per_channel and rule.role(index) is InputRole.WEIGHT
@@ -391,18 +431,28 @@ def _build_once(
         for out in node.outputs:
             if not quantizable(out) or out.name in absorbed_inputs:
                 continue
+            qtype = type_of(out.name)
             if out.name in fixed_by_constant:
                 activations[out.name] = _set_fixed(
-                    ActivationQuant(out.name, act_type, symmetric, fixed=fixed_by_constant[out.name])
+                    ActivationQuant(out.name, qtype, symmetric, fixed=fixed_by_constant[out.name])
                 )
             elif rule.output is OutputRole.SHARED:
-                activations[out.name] = ActivationQuant(out.name, act_type, symmetric, shares=node.inputs[0].name)
+                # Data movement keeps its input's type too (set from the root once planned).
+                activations[out.name] = ActivationQuant(out.name, qtype, symmetric, shares=node.inputs[0].name)
             elif rule.output in (OutputRole.QUANTIZE, OutputRole.ABSORBED) or out.name in wanted:
-                encoding = rule.fixed_output.get(act_type.name)
+                encoding = rule.fixed_output.get(qtype.name)
                 fixed = _fixed(*encoding) if encoding is not None else None
-                activations.setdefault(out.name, _set_fixed(ActivationQuant(out.name, act_type, symmetric, fixed=fixed)))
+                activations.setdefault(out.name, _set_fixed(ActivationQuant(out.name, qtype, symmetric, fixed=fixed)))
     for name in wanted:
-        activations.setdefault(name, ActivationQuant(name, act_type, symmetric))
+        activations.setdefault(name, ActivationQuant(name, type_of(name), symmetric))
+    for quant in activations.values():
+        if quant.shares is not None and quant.shares in activations:
+            root = quant
+            seen = set()
+            while root.shares is not None and root.shares in activations and root.shares not in seen:
+                seen.add(root.shares)
+                root = activations[root.shares]
+            quant.qtype = root.qtype
     # Keep graph order so the rewrite is deterministic.
     order = {v.name: i for i, v in enumerate(list(graph.inputs) + [o for n in nodes for o in n.outputs])}
     plan.activations = dict(sorted(activations.items(), key=lambda kv: order.get(kv[0], 0)))

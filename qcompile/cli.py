@@ -43,6 +43,7 @@ _CONFIG_FLAGS = {
     "pipeline": "pipeline",
     "recipe": "recipe",
     "allow_fallback": "allow_fallback",
+    "ep_context": "ep_context_path",
 }
 
 
@@ -79,6 +80,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="static shape of an input, for targets that need one (repeatable; default: the first calibration batch's)")
     c.add_argument("--allow-fallback", action="store_true", default=None,
                    help="compile even when nodes would run on the CPU provider instead of the target's (reported)")
+    c.add_argument("--ep-context", metavar="PATH",
+                   help="qnn-htp: also write the EP-context model (precompiled QNN context binary) to PATH")
     c.add_argument("-q", "--quiet", action="store_true", help="no summary, no progress")
 
     r = sub.add_parser("run", help="run a model on a target's provider; print where each node runs and the outputs")

@@ -29,6 +29,9 @@ class CompileConfig:
     # Or a named pipeline (qcompile.recipes): llm-int4, llm-int8-weight, llm-w8a8.
     recipe: str | None = None
     activation_type: str | None = None
+    # Mixed precision: regular expression over activation tensor names -> activation type for the
+    # tensors it matches (the first matching entry wins), e.g. {"^add_|^linear_5" = "uint16"}.
+    activation_type_overrides: dict[str, str] = dataclasses.field(default_factory=dict)
     weight_type: str | None = None
     activation_symmetric: bool | None = None
     per_channel: bool | None = None
@@ -56,6 +59,9 @@ class CompileConfig:
     # Targets that promise full offload fail the compile when a node would run on the CPU
     # provider; true: compile anyway and report the nodes that fall back.
     allow_fallback: bool = False
+    # qnn-htp: also write the EP-context model (the precompiled QNN context binary beside it, in
+    # <name>_qnn.bin) to this path, so the device does not compile the graph at load time.
+    ep_context_path: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +72,12 @@ class CompileConfig:
             if value is not None and value not in QUANT_TYPES:
                 raise ConfigError(
                     f"{field} = {value!r} is not a known type. Use one of: {', '.join(QUANT_TYPES)}."
+                )
+        for pattern, value in self.activation_type_overrides.items():
+            if value not in QUANT_TYPES:
+                raise ConfigError(
+                    f"activation_type_overrides[{pattern!r}] = {value!r} is not a known type. "
+                    f"Use one of: {', '.join(QUANT_TYPES)}."
                 )
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ConfigError(
@@ -105,6 +117,7 @@ _TYPE_CHECKS = {
     "float": (int, float),
     "list[str]": (list,),
     "dict[str, list[int]]": (dict,),
+    "dict[str, str]": (dict,),
 }
 
 
@@ -118,6 +131,8 @@ def _check_type(key: str, value: Any, annotation: str, source: str) -> None:
     )
     if ok and base == "list[str]":
         ok = all(isinstance(item, str) for item in value)
+    if ok and base == "dict[str, str]":
+        ok = all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
     if ok and base == "dict[str, list[int]]":
         ok = all(
             isinstance(k, str) and isinstance(v, list) and v

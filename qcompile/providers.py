@@ -17,6 +17,7 @@ __all__ = [
     "output_steps",
     "compare_with_reference",
     "verify_on_target",
+    "write_ep_context",
 ]
 
 import dataclasses
@@ -284,9 +285,32 @@ def compare_with_reference(
     return result
 
 
-def verify_on_target(compiled_proto: onnx.ModelProto, batches: Sequence[dict], target, *, allow_fallback: bool = False) -> dict:
+def write_ep_context(compiled_proto: onnx.ModelProto, target, path: str | Path, *, allow_fallback: bool = False) -> dict:
+    """Compile ``compiled_proto`` on the target's provider and write the EP-context model to ``path``.
+
+    The provider's compiled graph goes to a binary beside it (QNN: ``<stem>_qnn.bin``, embed mode
+    0), so loading it on the device skips graph compilation; the outputs are the same. ORT refuses
+    to overwrite, so an existing ``path`` is replaced. Returns the files written and their sizes.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ProviderError(f"Cannot write the EP-context model {str(path)!r}: its folder does not exist.")
+    path.unlink(missing_ok=True)
+    before = set(path.parent.iterdir())
+    open_session(compiled_proto, target, allow_fallback=allow_fallback, config={
+        "ep.context_enable": "1", "ep.context_file_path": str(path), "ep.context_embed_mode": "0",
+    })
+    written = sorted({path} | (set(path.parent.iterdir()) - before))
+    return {"path": str(path), "files": {str(f): f.stat().st_size for f in written if f.exists()}}
+
+
+def verify_on_target(
+    compiled_proto: onnx.ModelProto, batches: Sequence[dict], target, *, allow_fallback: bool = False,
+    ep_context_path: str | Path | None = None,
+) -> dict:
     """Run the compiled model on the target's provider: where each node runs, and how close its
-    outputs are to the CPU provider running the same QDQ model (the reference a user can check)."""
+    outputs are to the CPU provider running the same QDQ model (the reference a user can check).
+    With ``ep_context_path``, also write the provider's EP-context model there."""
     from qcompile.runtime import make_session
 
     provider = target.providers[0]
@@ -298,6 +322,8 @@ def verify_on_target(compiled_proto: onnx.ModelProto, batches: Sequence[dict], t
         "placement": placement_summary(rows, provider),
         "float_compute_nodes": float_compute_nodes(compiled_proto),
     }
+    if ep_context_path is not None:
+        result["ep_context"] = write_ep_context(compiled_proto, target, ep_context_path, allow_fallback=allow_fallback)
     if batches:
         reference = make_session(compiled_proto, what="compiled model (CPU reference)")
         result["fidelity"] = {

@@ -75,9 +75,10 @@ def test_transformer_block_runs_entirely_on_qnn(transformer_result):
     verification = transformer_result.report.verification
     placed = verification["placement"]
     assert placed["on_provider"] == placed["nodes"] and not placed["off_provider"]
-    # Only the float32-min attention mask and what reads it stay float (a sentinel has no grid).
-    floats = {n["op_type"] for n in verification["float_compute_nodes"]}
-    assert floats <= {"Mul", "Add", "Softmax"}
+    # clamp-mask-fill made the float32-min mask finite: the mask, its Add and the Softmax are
+    # integer ops too (the mask path at uint16), nothing computes in float.
+    assert verification["float_compute_nodes"] == []
+    assert transformer_result.report.transformations["clamp-mask-fill"]["fill"] == -1e4
     fidelity = verification["fidelity"]["outputs"]["y"]
     assert fidelity["within_1_step"] >= 0.7 and fidelity["max_diff_steps"] <= 8
 
@@ -138,3 +139,18 @@ def test_cli_targets_and_run(cnn_result, tmp_path, capsys):
     out = capsys.readouterr().out
     on, total = re.search(rf"(\d+) of (\d+) nodes on {QNN}", out).groups()
     assert on == total and "output logits: float32 [4, 10]" in out
+
+
+def test_ep_context_model_is_written_and_runs_like_the_qdq_model(tmp_path):
+    path = tmp_path / "model_ctx.onnx"
+    result = qcompile.compile(tiny_cnn(), cnn_batches(2), target="qnn-htp",
+                              config={**CONFIG, "ep_context_path": str(path)})
+    written = result.report.verification["ep_context"]["files"]
+    binary = tmp_path / "model_ctx_qnn.bin"
+    assert set(written) == {str(path), str(binary)} and written[str(binary)] > 0
+    context_model = onnx.load(str(path))
+    assert [n.op_type for n in context_model.graph.node] == ["EPContext"]
+    batch = cnn_batches(1, seed=7)[0]
+    target = get_target("qnn-htp")
+    expected = open_session(result.to_proto(), target).run(None, batch)[0]
+    np.testing.assert_array_equal(open_session(str(path), target).run(None, batch)[0], expected)

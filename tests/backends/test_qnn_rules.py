@@ -212,3 +212,37 @@ def test_asymmetric_constant_qparams_match_the_activation_formula():
     assert scale[0] == pytest.approx(2.0 / 255) and zero_point[0] == round(0.5 / (2.0 / 255))
     with pytest.raises(ConfigError):
         constant_qparams(np.ones((2, 2), np.float32), 0, QUANT_TYPES["uint8"], symmetric=False)
+
+
+def _q_type(model, tensor):
+    node = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == tensor)
+    return node.outputs[0].dtype
+
+
+def test_activation_type_overrides_make_only_the_matching_tensors_16_bit():
+    model, context = run_passes(_softmax_model(), QNN, data=_data((2, 8)), target="qnn-htp",
+                                activation_type_overrides={"^scores$": "uint16"})
+    assert _q_type(model, "scores") == ir.DataType.UINT16
+    assert _q_type(model, "x") == _q_type(model, "probs") == ir.DataType.UINT8
+    # The Softmax output keeps the fixed encoding of its own (uint8) type.
+    assert _q_params(model, "probs") == pytest.approx((1 / 256, 0))
+    with pytest.raises(ConfigError, match="activation_type_overrides"):
+        run_passes(_softmax_model(), QNN, data=_data((2, 8)), target="qnn-htp",
+                   activation_type_overrides={"scores": "int16"})  # not a qnn-htp activation type
+    with pytest.raises(ConfigError, match="not a known type"):
+        run_passes(_softmax_model(), QNN, target="qnn-htp", activation_type_overrides={"scores": "uint12"})
+
+
+def test_mask_and_softmax_input_are_quantized_16_bit_in_a_uint8_model():
+    """After clamp-mask-fill the mask is quantizable; the target's mask type keeps its fill and
+    the scores beside it apart (uint16), while the rest stays uint8."""
+    model, context = run_passes(tiny_transformer(), "fix-shapes,clamp-mask-fill," + QNN,
+                                data=transformer_batches(2), target="qnn-htp")
+    plan = context.analyses["plan"]
+    assert {"add_mask", "softmax", "mask_scale"} <= set(plan.nodes)
+    assert _q_type(model, "masked") == _q_type(model, "mask_bias") == ir.DataType.UINT16
+    assert _q_type(model, "scaled") == _q_type(model, "probs") == ir.DataType.UINT8
+    # A uint16 run is already wide enough: nothing differs.
+    model, _ = run_passes(tiny_transformer(), "fix-shapes,clamp-mask-fill," + QNN,
+                          data=transformer_batches(2), target="qnn-htp", activation_type="uint16")
+    assert _q_type(model, "scaled") == _q_type(model, "masked") == ir.DataType.UINT16
