@@ -132,22 +132,41 @@ def quantize_gptq(
     scale_cols, zero_cols = scale_cols[:, order], zero_cols[:, order]
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
     # Upper Cholesky factor of H^-1: row i holds how rounding column i moves the later columns.
-    inverse = np.linalg.cholesky(np.linalg.inv(h)).T
-    codes = np.zeros((n, k), dtype=np.float64)
+    inverse = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
+    # Column-major: the loop below reads and writes one column at a time.
+    w = np.asfortranarray(w, dtype=np.float32)
+    scale_cols = np.asfortranarray(scale_cols, dtype=np.float32)
+    zero_cols = np.asfortranarray(zero_cols, dtype=np.float32)
+    codes = np.zeros((n, k), dtype=np.float32, order="F")
+    top = 2**bits - 1
+
+    def round_columns(first: int, last: int) -> np.ndarray:
+        """Round columns first..last-1 one by one, each error moving the columns after it up to
+        ``last`` (rank-1 updates on a narrow slice); returns the scaled errors for the caller to
+        propagate further with one matrix product."""
+        errors = np.empty((n, last - first), dtype=np.float32, order="F")
+        for i in range(first, last):
+            column, s, z = w[:, i], scale_cols[:, i], zero_cols[:, i]
+            q = np.clip(np.round(column / s + z), 0, top)
+            codes[:, i] = q
+            error = (column - (q - z) * s) / inverse[i, i]
+            w[:, i + 1 : last] -= np.outer(error, inverse[i, i + 1 : last])
+            errors[:, i - first] = error
+        return errors
+
+    # Lazy batch updates at two levels (the paper's Algorithm 1 uses one): errors of 16 columns
+    # reach the rest of their 128-column batch, and errors of a batch reach all later columns, as
+    # matrix products; rank-1 updates touch only 16 columns, which keeps them in cache.
+    inner = 16
     for start in range(0, k, lazy_batch):
         stop = min(start + lazy_batch, k)
-        w_block = w[:, start:stop].copy()
-        errors = np.zeros_like(w_block)
-        inv_block = inverse[start:stop, start:stop]
-        for i in range(stop - start):
-            column = w_block[:, i]
-            s, z = scale_cols[:, start + i], zero_cols[:, start + i]
-            q = np.clip(np.round(column / s + z), 0, 2**bits - 1)
-            codes[:, start + i] = q
-            error = (column - (q - z) * s) / inv_block[i, i]
-            w_block[:, i:] -= np.outer(error, inv_block[i, i:])
-            errors[:, i] = error
-        w[:, stop:] -= errors @ inverse[start:stop, stop:]
+        batch_errors = np.empty((n, stop - start), dtype=np.float32, order="F")
+        for first in range(start, stop, inner):
+            last = min(first + inner, stop)
+            errors = round_columns(first, last)
+            batch_errors[:, first - start : last - start] = errors
+            w[:, last:stop] -= errors @ inverse[first:last, last:stop]
+        w[:, stop:] -= batch_errors @ inverse[start:stop, stop:]
     restored = np.empty_like(codes)
     restored[:, order] = codes
     return BlockQuantized(restored.astype(np.uint8), reference.scales, reference.zero_points, bits, block)
