@@ -29,6 +29,7 @@ CASES = {
     "mobilenetv2_cnn": "benchmarks.cnn:run_mobilenetv2",
     "minilm": "benchmarks.minilm:run",
     "calibration": "benchmarks.calibration:run",
+    "smollm2": "benchmarks.smollm2:run",
 }
 logger = logging.getLogger("benchmarks")
 

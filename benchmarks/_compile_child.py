@@ -19,6 +19,8 @@ Tools:
   ``quantize_static`` (QDQ, per-channel INT8 weights, UINT8 or INT8 activations).
 - ``ort-dynamic``: ``quant_pre_process`` then ``quantize_dynamic`` (per-channel INT8 weights,
   activations quantized at run time; no calibration data), ORT's usual choice for transformers.
+- ``ort-nbits``: ``MatMulNBitsQuantizer`` (weight-only, ``--bits``, ``--block``, symmetric, RTN),
+  ORT's tool for language models; no calibration data.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def run_qcompile(args) -> dict:
     import qcompile
 
     config = {"measure_latency": False}
+    if args.recipe:
+        config["recipe"] = args.recipe
+    if args.pipeline:
+        config["pipeline"] = [args.pipeline]
     if args.method:
         config["calibration_method"] = args.method
     if args.eval:
@@ -77,6 +83,14 @@ def run_qcompile(args) -> dict:
 
 def run_ort(args) -> dict:
     from onnxruntime import quantization as q
+
+    if args.tool == "ort-nbits":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(args.model, bits=args.bits, block_size=args.block, is_symmetric=True)
+        quantizer.process()
+        quantizer.model.save_model_to_file(args.out, use_external_data_format=False)
+        return {}
 
     class Reader(q.CalibrationDataReader):
         def __init__(self):
@@ -100,7 +114,7 @@ def run_ort(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tool", choices=("qcompile", "ort-u8", "ort-s8", "ort-dynamic"), required=True)
+    parser.add_argument("--tool", choices=("qcompile", "ort-u8", "ort-s8", "ort-dynamic", "ort-nbits"), required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--calib", help="directory of .npz calibration batches")
@@ -109,6 +123,10 @@ def main() -> None:
     parser.add_argument("--shape", default="1x3x224x224", help="shape of each random batch")
     parser.add_argument("--input-name", default="input")
     parser.add_argument("--method", choices=tuple(ORT_METHODS) + ("mse",), help="calibration method (default: the tool's)")
+    parser.add_argument("--recipe", help="qcompile recipe (llm-int4, ...)")
+    parser.add_argument("--pipeline", help="qcompile pipeline, comma-separated")
+    parser.add_argument("--bits", type=int, default=4, help="ort-nbits: weight bits")
+    parser.add_argument("--block", type=int, default=128, help="ort-nbits: block size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-gib", type=float, default=0.0, help="address-space cap (0: none)")
     args = parser.parse_args()

@@ -59,6 +59,18 @@ def check_targets(cases: dict[str, CaseResult]) -> CaseResult | None:
             ratio = peaks[1] / peaks[0]
             add(f"calibration peak RSS flat (+-10%) from {min(growth, key=int)} to {max(growth, key=int)} samples",
                 round(ratio, 3), 0.9 <= ratio <= 1.1)
+    if "smollm2" in cases:
+        case = cases["smollm2"]
+        for label, limit, what in (
+            ("qcompile llm-int4 (b128)", 17.0, "SmolLM2 INT4 block 128: perplexity <= 17.0"),
+            ("qcompile int4 b32", 15.5, "SmolLM2 INT4 block 32: perplexity <= 15.5"),
+            ("qcompile llm-w8a8", 16.0, "SmolLM2 W8A8 static: perplexity <= 16.0"),
+            ("qcompile llm-int8-weight", 14.62, "SmolLM2 INT8 weight-only: perplexity <= 14.62"),
+        ):
+            value = _number(_row(case, label).get("perplexity"))
+            add(what, value, None if value is None else value <= limit)
+        size = _number(_row(case, "qcompile llm-int4 (b128)").get("size % fp32"))
+        add("SmolLM2 INT4 block 128: file <= 35% of fp32", size, None if size is None else size <= 35.0)
     for name, case in cases.items():
         size = _number(_row(case, "qcompile").get("size % fp32"))
         if size is not None:

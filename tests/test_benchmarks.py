@@ -79,3 +79,18 @@ def test_readme_without_markers_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="benchmarks:begin"):
         _write_into_readme(readme, "x")
     assert readme.read_text() == "# Title\n"
+
+
+def test_smollm2_targets():
+    rows = [
+        {"model": "fp32", "perplexity": 14.57, "size % fp32": 100.0},
+        {"model": "qcompile llm-int4 (b128)", "perplexity": 16.9, "size % fp32": 24.0},
+        {"model": "qcompile int4 b32", "perplexity": 15.6, "size % fp32": 26.0},
+        {"model": "qcompile llm-int8-weight", "perplexity": 14.60, "size % fp32": 50.0},
+    ]
+    verdicts = _verdicts(check_targets({"smollm2": _case("smollm2", ["model", "perplexity", "size % fp32"], rows)}))
+    assert verdicts["SmolLM2 INT4 block 128: perplexity <= 17.0"] == "yes"
+    assert verdicts["SmolLM2 INT4 block 32: perplexity <= 15.5"] == "NO"
+    assert verdicts["SmolLM2 W8A8 static: perplexity <= 16.0"] == "n/a"  # that row did not run
+    assert verdicts["SmolLM2 INT8 weight-only: perplexity <= 14.62"] == "yes"
+    assert verdicts["SmolLM2 INT4 block 128: file <= 35% of fp32"] == "yes"
