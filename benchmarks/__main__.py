@@ -52,6 +52,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where the JSON and Markdown go")
     parser.add_argument("--case", action="append", choices=CASES, help="run only this case (repeatable)")
     parser.add_argument("--readme", type=Path, help="also write the Markdown between the benchmark markers of this README")
+    parser.add_argument("--readme-block", default="benchmarks",
+                        help="which README block: <!-- NAME:begin --> ... <!-- NAME:end --> (default: benchmarks)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -86,7 +88,7 @@ def main() -> int:
         print(format_text(targets) + "\n", flush=True)
         results.insert(0, targets)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / environment["mode"]
+    stem = args.out / (environment["mode"] if args.readme_block == "benchmarks" else f"{environment['mode']}_{args.readme_block}")
     payload = {"environment": environment, "failed": failed, "skipped": skipped, "cases": [dataclasses.asdict(c) for c in results]}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     versions = ", ".join(f"{k} {v}" for k, v in environment["versions"].items())
@@ -96,7 +98,7 @@ def main() -> int:
     markdown = header + skipped_md + "\n".join(format_markdown(c) for c in results)
     stem.with_suffix(".md").write_text(markdown)
     if args.readme:
-        _write_into_readme(args.readme, markdown)
+        _write_into_readme(args.readme, markdown, args.readme_block)
     logger.info("wrote %s.json and %s.md", stem, stem)
     return 1 if failed else 0
 
@@ -104,16 +106,17 @@ def main() -> int:
 README_BEGIN, README_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
 
-def _write_into_readme(readme: Path, markdown: str) -> None:
-    """Replace what lies between the README's benchmark markers, so its tables are generated, not typed."""
+def _write_into_readme(readme: Path, markdown: str, block: str = "benchmarks") -> None:
+    """Replace what lies between the README's markers of ``block``, so its tables are generated, not typed."""
+    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
     text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} block to write into")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {begin} ... {end} block to write into")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     # One heading level down, so the tables sit under the README's own "Results" heading.
     body = "\n".join(("#" + line) if line.startswith("#") else line for line in markdown.splitlines())
-    readme.write_text(f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
+    readme.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
 
 
 if __name__ == "__main__":

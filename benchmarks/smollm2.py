@@ -8,8 +8,9 @@ Perplexity: next-token, over the first N windows of 512 tokens of CPython's ``py
 
 - qcompile llm-int4: AWQ scaling then GPTQ, asymmetric INT4 blocks of 128, head INT8, embedding
   int8 per row (``--recipe llm-int4``); the same with blocks of 32; llm-int8-weight; llm-w8a8.
-- ORT: ``MatMulNBitsQuantizer`` (symmetric RTN, every MatMul including the tied lm_head) at 4 bits
-  block 128 and 32, and 8 bits block 128; the embedding stays float.
+- ORT: ``MatMulNBitsQuantizer`` (symmetric RTN) at 4 bits block 128 and 32, and 8 bits block 128.
+  It skips the tied lm_head (its weight is a Transpose output, not a constant) and the embedding:
+  both stay float, in one shared fp32 table.
 Each compile runs in a child process (wall time, peak RSS). ``s/window`` is the 512-token prefill.
 """
 
