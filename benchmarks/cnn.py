@@ -27,8 +27,21 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import QUANTIZERS, THREADS, alternating_latencies, compile_in_child, cpu_session, ratio_note, sqnr_db
-from benchmarks.models import INPUT_NAME, export_mobilenetv2, export_resnet18, random_images
+from benchmarks.harness import (
+    QUANTIZERS,
+    THREADS,
+    alternating_latencies,
+    compile_variants,
+    cpu_session,
+    ratio_note,
+    sqnr_db,
+)
+from benchmarks.models import (
+    INPUT_NAME,
+    export_mobilenetv2,
+    export_resnet18,
+    random_images,
+)
 from benchmarks.table import CaseResult
 
 logger = logging.getLogger(__name__)
@@ -51,13 +64,9 @@ def run_cnn_case(name: str, title: str, export: Callable[[Path, int], Path], qui
     eval_dir = _write_images(workdir / f"{name}_eval", EVAL_SEED, EVAL_IMAGES, size)
     eval_x = np.concatenate(list(random_images(EVAL_SEED, EVAL_IMAGES, size)))
 
-    paths, compiles = {"fp32": fp32}, {}
-    for label, tool in QUANTIZERS.items():
-        paths[label] = workdir / f"{name}_{size}_{tool}.onnx"
-        compiles[label] = compile_in_child(tool, fp32, paths[label], calib=calib_dir,
-                                           eval=eval_dir if tool == "qcompile" else None)
-    failed = {label: c["error"] for label, c in compiles.items() if "error" in c}
-    paths = {label: path for label, path in paths.items() if label not in failed}
+    variants = {label: (tool, {"calib": calib_dir, "eval": eval_dir if tool == "qcompile" else None})
+                for label, tool in QUANTIZERS.items()}
+    paths, compiles, failed = compile_variants(fp32, workdir, variants)
 
     sessions, fusion = {}, {}
     for label, path in paths.items():

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import QUANTIZERS, THREADS, alternating_latencies, compile_in_child, cpu_session, examples_module, ratio_note
+from benchmarks.harness import (
+    QUANTIZERS,
+    THREADS,
+    alternating_latencies,
+    compile_variants,
+    cpu_session,
+    examples_module,
+    ratio_note,
+)
 from benchmarks.table import CaseResult
 
 logger = logging.getLogger(__name__)
@@ -27,12 +35,8 @@ def run(quick: bool, workdir: Path) -> CaseResult:
     fp32, calib_dir, (x_test, y_test) = digits.build_digits_model(workdir / "digits")
     input_name = digits.onnx_input_name(fp32)
 
-    paths, compiles = {"fp32": fp32}, {}
-    for label, tool in QUANTIZERS.items():
-        paths[label] = workdir / "digits" / f"digits_{tool}.onnx"
-        compiles[label] = compile_in_child(tool, fp32, paths[label], calib=calib_dir, input_name=input_name)
-    failed = {label: c["error"] for label, c in compiles.items() if "error" in c}
-    paths = {label: path for label, path in paths.items() if label not in failed}
+    variants = {label: (tool, {"calib": calib_dir, "input_name": input_name}) for label, tool in QUANTIZERS.items()}
+    paths, compiles, failed = compile_variants(fp32, workdir / "digits", variants)
     sessions = {label: cpu_session(path)[0] for label, path in paths.items()}
     accuracy = {label: float(np.mean(s.run(None, {input_name: x_test})[0].argmax(axis=1) == y_test)) for label, s in sessions.items()}
     latency = {batch: alternating_latencies(sessions, {input_name: x_test[:batch]}, runs, warmup) for batch in (1, 64)}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["CaseSkipped", "examples_module", "THREADS", "QUANTIZERS", "compile_in_child", "cpu_session", "alternating_latencies", "sqnr_db",
-           "ratio_note", "available_gib"]
+__all__ = ["CaseSkipped", "examples_module", "THREADS", "QUANTIZERS", "compile_in_child", "compile_variants", "cpu_session",
+           "alternating_latencies", "sqnr_db", "ratio_note", "available_gib"]
 
 import json
 import logging
+import re
 import statistics
 import subprocess
 import sys
@@ -75,6 +76,21 @@ def compile_in_child(tool: str, model: Path, out: Path, *, cap_gib: float | None
         logger.error("%s failed (exit %d): %s", tool, done.returncode, done.stderr[-2000:])
         return {"error": f"exit {done.returncode}: {tail[:200]}"}
     return json.loads(results[-1][len("RESULT "):])
+
+
+def compile_variants(
+    fp32: Path, folder: Path, variants: Mapping[str, tuple[str, dict]]
+) -> tuple[dict[str, Path], dict[str, dict], dict[str, str]]:
+    """Quantize ``fp32`` once per variant (row label -> (child tool, child options)), each in its own
+    child process. Returns the models that exist (fp32 first), every compile's measurements, and
+    the error of each variant that failed (its row is left out; the case notes say why)."""
+    paths, compiles = {"fp32": fp32}, {}
+    for label, (tool, options) in variants.items():
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
+        paths[label] = folder / f"{fp32.stem}_{slug}.onnx"
+        compiles[label] = compile_in_child(tool, fp32, paths[label], **options)
+    failed = {label: c["error"] for label, c in compiles.items() if "error" in c}
+    return {label: path for label, path in paths.items() if label not in failed}, compiles, failed
 
 
 def cpu_session(path: Path) -> tuple[ort.InferenceSession, dict]:

@@ -23,7 +23,14 @@ import json
 import logging
 from pathlib import Path
 
-from benchmarks.harness import THREADS, alternating_latencies, compile_in_child, cpu_session, examples_module, ratio_note
+from benchmarks.harness import (
+    THREADS,
+    alternating_latencies,
+    compile_variants,
+    cpu_session,
+    examples_module,
+    ratio_note,
+)
 from benchmarks.table import CaseResult
 
 logger = logging.getLogger(__name__)
@@ -46,13 +53,10 @@ def run(quick: bool, workdir: Path) -> CaseResult:
     minilm.write_calibration_batches(evaluation_batches[:8], eval_dir)  # qcompile's own report
     (latency_batch,) = minilm.tokenize_batches(tokenizer, evaluation[:8], batch_size=8, pad_to_max_tokens=True)
 
-    paths, compiles = {"fp32": fp32}, {}
-    for label, tool in QUANTIZERS.items():
-        paths[label] = workdir / "minilm" / f"minilm_{tool}.onnx"
-        compiles[label] = compile_in_child(tool, fp32, paths[label], calib=calib_dir if tool != "ort-dynamic" else None,
-                                           eval=eval_dir if tool == "qcompile" else None)
-    failed = {label: c["error"] for label, c in compiles.items() if "error" in c}
-    paths = {label: path for label, path in paths.items() if label not in failed}
+    variants = {label: (tool, {"calib": calib_dir if tool != "ort-dynamic" else None,
+                               "eval": eval_dir if tool == "qcompile" else None})
+                for label, tool in QUANTIZERS.items()}
+    paths, compiles, failed = compile_variants(fp32, workdir / "minilm", variants)
 
     sessions, fusion = {}, {}
     for label, path in paths.items():

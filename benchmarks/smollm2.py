@@ -23,7 +23,7 @@ import logging
 import time
 from pathlib import Path
 
-from benchmarks.harness import CaseSkipped, compile_in_child, examples_module
+from benchmarks.harness import CaseSkipped, compile_variants, examples_module
 from benchmarks.table import CaseResult
 
 logger = logging.getLogger(__name__)
@@ -67,13 +67,9 @@ def run(quick: bool, workdir: Path) -> CaseResult:
     smollm2.write_calibration_batches(smollm2.calibration_batches(tokenizer, 2 if quick else CALIBRATION_WINDOWS), calib_dir)
     windows = smollm2.text_windows(tokenizer, windows_count)
 
-    paths, compiles = {"fp32": fp32}, {}
-    for label, (tool, options) in variants.items():
-        paths[label] = folder / (label.replace(" ", "_").replace("(", "").replace(")", "") + ".onnx")
-        extra = {"calib": calib_dir, "eval": calib_dir} if tool == "qcompile" else {}
-        compiles[label] = compile_in_child(tool, fp32, paths[label], **extra, **options)
-    failed = {label: c["error"] for label, c in compiles.items() if "error" in c}
-    paths = {label: path for label, path in paths.items() if label not in failed}
+    with_data = {label: (tool, {**options, **({"calib": calib_dir, "eval": calib_dir} if tool == "qcompile" else {})})
+                 for label, (tool, options) in variants.items()}
+    paths, compiles, failed = compile_variants(fp32, folder, with_data)
 
     fp32_bytes = perplexity.model_bytes(fp32)
     rows, measured = [], {}

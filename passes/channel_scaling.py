@@ -16,8 +16,9 @@ import dataclasses
 import numpy as np
 import onnx
 import onnx_ir as ir
-from qcompile.passes.calibration import ChunkedRunner
 
+from qcompile.passes.calibration import ChunkedRunner
+from qcompile.passes.qdq_insertion import add_initializer
 from qcompile.runtime import make_session
 
 # Rows of X kept (a uniform reservoir sample over all batches) to score candidate scales: bounded,
@@ -133,17 +134,6 @@ def observe_groups(
                     group.observe(values)
 
 
-def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    taken = set(graph.initializers) | {o.name for n in graph for o in n.outputs} | {v.name for v in graph.inputs}
-    name, suffix = base, 1
-    while name in taken:
-        name, suffix = f"{base}_{suffix}", suffix + 1
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
-    graph.register_initializer(value)
-    return value
-
-
 def apply_channel_scale(graph: ir.Graph, group: Group, s: np.ndarray) -> str:
     """Rewrite the graph so that the group's MatMuls read X / s with weights diag(s) W.
 
@@ -163,19 +153,19 @@ def apply_channel_scale(graph: ir.Graph, group: Group, s: np.ndarray) -> str:
         and (len(producer.inputs) < 3 or producer.inputs[2] is None or (beta is not None and beta.shape == s.shape))
     ):
         # LayerNorm(x) * gamma + beta, divided by s: fold 1/s into gamma and beta.
-        producer.replace_input_with(1, _initializer(graph, f"{x.name}_smoothed_gamma", gamma * inverse))
+        producer.replace_input_with(1, add_initializer(graph, f"{x.name}_smoothed_gamma", gamma * inverse))
         if beta is not None:
-            producer.replace_input_with(2, _initializer(graph, f"{x.name}_smoothed_beta", beta * inverse))
+            producer.replace_input_with(2, add_initializer(graph, f"{x.name}_smoothed_beta", beta * inverse))
         smoothed, how = x, "LayerNormalization"
     elif producer is not None and producer.op_type == "Mul" and producer.domain in ("", "ai.onnx") and only_matmuls and (
         (index := _per_channel_constant_input(producer, s.shape)) is not None
     ):
         # x = y * w with w a per-channel constant (RMSNorm's weight): fold 1/s into w.
         w = _constant(producer.inputs[index])
-        producer.replace_input_with(index, _initializer(graph, f"{x.name}_smoothed_scale", (w * inverse).astype(np.float32)))
+        producer.replace_input_with(index, add_initializer(graph, f"{x.name}_smoothed_scale", (w * inverse).astype(np.float32)))
         smoothed, how = x, "Mul"
     else:
-        factor = _initializer(graph, f"{x.name}_smoothing", inverse)
+        factor = add_initializer(graph, f"{x.name}_smoothing", inverse)
         node_names = {n.name for n in graph}
         mul_name, suffix = f"{x.name}_smooth", 1
         while mul_name in node_names:
@@ -192,7 +182,7 @@ def apply_channel_scale(graph: ir.Graph, group: Group, s: np.ndarray) -> str:
         weight = reader.weight * s[:, None]
         stored = weight.T if reader.transposed else weight
         old = reader.node.inputs[1]
-        reader.node.replace_input_with(1, _initializer(graph, f"{old.name}_smoothed", np.ascontiguousarray(stored)))
+        reader.node.replace_input_with(1, add_initializer(graph, f"{old.name}_smoothed", np.ascontiguousarray(stored)))
         if smoothed is not x:
             reader.node.replace_input_with(0, smoothed)
     return how

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["InsertQDQ", "Namer", "dequantize_after_lookup"]
+__all__ = ["InsertQDQ", "Namer", "add_initializer", "dequantize_after_lookup"]
 
 import logging
 from collections.abc import Callable
@@ -31,6 +31,15 @@ class Namer:
             name, suffix = f"{base}_{suffix}", suffix + 1
         self.used.add(name)
         return name
+
+
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, namer: Namer | None = None) -> ir.Value:
+    """A new initializer holding ``array``, named ``base`` (or ``base_1``, ... if that is taken)."""
+    name = (namer or Namer(graph))(base)
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape, value.dtype = ir.Shape(array.shape), value.const_value.dtype
+    graph.register_initializer(value)
+    return value
 
 
 def dequantize_after_lookup(
@@ -74,12 +83,7 @@ class _Rewriter:
         self.weight_cache: dict[tuple, tuple[ir.Value, np.ndarray]] = {}
 
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:
-        name = self.name(base)
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.shape = ir.Shape(array.shape)
-        value.dtype = value.const_value.dtype
-        self.graph.register_initializer(value)
-        return value
+        return add_initializer(self.graph, base, array, self.name)
 
     def dequantize(self, base: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
                    axis: int | None, shape) -> tuple[ir.Node, ir.Value]:

@@ -22,23 +22,12 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from qcompile.passes.calibration import DEFAULT_CHUNK
-from qcompile.passes.channel_scaling import (
-    Group,
-    apply_channel_scale,
-    matmul_input_groups,
-    observe_groups,
-)
-from qcompile.passes.registry import register_pass
 
 from qcompile.errors import CalibrationDataError
-from qcompile.qparams import (
-    activation_qparams,
-    dequantize,
-    quant_type,
-    quantize,
-    weight_qparams,
-)
+from qcompile.passes.calibration import DEFAULT_CHUNK
+from qcompile.passes.channel_scaling import Group, apply_channel_scale, matmul_input_groups, observe_groups
+from qcompile.passes.registry import register_pass
+from qcompile.qparams import activation_qparams, dequantize, quant_type, quantize, weight_qparams
 
 logger = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
-from qcompile.passes.calibration import DEFAULT_CHUNK, ChunkedRunner
-from qcompile.passes.qdq_insertion import Namer, dequantize_after_lookup
-from qcompile.passes.registry import register_pass
 
 from qcompile.errors import CalibrationDataError, ConfigError
+from qcompile.passes.calibration import DEFAULT_CHUNK, ChunkedRunner
+from qcompile.passes.qdq_insertion import Namer, add_initializer, dequantize_after_lookup
+from qcompile.passes.registry import register_pass
 from qcompile.qparams import dequantize, quant_type, quantize, weight_qparams
 from qcompile.runtime import make_session
 
@@ -390,14 +390,7 @@ def _quantize_tables(graph: ir.Graph) -> dict[str, dict]:
 
 
 def _constant(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    taken = set(graph.initializers)
-    name, suffix = base, 1
-    while name in taken:
-        name, suffix = f"{base}_{suffix}", suffix + 1
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape, value.dtype = ir.Shape(array.shape), value.const_value.dtype
-    graph.register_initializer(value)
-    return value
+    return add_initializer(graph, base, array)
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
