@@ -78,7 +78,8 @@ def run_qcompile(args) -> dict:
     data = args.calib if args.calib else batches(args)
     result = qcompile.compile(args.model, data, config=config, eval_data=eval_data)
     result.save(args.out, report_path=Path(args.out).with_suffix(".report.json"))
-    return {"calibration_batches": result.report.to_dict()["calibration"]["batches"]}
+    # Weight-only recipes without a calibrating pass have no calibration section.
+    return {"calibration_batches": result.report.to_dict()["calibration"].get("batches")}
 
 
 def run_ort(args) -> dict:
