@@ -77,5 +77,5 @@ def check_targets(cases: dict[str, CaseResult]) -> CaseResult | None:
             add(f"INT8 file size <= 25.5% of fp32 ({name})", size, size <= 25.5)
     if not rows:
         return None
-    return CaseResult(name="targets", description="issue 3's targets against the tables below",
+    return CaseResult(name="targets", description="issue 3's and the LLM issue's targets against the tables below",
                       columns=["target", "measured", "met"], rows=rows)
