@@ -16,8 +16,7 @@ What it shows, end to end:
    takes windows from the start of that text, calibration from its last tokens, so the two
    never overlap;
 4. write calibration batches as a directory of ``.npz`` files and compile with
-   ``qcompile.compile(..., target="cpu")`` (the target's default static W8A8 for now: the LLM
-   recipes of issue 5 are not written yet);
+   ``qcompile.compile(..., config={"recipe": "llm-int4"})`` (``--recipe`` picks another one);
 5. print the perplexity (``examples/perplexity.py``) of the float and compiled models, and with
    ``--generate "prompt"`` greedily generate text with the ONNX model in onnxruntime.
 
@@ -452,6 +451,9 @@ def main() -> None:
         "--with-past", action="store_true", help="with --generate: use the KV-cache export"
     )
     parser.add_argument(
+        "--recipe", default="llm-int4", help="qcompile recipe: llm-int4 (default), llm-int8-weight, llm-w8a8"
+    )
+    parser.add_argument(
         "--model", type=Path, help="with --generate: this ONNX model instead of the float export"
     )
     parser.add_argument(
@@ -486,12 +488,12 @@ def main() -> None:
     calib_dir = args.out / "calibration"
     write_calibration_batches(calibration_batches(tokenizer, CALIBRATION_BATCHES), calib_dir)
 
-    # The CPU target's default static W8A8, only to show the flow end to end: the LLM recipes of
-    # issue 5 (weight-only INT4/INT8, GPTQ, AWQ) are what this model needs. Latency is left out of
-    # the report: a 512-token pass takes seconds on this machine, and perplexity is the measure.
-    compiled_path = args.out / "smollm2.w8a8.onnx"
-    result = qcompile.compile(onnx_path, calib_dir, target="cpu", config={"measure_latency": False})
-    report_path = args.out / "smollm2.w8a8.report.json"
+    # A recipe is a named pipeline (qcompile/recipes.py): llm-int4 (AWQ + GPTQ 4-bit blocks, the
+    # default), llm-int8-weight or llm-w8a8. Latency is left out of the report: a 512-token pass
+    # takes seconds on this machine, and perplexity is the measure.
+    compiled_path = args.out / f"smollm2.{args.recipe}.onnx"
+    result = qcompile.compile(onnx_path, calib_dir, target="cpu", config={"measure_latency": False, "recipe": args.recipe})
+    report_path = args.out / f"smollm2.{args.recipe}.report.json"
     result.save(compiled_path, report_path=report_path)
     logger.info("compile report:\n%s", result.report)
 
@@ -500,9 +502,9 @@ def main() -> None:
         f"\nSmolLM2-135M-Instruct, perplexity on {len(windows)} windows of {WINDOW} tokens"
         " of pydoc_data.topics"
     )
-    print(f"{'model':<10} {'perplexity':>10} {'size MB':>8}")
-    for label, path in (("fp32", onnx_path), ("w8a8", compiled_path)):
-        print(f"{label:<10} {perplexity(path, windows):>10.3f} {path.stat().st_size / 1e6:>8.1f}")
+    print(f"{'model':<16} {'perplexity':>10} {'size MB':>8}")
+    for label, path in (("fp32", onnx_path), (args.recipe, compiled_path)):
+        print(f"{label:<16} {perplexity(path, windows):>10.3f} {path.stat().st_size / 1e6:>8.1f}")
     print(f"compile report: {report_path}")
 
 

@@ -18,9 +18,12 @@ _FINISH = ("remove-unused", "strip-metadata", "check-model")
 RECIPES: dict[str, tuple[str, ...]] = {
     # Language models, weights only: asymmetric 4-bit blocks of 128 (AWQ scaling, then GPTQ rounding;
     # asymmetric measured better than symmetric on SmolLM2: perplexity 20.1 vs 20.5 with RTN); the head
-    # (lm_head, tied or not) at 8 bits and the embedding table int8 per row.
+    # (lm_head, tied or not) at 8 bits and the embedding table int8 per row. accuracy_level=4 lets
+    # ORT's kernel multiply in int8 (activations quantized per block on the fly): SmolLM2 decodes at
+    # 11.5 ms/token instead of 93.6 (fp32: 30.8), for perplexity 20.44 instead of 20.10 (RTN, 8 windows).
     "llm-int4": (*_PREPARE, "awq-scale(bits=4, block=128, symmetric=false)",
-                 "quantize-weights(bits=4, block=128, symmetric=false, method=gptq, head_bits=8)", *_FINISH),
+                 "quantize-weights(bits=4, block=128, symmetric=false, method=gptq, head_bits=8, accuracy_level=4)",
+                 *_FINISH),
     # Weights only at 8 bits (blocks of 128, round to nearest): near-lossless, half the size of fp16.
     "llm-int8-weight": (*_PREPARE, "quantize-weights(bits=8, block=128)", *_FINISH),
     # Static W8A8 with SmoothQuant: the target's own pipeline, which includes smooth-quant.
