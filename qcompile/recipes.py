@@ -24,8 +24,9 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "llm-int4": (*_PREPARE, "awq-scale(bits=4, block=128, symmetric=false)",
                  "quantize-weights(bits=4, block=128, symmetric=false, method=gptq, head_bits=8, accuracy_level=4)",
                  *_FINISH),
-    # Weights only at 8 bits (blocks of 128, round to nearest): near-lossless, half the size of fp16.
-    "llm-int8-weight": (*_PREPARE, "quantize-weights(bits=8, block=128)", *_FINISH),
+    # Weights only at 8 bits (asymmetric blocks of 128, round to nearest): near-lossless. SmolLM2 on
+    # 64 windows: perplexity 14.579 (fp32 14.570; symmetric 14.622, as ORT's tool).
+    "llm-int8-weight": (*_PREPARE, "quantize-weights(bits=8, block=128, symmetric=false)", *_FINISH),
     # Static W8A8 with SmoothQuant: the target's own pipeline, which includes smooth-quant.
     "llm-w8a8": (),
 }
