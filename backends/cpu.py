@@ -9,7 +9,7 @@ input has several consumers unfused (measured: ResNet-18 1.1x fp32 instead of 2.
 
 from __future__ import annotations
 
-__all__ = ["TARGET", "COMMON_RULES"]
+__all__ = ["TARGET", "COMMON_RULES", "DATA_MOVEMENT_RULES", "shared_rule"]
 
 import logging
 from collections import Counter
@@ -48,8 +48,21 @@ def _clip_clamp(node):
     return tuple(bounds)
 
 
-def _shared(op_type: str, inputs=(A,)) -> OpRule:
+def shared_rule(op_type: str, inputs=(A,)) -> OpRule:
+    """Data movement: integers in, integers out, the output keeps the input's scale."""
     return OpRule(op_type, inputs, OutputRole.SHARED)
+
+
+# The data movement every target runs on integers with its input's parameters.
+DATA_MOVEMENT_RULES = (
+    shared_rule("MaxPool"),
+    shared_rule("Reshape", (A, F)),
+    shared_rule("Transpose"),
+    shared_rule("Flatten"),
+    shared_rule("Squeeze", (A, F)),
+    shared_rule("Unsqueeze", (A, F)),
+    shared_rule("Slice", (A, F, F, F, F)),
+)
 
 
 COMMON_RULES = {
@@ -71,16 +84,9 @@ COMMON_RULES = {
         # Clamps the QuantizeLinear after them performs (ORT's ReluQuantFusion/ClipQuantFusion).
         OpRule("Relu", (A,), OutputRole.ABSORBED, clamp=_relu_clamp),
         OpRule("Clip", (A, F, F), OutputRole.ABSORBED, clamp=_clip_clamp),
-        # Data movement: integers in, integers out, same scale.
-        _shared("MaxPool"),
-        _shared("Reshape", (A, F)),
-        _shared("Transpose"),
-        _shared("Flatten"),
-        _shared("Squeeze", (A, F)),
-        _shared("Unsqueeze", (A, F)),
-        _shared("Slice", (A, F, F, F, F)),
+        *DATA_MOVEMENT_RULES,
         OpRule("Gather", (A, F), OutputRole.SHARED, table_axis=lambda n: _attr(n, "axis", 0)),
-        _shared("Resize", (A, F, F, F)),
+        shared_rule("Resize", (A, F, F, F)),
     )
 }
 

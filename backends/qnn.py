@@ -23,7 +23,7 @@ __all__ = ["TARGET"]
 import dataclasses
 
 from qcompile.backends.base import ConstantFormat, InputRole, OpRule, OutputRole, Target, TypeSource
-from qcompile.backends.cpu import COMMON_RULES
+from qcompile.backends.cpu import COMMON_RULES, DATA_MOVEMENT_RULES, shared_rule
 
 A, W, B, F = InputRole.ACTIVATION, InputRole.WEIGHT, InputRole.BIAS, InputRole.FLOAT
 
@@ -41,10 +41,6 @@ _LAYERNORM_SCALE = ConstantFormat(TypeSource.ACTIVATION_8BIT, symmetric=False, p
 
 def _op(op_type: str, inputs=(A,), **fields) -> OpRule:
     return OpRule(op_type, inputs, OutputRole.QUANTIZE, **fields)
-
-
-def _shared(op_type: str, inputs=(A,)) -> OpRule:
-    return OpRule(op_type, inputs, OutputRole.SHARED)
 
 
 _RULES = {
@@ -77,16 +73,10 @@ _RULES = {
             _op("GlobalAveragePool"),
             _op("ReduceMean", (A, F)),
             _op("Resize", (A, F, F, F)),
-            _shared("MaxPool"),
-            _shared("Reshape", (A, F)),
-            _shared("Transpose"),
-            _shared("Flatten"),
-            _shared("Squeeze", (A, F)),
-            _shared("Unsqueeze", (A, F)),
-            _shared("Slice", (A, F, F, F, F)),
-            _shared("Split", (A, F)),
-            _shared("Gather", (A, F)),
-            _shared("Expand", (A, F)),
+            *DATA_MOVEMENT_RULES,
+            shared_rule("Split", (A, F)),
+            shared_rule("Gather", (A, F)),
+            shared_rule("Expand", (A, F)),
         )
     },
 }
