@@ -51,6 +51,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 import qcompile
+from npz_batches import write_npz_batches as write_calibration_batches
 from ort_baseline import quantize_with_ort
 
 logger = logging.getLogger("minilm")
@@ -203,14 +204,6 @@ def export_minilm(out_dir: str | Path) -> Path:
     if max_difference > 1e-3:
         raise RuntimeError(f"ONNX export disagrees with PyTorch by {max_difference:.2e}")
     return onnx_path
-
-
-def write_calibration_batches(batches: list[Batch], calib_dir: Path) -> None:
-    calib_dir.mkdir(parents=True, exist_ok=True)
-    for stale in calib_dir.glob("*.npz"):
-        stale.unlink()
-    for index, batch in enumerate(batches):
-        np.savez(calib_dir / f"batch_{index:03d}.npz", **batch)
 
 
 def make_session(onnx_path: Path) -> ort.InferenceSession:

@@ -76,6 +76,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from transformers.utils import logging as transformers_logging
 
 import qcompile
+from npz_batches import write_npz_batches as write_calibration_batches
 from perplexity import empty_past, make_session, perplexity
 
 logger = logging.getLogger("smollm2")
@@ -376,15 +377,6 @@ def calibration_batches(
         input_ids = ids[i * seq_len : (i + 1) * seq_len].reshape(1, seq_len)
         batches.append({"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)})
     return batches
-
-
-def write_calibration_batches(batches: list[Batch], calib_dir: Path) -> None:
-    """One ``.npz`` per batch, keyed by the ONNX input names: the layout ``qcompile`` reads."""
-    calib_dir.mkdir(parents=True, exist_ok=True)
-    for stale in calib_dir.glob("*.npz"):
-        stale.unlink()
-    for index, batch in enumerate(batches):
-        np.savez(calib_dir / f"batch_{index:03d}.npz", **batch)
 
 
 def generate(
