@@ -321,11 +321,11 @@ class QuantizeWeights(ir.passes.InPlacePass):
         else:
             packed = padded.reshape(n, blocks, q.block)
         base = weight.source.replace(" (transposed)", "_transposed")
-        inputs = [weight.node.inputs[0], _constant(graph, f"{base}_q{q.bits}", packed),
-                  _constant(graph, f"{base}_scales", q.scales.reshape(-1))]
+        inputs = [weight.node.inputs[0], add_initializer(graph, f"{base}_q{q.bits}", packed),
+                  add_initializer(graph, f"{base}_scales", q.scales.reshape(-1))]
         if not self.symmetric:
             zero_points = pack_4bit(q.zero_points).reshape(-1) if q.bits == 4 else q.zero_points.reshape(-1)
-            inputs.append(_constant(graph, f"{base}_zero_points", zero_points))
+            inputs.append(add_initializer(graph, f"{base}_zero_points", zero_points))
         node = ir.node(
             "MatMulNBits", inputs, domain="com.microsoft", name=weight.node.name,
             attributes={"K": k, "N": n, "bits": q.bits, "block_size": q.block, "accuracy_level": self.accuracy_level},
@@ -341,9 +341,9 @@ class QuantizeWeights(ir.passes.InPlacePass):
         storage = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}[(q.bits, signed)]
         values = (q.codes.astype(np.int16) - offset).T.astype(storage)  # [K, N]
         base = weight.source.replace(" (transposed)", "_transposed")
-        inputs = [_constant(graph, f"{base}_q{q.bits}", values), _constant(graph, f"{base}_scales", np.ascontiguousarray(q.scales.T))]
+        inputs = [add_initializer(graph, f"{base}_q{q.bits}", values), add_initializer(graph, f"{base}_scales", np.ascontiguousarray(q.scales.T))]
         if not signed:
-            inputs.append(_constant(graph, f"{base}_zero_points", np.ascontiguousarray(q.zero_points.T).astype(storage)))
+            inputs.append(add_initializer(graph, f"{base}_zero_points", np.ascontiguousarray(q.zero_points.T).astype(storage)))
         dq = ir.node("DequantizeLinear", inputs, attributes={"axis": 0, "block_size": q.block}, name=f"{weight.node.name}_DequantizeLinear")
         dq.outputs[0].name = f"{base}_dequantized"
         dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(weight.weight.shape))
@@ -385,14 +385,10 @@ def _quantize_tables(graph: ir.Graph) -> dict[str, dict]:
         int8 = quant_type("int8")
         scale, zero_point = weight_qparams(array, 0, int8)
         codes = quantize(array, scale, zero_point, int8, 0)
-        dequantize_after_lookup(graph, node, codes, scale, namer, lambda base, values: _constant(graph, base, values))
+        dequantize_after_lookup(graph, node, codes, scale, namer, lambda base, values: add_initializer(graph, base, values, namer))
         error = np.linalg.norm(dequantize(codes, scale, zero_point, 0) - array) / max(np.linalg.norm(array), 1e-12)
         records[node.name] = {"table": table.name, "shape": list(array.shape), "bits": 8, "relative_weight_error": round(float(error), 5)}
     return records
-
-
-def _constant(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    return add_initializer(graph, base, array)
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
