@@ -25,6 +25,7 @@ from benchmarks.targets import check_targets
 # Case name -> "module:function", each function ``(quick, workdir) -> CaseResult``.
 CASES = {
     "digits_cnn": "benchmarks.digits_cnn:run",
+    "depthwise_cnn": "benchmarks.depthwise_cnn:run",
     "resnet18_cnn": "benchmarks.cnn:run_resnet18",
     "mobilenetv2_cnn": "benchmarks.cnn:run_mobilenetv2",
     "minilm": "benchmarks.minilm:run",

@@ -59,6 +59,15 @@ def check_targets(cases: dict[str, CaseResult]) -> CaseResult | None:
             ratio = peaks[1] / peaks[0]
             add(f"calibration peak RSS flat (+-10%) from {min(growth, key=int)} to {max(growth, key=int)} samples",
                 round(ratio, 3), 0.9 <= ratio <= 1.1)
+    if "depthwise_cnn" in cases:
+        accuracy = cases["depthwise_cnn"].details.get("accuracy", {})
+        if "fp32" in accuracy and "plain int8" in accuracy:
+            loss = round(100 * (accuracy["fp32"] - accuracy["plain int8"]), 2)
+            add("depthwise CNN (badly scaled channels): plain INT8 loses > 2 points of top-1", loss, loss > 2.0)
+        recovered = [100 * (accuracy["fp32"] - accuracy[label]) for label in ("+CLE+BC", "+CLE+AdaRound") if label in accuracy]
+        if "fp32" in accuracy and recovered:
+            best = round(min(recovered), 2)
+            add("depthwise CNN: CLE + bias correction or AdaRound within 0.5 points of fp32", best, best <= 0.5)
     if "smollm2" in cases:
         case = cases["smollm2"]
         for label, limit, what in (

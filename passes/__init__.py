@@ -1,8 +1,8 @@
 """qcompile's passes. Importing this package registers every pass a pipeline can name."""
 
 from qcompile.passes import (  # noqa: F401
-    awq, calibration, cleanup, fix_shapes, fuse_gelu, lower_gathernd, mask_fill, preparation, qdq_insertion,
-    quantization_plan, smooth_quant, weight_only,
+    adaround, awq, bias_correction, calibration, cleanup, cross_layer_equalization, fix_shapes, fuse_gelu,
+    lower_gathernd, mask_fill, preparation, qdq_insertion, quantization_plan, smooth_quant, weight_only,
 )
 from qcompile.passes.registry import create_pass, register_pass, registered_passes
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 __all__ = ["Calibrate", "ChunkedRunner", "collect_statistics"]
 
 import logging
-import sys
 import time
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompile.errors import CalibrationDataError, ModelError, detail
+from qcompile.log import Progress
 from qcompile.passes.quantization_plan import build_plan
 from qcompile.passes.registry import register_pass
 from qcompile.runtime import make_session
@@ -52,6 +51,9 @@ class ChunkedRunner:
     def __init__(self, session: ort.InferenceSession, names: list[str], graph_outputs: list[str], chunk: int):
         self.session, self.names, self.graph_outputs, self.chunk = session, names, graph_outputs, chunk
         self.independent: bool | None = None if chunk > 0 else False
+        # An input with a fixed first dimension takes whole batches only: a chunk would not fit it.
+        if any(arg.shape and isinstance(arg.shape[0], int) for arg in session.get_inputs()):
+            self.independent = False
 
     def runs(self, batch: dict[str, np.ndarray], where: str) -> Iterator[list[np.ndarray]]:
         """Outputs ``names`` of each run in turn: a chunk's arrays are dropped before the next runs."""
@@ -94,27 +96,22 @@ def collect_statistics(
     batches: Iterable[dict[str, np.ndarray]],
     *,
     threads: int = 0,
-    progress: bool = False,
+    progress: Progress | None = None,
     histograms: bool = True,
     chunk: int = DEFAULT_CHUNK,
+    workspace=None,
 ) -> CalibrationTable:
     """Run ``model`` on each batch with ``tensor_names`` exposed as outputs, folding each into
     running statistics right away: memory holds one batch's activations, whatever the data size.
     ``histograms=False`` collects min/max only (all that minmax calibration reads). Batches are run
-    in chunks of at most ``chunk`` samples (0: whole), see ``ChunkedRunner``."""
-    proto = ir.serde.serialize_model(model)
-    graph_outputs = [o.name for o in proto.graph.output]
-    existing = set(graph_outputs)
-    for name in tensor_names:
-        if name not in existing:
-            # No declared type: ORT reports the real one, so values shape inference missed still work.
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    in chunks of at most ``chunk`` samples (0: whole), see ``ChunkedRunner``. ``progress`` is told
+    after each batch (``qcompile.log.Progress``); the command line shows it."""
+    graph_outputs = [o.name for o in model.graph.outputs]
     # Basic optimizations only: fusions could not remove observed tensors, but they cost start-up time.
     session = make_session(
-        proto, threads=threads, optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        what="model for calibration", low_memory=True,
+        model, extra_outputs=tensor_names, workspace=workspace, threads=threads,
+        optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, what="model for calibration", low_memory=True,
     )
-    del proto  # the session has its own copy of the weights
     table = CalibrationTable(histograms=histograms)
     runner = ChunkedRunner(session, tensor_names, graph_outputs, chunk)
     start = time.perf_counter()
@@ -123,11 +120,10 @@ def collect_statistics(
             for name, values in zip(tensor_names, outputs):
                 table.update(name, values)
         table.batches += 1
-        if progress:
-            print(f"\rcalibrating: {index + 1} batches, {time.perf_counter() - start:.1f}s",
-                  end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        if progress is not None:
+            progress("calibrating", table.batches, time.perf_counter() - start, False)
+    if progress is not None:
+        progress("calibrating", table.batches, time.perf_counter() - start, True)
     return table
 
 
@@ -163,9 +159,10 @@ class Calibrate(ir.passes.InPlacePass):
             plan.calibrate,
             self.context.data.calibration(),
             threads=self.context.config.threads,
-            progress=self.context.show_progress,
+            progress=self.context.progress,
             histograms=self.context.config.calibration_method != "minmax",
             chunk=self.chunk,
+            workspace=self.context.workspace,
         )
         if table.batches == 0:
             raise ModelError("Calibration saw no batches.")

@@ -14,12 +14,12 @@ __all__ = ["Reader", "Group", "matmul_input_groups", "observe_groups", "apply_ch
 import dataclasses
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from qcompile.passes.calibration import ChunkedRunner
 from qcompile.passes.qdq_insertion import add_initializer
 from qcompile.runtime import make_session
+from qcompile.workspace import release_tensor
 
 # Rows of X kept (a uniform reservoir sample over all batches) to score candidate scales: bounded,
 # whatever the data size, and enough to rank candidates whose errors differ by 10% or more.
@@ -31,8 +31,14 @@ class Reader:
     """A MatMul (or Gemm) that reads X as its first input and a constant weight as its second."""
 
     node: ir.Node
-    weight: np.ndarray  # [in_channels, out_channels], as X multiplies it
     transposed: bool  # Gemm transB=1 stores it as [out, in]
+
+    @property
+    def weight(self) -> np.ndarray:
+        """[in_channels, out_channels], as X multiplies it. Read on each use, not kept: a large
+        model's weights are memory-mapped files, unmapped once a group is done with them."""
+        weight = self.node.inputs[1].const_value.numpy()
+        return weight.T if self.transposed else weight
 
 
 @dataclasses.dataclass
@@ -88,16 +94,16 @@ def _reader(node: ir.Node, index: int) -> Reader | None:
     if index != 0 or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
         return None
     weight = _constant(node.inputs[1])
-    if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+    if weight is None or weight.ndim != 2 or weight.dtype != np.float32 or weight.size == 0:
         return None
     if node.op_type == "MatMul":
-        return Reader(node, weight, transposed=False)
+        return Reader(node, transposed=False)
     if node.op_type == "Gemm":
         attributes = {name: attr.value for name, attr in node.attributes.items()}
         if attributes.get("transA", 0):
             return None
         transposed = bool(attributes.get("transB", 0))
-        return Reader(node, weight.T if transposed else weight, transposed)
+        return Reader(node, transposed)
     return None
 
 
@@ -118,12 +124,12 @@ def observe_groups(
 ) -> None:
     """Run the model on the calibration data (the first ``batches`` batches, or all) and let each
     group observe its tensor, chunk by chunk: memory holds one chunk's activations."""
-    proto = ir.serde.serialize_model(model)
-    graph_outputs = [o.name for o in proto.graph.output]
+    graph_outputs = [o.name for o in model.graph.outputs]
     names = [g.value.name for g in groups]
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in graph_outputs)
-    session = make_session(proto, threads=context.config.threads, what=f"model for {what}", low_memory=True)
-    del proto  # the session has its own copy of the weights
+    session = make_session(
+        model, extra_outputs=names, workspace=context.workspace, threads=context.config.threads,
+        what=f"model for {what}", low_memory=True,
+    )
     runner = ChunkedRunner(session, names, graph_outputs, chunk)
     for index, batch in enumerate(context.data.calibration()):
         if batches is not None and index >= batches:
@@ -183,6 +189,8 @@ def apply_channel_scale(graph: ir.Graph, group: Group, s: np.ndarray) -> str:
         stored = weight.T if reader.transposed else weight
         old = reader.node.inputs[1]
         reader.node.replace_input_with(1, add_initializer(graph, f"{old.name}_smoothed", np.ascontiguousarray(stored)))
+        del weight, stored
+        release_tensor(old.const_value)
         if smoothed is not x:
             reader.node.replace_input_with(0, smoothed)
     return how

@@ -39,7 +39,6 @@ from qcompile.qparams import quant_type
 
 logger = logging.getLogger(__name__)
 
-_PROTO_LIMIT = 2**31 - 1
 
 
 @register_pass("shape-inference")
@@ -134,7 +133,18 @@ class FoldConstants(ir.passes.InPlacePass):
         result = onnxscript.optimizer.fold_constants(
             model, onnx_shape_inference=False, output_size_limit=self.output_size_limit
         )
+        _restore_string_tensors(model.graph)
         return ir.passes.PassResult(model, bool(result.modified))
+
+
+def _restore_string_tensors(graph: ir.Graph) -> None:
+    """The folder stores a folded string constant as a numpy-backed ir.Tensor, which onnx-ir cannot
+    serialize (it has no bit width); give such initializers back as ir.StringTensor."""
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and tensor.dtype == ir.DataType.STRING and not isinstance(tensor, ir.StringTensor):
+            strings = [s if isinstance(s, bytes) else str(s).encode() for s in tensor.numpy().ravel()]
+            value.const_value = ir.StringTensor(strings, shape=tensor.shape, name=tensor.name)
 
 
 @register_pass("fold-batchnorm")
@@ -173,7 +183,20 @@ class RemoveIdentity(ir.passes.InPlacePass):
         super().__init__()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        return common_passes.IdentityEliminationPass()(model)
+        return _IdentityElimination()(model)
+
+
+class _IdentityElimination(common_passes.IdentityEliminationPass):
+    """onnx-ir's pass, except that ``y = Identity(x)`` stays when ``x`` and ``y`` are both outputs of
+    its graph: removing it would list one value twice among the outputs (a Scan body's state and
+    scan output), and ONNX Runtime's Scan then returns garbage for both."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        if node.op_type == "Identity" and len(node.inputs) == 1 and len(node.outputs) == 1:
+            source = node.inputs[0]
+            if source is not None and source.is_graph_output() and node.outputs[0].is_graph_output():
+                return False
+        return super()._try_eliminate_identity_node(node)
 
 
 @register_pass("remove-unused")
@@ -259,12 +282,16 @@ class CheckModel(ir.passes.InPlacePass):
 
     def __init__(self, context):
         super().__init__()
+        self.workspace = context.workspace
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        proto = ir.serde.serialize_model(model)
         try:
-            if proto.ByteSize() < _PROTO_LIMIT:
-                onnx.checker.check_model(proto)
+            if self.workspace is not None:
+                # A large model is checked as a file whose weights are references (no 2 GB proto).
+                with self.workspace.session_model(model) as path:
+                    onnx.checker.check_model(path)
+            else:
+                onnx.checker.check_model(ir.serde.serialize_model(model))
         except onnx.checker.ValidationError as error:
             raise ModelError(
                 f"The compiled model fails onnx.checker: {detail(error)}. This is a qcompile "

@@ -14,6 +14,7 @@ from qcompile.errors import PipelineError
 from qcompile.passes.quantization_plan import QuantizationPlan
 from qcompile.passes.registry import register_pass
 from qcompile.qparams import QUANT_TYPES, constant_qparams, quantize
+from qcompile.workspace import release_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class _Rewriter:
         key = (value.name, axis, qtype.name, symmetric)
         if key not in self.weight_cache:
             weight = value.const_value.numpy().astype(np.float32)
+            release_tensor(value.const_value)  # a large model's float weight: unmap it, the copy is enough
             scale, zero_point = constant_qparams(weight, axis, qtype, symmetric)
             q = quantize(weight, scale, zero_point, qtype, axis)
             if axis is None:

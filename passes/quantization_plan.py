@@ -28,6 +28,7 @@ from qcompile.errors import ConfigError
 from qcompile.passes.registry import register_pass
 from qcompile.qparams import QuantType, activation_qparams, constant_qparams, quant_type
 from qcompile.statistics import CalibrationTable
+from qcompile.workspace import release_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -318,6 +319,9 @@ def _build_once(
             if not np.isfinite(arr := node.inputs[i].const_value.numpy()).all()
             or np.abs(arr).max(initial=0.0) >= config.sentinel_threshold
         ]
+        arr = None
+        for i in weights:  # a large model's weights were mapped to check them: unmap them
+            release_tensor(node.inputs[i].const_value)
         if sentinels:
             # A mask's fill value (float32 min): on any integer grid it would swamp or overflow.
             plan.float_nodes[node.name] = f"constant {sentinels[0]!r} is a sentinel (magnitude >= sentinel_threshold)"
@@ -397,6 +401,8 @@ def _build_once(
                 producer = source.producer()
                 if (
                     node.name in unabsorbable
+                    # No QuantizeLinear can perform the clamp of an output that stays float (a sentinel).
+                    or not quantizable(node.outputs[0])
                     or producer not in quantized
                     or rule_for(producer).output not in (OutputRole.QUANTIZE, OutputRole.OPTIONAL)
                     or len(source.uses()) != 1

@@ -27,7 +27,6 @@ import logging
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from qcompile.errors import CalibrationDataError, ConfigError
@@ -296,11 +295,11 @@ class QuantizeWeights(ir.passes.InPlacePass):
     def _hessians(self, model: ir.Model, weights: list[_Weight]) -> dict[str, np.ndarray]:
         """X^T X per distinct MatMul input (rows = all leading axes), over the calibration data."""
         names = sorted({w.node.inputs[0].name for w in weights})
-        proto = ir.serde.serialize_model(model)
-        graph_outputs = [o.name for o in proto.graph.output]
-        proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in graph_outputs)
-        session = make_session(proto, threads=self.context.config.threads, what="model for GPTQ", low_memory=True)
-        del proto
+        graph_outputs = [o.name for o in model.graph.outputs]
+        session = make_session(
+            model, extra_outputs=names, workspace=self.context.workspace, threads=self.context.config.threads,
+            what="model for GPTQ", low_memory=True,
+        )
         runner = ChunkedRunner(session, names, graph_outputs, self.chunk)
         sums: dict[str, np.ndarray] = {}
         for index, batch in enumerate(self.context.data.calibration()):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["compile", "CompileResult", "resolve_config", "save_model_atomically"]
+__all__ = ["CompileResult", "compile", "resolve_config", "save_model_atomically"]
 
 import contextlib
 import logging
 import os
+import platform
 import tempfile
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -17,23 +19,41 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.backends import get_target
+from qcompile.cache import PassCache, PipelineCache, cache_directory
 from qcompile.config import CompileConfig, load_config
 from qcompile.context import CompileContext
 from qcompile.data import BatchSource, input_specs
 from qcompile.errors import AccuracyGateError, ConfigError, OutputError
-from qcompile.evaluate import compare_outputs, measure_latency
+from qcompile.evaluate import compare_outputs, compare_to_outputs, measure_latency
 from qcompile.loader import describe_source, load_model
+from qcompile.log import Progress, TerminalProgress
 from qcompile.pipeline import format_pipeline, parse_pipeline, run_pipeline
 from qcompile.recipes import pipeline_for
 from qcompile.report import Report
+from qcompile.reproduce import (
+    HashingIterable,
+    canonical_json,
+    code_digest,
+    config_digest,
+    data_digest,
+    file_digest,
+    model_digest,
+    sha256_hex,
+)
 from qcompile.runtime import make_session
+from qcompile.workspace import (
+    LARGE_MODEL_BYTES,
+    Workspace,
+    serialize_inline,
+    weight_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def _versions() -> dict[str, str]:
-    versions = {}
-    for package in ("qcompile", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy"):
+    versions = {"python": platform.python_version()}
+    for package in ("qcompile", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy", "protobuf"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -65,18 +85,39 @@ class CompileResult:
         self.report = report
 
     def to_proto(self) -> onnx.ModelProto:
-        return ir.serde.serialize_model(self.model)
+        return serialize_inline(self.model)
 
     def save(self, path: str | Path, *, report_path: str | Path | None = None) -> None:
         """Write the model (and optionally report.json) atomically: complete files or none."""
-        save_model_atomically(self.to_proto(), Path(path))
+        # Both destinations first: a bad report path must not leave the model written alone.
+        for destination in (path, report_path):
+            if destination is not None:
+                check_destination(Path(destination))
+        if weight_bytes(self.model) > _INLINE_LIMIT:
+            # Weights beyond what one protobuf holds go to <name>.data, written tensor by tensor.
+            save_large_model_atomically(self.model, Path(path))
+        else:
+            save_model_atomically(self.to_proto(), Path(path))
+        if weight_bytes(self.model) > LARGE_MODEL_BYTES and self.report.hashes:
+            # A large model's output_model hashes its content; record the files as written too.
+            data = Path(path).parent / f"{Path(path).name}.data"
+            self.report.hashes["output_files"] = {
+                "model": file_digest(path), **({data.name: file_digest(data)} if data.is_file() else {}),
+            }
         if report_path is not None:
             write_text_atomically(Path(report_path), self.report.to_json())
 
 
-def _temp_beside(path: Path):
+def check_destination(path: Path) -> None:
+    """An OutputError now, before any work, if ``path`` cannot be a file we write."""
+    if path.is_dir():
+        raise OutputError(f"Cannot write {str(path)!r}: it is a directory. Give the path of a file (in it, if you like).")
     if not path.parent.is_dir():
         raise OutputError(f"Cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist.")
+
+
+def _temp_beside(path: Path):
+    check_destination(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
@@ -96,6 +137,29 @@ def write_text_atomically(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as error:
         raise OutputError(f"Cannot write {str(path)!r}: {error.strerror}.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# Protobuf cannot serialise 2 GB; a model with more weights than this is saved with external data.
+_INLINE_LIMIT = 1_800_000_000
+
+
+def save_large_model_atomically(model: ir.Model, path: Path) -> None:
+    """``ir.save`` with the weights in ``<name>.data`` (no serialised copy of the whole model); the
+    model file is renamed into place last, and a failure removes what was written."""
+    tmp = _temp_beside(path)
+    data_name = f"{path.name}.data"
+    try:
+        # ir.save writes the data file through a temporary file of its own, then renames it.
+        ir.save(model, tmp, external_data=data_name)
+        os.replace(tmp, path)
+    except OSError as error:
+        if not path.exists():
+            (path.parent / data_name).unlink(missing_ok=True)
+        raise OutputError(
+            f"Cannot write {str(path)!r}: {error.strerror or error}. Check free space and permissions."
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -123,7 +187,7 @@ def save_model_atomically(proto: onnx.ModelProto, path: Path) -> None:
             os.replace(data_tmp, path.parent / data_name)
         else:
             with open(tmp, "wb") as f:
-                f.write(proto.SerializeToString())
+                f.write(proto.SerializeToString(deterministic=True))
         os.replace(tmp, path)
     except OSError as error:
         raise OutputError(
@@ -135,7 +199,7 @@ def save_model_atomically(proto: onnx.ModelProto, path: Path) -> None:
             data_tmp.unlink(missing_ok=True)
 
 
-def compile(  # noqa: A001  (the verb users expect: qcompile.compile)
+def compile(  # the verb users expect: qcompile.compile
     model: Any,
     calibration_data: str | Path | Iterable[Mapping] | None = None,
     *,
@@ -146,7 +210,7 @@ def compile(  # noqa: A001  (the verb users expect: qcompile.compile)
     dynamic_shapes: Any = None,
     dump_after: Sequence[str] = (),
     dump_dir: str | Path | None = None,
-    show_progress: bool = False,
+    show_progress: bool | Progress = False,
 ) -> CompileResult:
     """Compile ``model`` for ``target`` and evaluate it against the float model.
 
@@ -155,44 +219,95 @@ def compile(  # noqa: A001  (the verb users expect: qcompile.compile)
     ``dynamic_shapes``, as torch.export takes them). ``calibration_data``: a directory of .npz
     files (one batch each, keys = input names) or an iterable of ``{input_name: array}``.
     The input model is never modified. Raises ``AccuracyGateError`` (with ``.result``) when
-    ``config.min_sqnr`` is set and an output falls below it.
+    ``config.min_sqnr`` is set and an output falls below it. ``show_progress``: True shows
+    calibration progress on stderr, or pass a ``qcompile.log.Progress`` callback to get it.
     """
     config = resolve_config(config, target=target)
     target_spec = get_target(config.target)
     float_model = load_model(model, example_inputs, dynamic_shapes)
-    specs = parse_pipeline(pipeline_for(config.pipeline, config.recipe, target_spec))
-    float_proto = ir.serde.serialize_model(float_model)
+    specs = parse_pipeline(pipeline_for(config.pipeline, config.recipe, target_spec, config))
     inputs = input_specs(float_model)
+    if isinstance(calibration_data, Iterable) and not isinstance(calibration_data, (str, Path, list, tuple, Mapping)):
+        # A one-shot iterator: hashed as calibration reads it (see qcompile.reproduce).
+        calibration_data = HashingIterable(calibration_data)
+    versions = _versions()
+    input_sha, data_sha = model_digest(float_model), data_digest(calibration_data)
     data = None
     if calibration_data is not None:
         data = BatchSource(calibration_data, inputs, eval_source=eval_data, max_eval=config.eval_batches)
-    context = CompileContext(config=config, target=target_spec, data=data, show_progress=show_progress)
-    working = ir.serde.deserialize_model(float_proto)
-    compiled, timings = run_pipeline(working, specs, context, dump_after=dump_after, dump_dir=dump_dir)
-    compiled_proto = ir.serde.serialize_model(compiled)
-
-    plan = context.analyses.get("plan")
-    evaluation, latency, fusion = _evaluate(float_proto, compiled_proto, data, config, target_spec, plan)
-    verification = _verify_on_target(compiled_proto, data, config, target_spec)
+    # Large models keep their weights in files (qcompile.workspace): no protobuf of the whole model,
+    # and ONNX Runtime maps the weights instead of copying them.
+    workspace = Workspace() if weight_bytes(float_model) > LARGE_MODEL_BYTES else None
+    try:
+        if workspace is not None:
+            workspace.adopt(float_model)
+            logger.info("large model (%.2f GB of weights): weights stay on disk in %s",
+                        weight_bytes(float_model) / 1e9, workspace.path)
+        progress = show_progress if callable(show_progress) else TerminalProgress() if show_progress else None
+        context = CompileContext(config=config, target=target_spec, data=data, progress=progress,
+                                 workspace=workspace)
+        cache, cache_summary = _pass_cache(config, calibration_data, {
+            "input_model": input_sha, "data": data_sha, "eval_data_given": eval_data is not None,
+            "versions": versions, "code": code_digest(),
+        })
+        # The passes work on a clone that shares the weight tensors (never modified in place).
+        working = float_model.clone()
+        compiled, timings = run_pipeline(working, specs, context, dump_after=dump_after, dump_dir=dump_dir,
+                                         cache=cache)
+        plan = context.analyses.get("plan")
+        evaluation, latency, fusion = _evaluate(float_model, compiled, data, config, target_spec, plan, workspace)
+        verification = _verify_on_target(compiled, data, config, target_spec)
+    except BaseException:
+        if workspace is not None:
+            workspace.close()
+        raise
     gate = _accuracy_gate(config, evaluation)
+    if isinstance(calibration_data, HashingIterable):
+        data_sha = calibration_data.digest  # known now that calibration has read it
+    hashes = {
+        "algorithm": "sha256",
+        "input_model": input_sha,
+        "input_file": file_digest(model) if isinstance(model, (str, Path)) else None,
+        "calibration_data": data_sha,
+        "evaluation_data": data_digest(eval_data) if isinstance(eval_data, (str, Path, list, tuple)) else None,
+        "config": config_digest(config, format_pipeline(specs)),
+        "versions": sha256_hex(canonical_json(versions)),
+        "qcompile_code": code_digest(),
+    }
+    hashes["inputs"] = sha256_hex(canonical_json(
+        {k: hashes[k] for k in ("input_model", "calibration_data", "config", "versions", "qcompile_code")}))
+    hashes["output_model"] = model_digest(compiled)
+    if cache is not None:
+        cache_summary.update(
+            hits=sum(t.cache == "hit" for t in timings), stored=sum(t.cache == "stored" for t in timings),
+            saved_seconds=round(sum(t.saved_seconds for t in timings), 4),
+            restore_seconds=round(cache.restore_seconds, 4), store_seconds=round(cache.store_seconds, 4),
+        )
     report = Report(
-        versions=_versions(),
+        versions=versions,
         source=describe_source(model),
         target=target_spec.name,
         config=config.to_dict(),
         pipeline=format_pipeline(specs),
-        passes=[{"name": t.name, "seconds": round(t.seconds, 4), "modified": t.modified} for t in timings],
+        passes=[{"name": t.name, "seconds": round(t.seconds, 4), "modified": t.modified, "cache": t.cache}
+                for t in timings],
         plan=plan.summary() if plan is not None else {},
         calibration=_calibration_summary(context, config),
         evaluation=evaluation,
-        size={"float_bytes": float_proto.ByteSize(), "quantized_bytes": compiled_proto.ByteSize()},
+        size={"float_bytes": _model_bytes(float_model), "quantized_bytes": _model_bytes(compiled)},
         latency=latency,
         fusion=fusion,
         accuracy_gate=gate,
         transformations=context.records,
         verification=verification,
+        hashes=hashes,
+        cache=cache_summary,
     )
     result = CompileResult(compiled, report)
+    if workspace is not None:
+        # Weights the compile left unchanged are still read from the workspace: keep it while the
+        # result lives (result.save reads them), remove it afterwards.
+        weakref.finalize(result, workspace.close)
     if not report.gate_passed:
         error = AccuracyGateError(
             f"Accuracy gate failed: {gate['failing']} below the required SQNR of {config.min_sqnr} dB. "
@@ -202,6 +317,22 @@ def compile(  # noqa: A001  (the verb users expect: qcompile.compile)
         error.result = result
         raise error
     return result
+
+
+def _pass_cache(config: CompileConfig, calibration_data, identity: dict) -> tuple[PipelineCache | None, dict]:
+    """The pass cache for this run, or None; and the report's summary of it (why it is off)."""
+    if config.cache is None:
+        return None, {"enabled": False, "why": "off by default in the Python API (cache = true turns it on)"}
+    if not config.cache:
+        return None, {"enabled": False, "why": "turned off (cache = false, --no-cache)"}
+    if calibration_data is not None and identity["data"] is None:
+        return None, {"enabled": False, "why": "the calibration data's content hash is not known before "
+                      "calibration reads it (a one-shot iterator, or unreadable data)"}
+    directory = cache_directory(config.cache_dir)
+    store, why = PassCache.open(directory, config.cache_max_mb * 1_000_000)
+    if store is None:
+        return None, {"enabled": False, "dir": str(directory), "why": why}
+    return PipelineCache(store, identity), {"enabled": True, "dir": str(directory)}
 
 
 def _calibration_summary(context: CompileContext, config: CompileConfig) -> dict:
@@ -215,30 +346,53 @@ def _calibration_summary(context: CompileContext, config: CompileConfig) -> dict
     }
 
 
-def _evaluate(float_proto, compiled_proto, data: BatchSource | None, config: CompileConfig, target, plan):
+def _model_bytes(model: ir.Model) -> int:
+    """Serialised size of ``model``; for large models, its weight bytes (no serialised copy)."""
+    if weight_bytes(model) > LARGE_MODEL_BYTES:
+        return weight_bytes(model)
+    return serialize_inline(model).ByteSize()
+
+
+def _evaluate(float_model: ir.Model, compiled: ir.Model, data: BatchSource | None, config: CompileConfig,
+              target, plan, workspace: Workspace | None):
     if data is None:
         return {"data": None, "outputs": {}}, {}, {}
     description, batches = data.evaluation()
-    float_session = make_session(float_proto, threads=config.threads, what="float model")
+    if workspace is not None:
+        workspace.spill(compiled)  # the quantized weights wait on disk while the float model runs
+    float_session = make_session(float_model, workspace=workspace, threads=config.threads, what="float model")
+    expected = names = None
+    float_latency = None
+    if workspace is not None and batches:
+        # One session at a time: the float outputs are kept, the float session's weights are not.
+        names = [o.name for o in float_session.get_outputs()]
+        expected = [float_session.run(names, batch) for batch in batches]
+        if config.measure_latency:
+            float_latency = measure_latency(float_session, batches[0], config.latency_runs)
+        float_session = None
     with tempfile.TemporaryDirectory(prefix="qcompile-") as tmp:
-        optimized = os.path.join(tmp, "optimized.onnx")
+        # ORT cannot write an optimized model over 2 GB; the fusion report is for small models.
+        optimized = os.path.join(tmp, "optimized.onnx") if workspace is None else None
         quant_session = make_session(
-            compiled_proto, providers=target.evaluation_providers or target.providers, threads=config.threads,
-            optimized_model_path=optimized, what="compiled model",
+            compiled, workspace=workspace, providers=target.evaluation_providers or target.providers,
+            threads=config.threads, optimized_model_path=optimized, what="compiled model",
         )
         fusion = {}
-        if target.fusion_report is not None and os.path.exists(optimized):
+        if target.fusion_report is not None and optimized is not None and os.path.exists(optimized):
             with contextlib.suppress(Exception):  # the report is best effort; never fail the compile
                 fusion = target.fusion_report(onnx.load_model(optimized, load_external_data=False),
                                               set(plan.anchors) if plan else set())
     evaluation = {"data": description, "batches": len(batches), "outputs": {}}
     latency = {}
     if batches:
-        evaluation["outputs"] = compare_outputs(float_session, quant_session, batches)
+        if expected is None:
+            evaluation["outputs"] = compare_outputs(float_session, quant_session, batches)
+        else:
+            evaluation["outputs"] = compare_to_outputs(names, expected, quant_session, batches)
         if config.measure_latency:
             latency = {
                 "batch_shapes": {k: list(v.shape) for k, v in batches[0].items()},
-                "float": measure_latency(float_session, batches[0], config.latency_runs),
+                "float": float_latency or measure_latency(float_session, batches[0], config.latency_runs),
                 "quantized": measure_latency(quant_session, batches[0], config.latency_runs),
                 "threads": config.threads or "onnxruntime default",
                 "provider": quant_session.get_providers()[0],
@@ -247,12 +401,12 @@ def _evaluate(float_proto, compiled_proto, data: BatchSource | None, config: Com
     return evaluation, latency, fusion
 
 
-def _verify_on_target(compiled_proto, data: BatchSource | None, config: CompileConfig, target) -> dict:
+def _verify_on_target(compiled: ir.Model, data: BatchSource | None, config: CompileConfig, target) -> dict:
     """The target's own check on its provider (placement, fidelity), for targets that have one."""
     if target.verify is None:
         return {}
     batches = data.evaluation()[1] if data is not None else []
-    return target.verify(compiled_proto, batches, config)
+    return target.verify(serialize_inline(compiled), batches, config)
 
 
 def _accuracy_gate(config: CompileConfig, evaluation: dict) -> dict:

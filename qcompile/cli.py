@@ -1,4 +1,4 @@
-"""The ``qcompile`` command line: compile, run, passes, targets, inspect.
+"""The ``qcompile`` command line: compile, run, passes, targets, inspect, verify, debug.
 
 Exit codes: 0 ok, 2 bad input or usage, 3 accuracy gate failed, 1 an internal error (a bug).
 """
@@ -10,6 +10,7 @@ __all__ = ["main"]
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from collections import Counter
@@ -44,12 +45,14 @@ _CONFIG_FLAGS = {
     "recipe": "recipe",
     "allow_fallback": "allow_fallback",
     "ep_context": "ep_context_path",
+    "cache": "cache",
+    "cache_dir": "cache_dir",
+    "cache_max_mb": "cache_max_mb",
 }
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qcompile", description="Quantization compiler for ONNX models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every pass")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compile", help="quantize a model for a target")
@@ -82,7 +85,18 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="compile even when nodes would run on the CPU provider instead of the target's (reported)")
     c.add_argument("--ep-context", metavar="PATH",
                    help="qnn-htp: also write the EP-context model (precompiled QNN context binary) to PATH")
-    c.add_argument("-q", "--quiet", action="store_true", help="no summary, no progress")
+    c.add_argument("--no-cache", dest="cache", action="store_false", default=None,
+                   help="run every pass; neither read nor write the pass cache")
+    c.add_argument("--cache-dir", help="pass cache folder (default: $QCOMPILE_CACHE_DIR, else ~/.cache/qcompile)")
+    c.add_argument("--cache-max-mb", type=int, metavar="MB",
+                   help="delete least recently used cache entries beyond this size (default 10000)")
+
+    v = sub.add_parser("verify", help="check a compiled model against its report.json; optionally compile it again")
+    v.add_argument("model", help="the compiled model to check")
+    v.add_argument("--report", help="the report.json written with it (default: report.json beside MODEL)")
+    v.add_argument("--model", dest="source_model", metavar="FLOAT_MODEL",
+                   help="the model it was compiled from: compile it again with the report's config and compare bytes")
+    v.add_argument("--calib", help="the calibration data it was compiled with (with --model)")
 
     r = sub.add_parser("run", help="run a model on a target's provider; print where each node runs and the outputs")
     r.add_argument("model")
@@ -97,7 +111,39 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--target", default="cpu")
     i.add_argument("--json", action="store_true", help="print JSON")
+    d = sub.add_parser("debug", help="per-layer error analysis of a quantized model against its float original")
+    d.add_argument("float_model", metavar="FLOAT", help="the float ONNX model")
+    d.add_argument("quant_model", metavar="QUANT", help="the quantized (QDQ) ONNX model compiled from FLOAT")
+    d.add_argument("--data", required=True, help="directory of .npz batches (keys = input names, as for --calib), or one .npz")
+    d.add_argument("--out", metavar="HTML", help="write the HTML report (one self-contained file)")
+    d.add_argument("--json", metavar="JSON", dest="json_path", help="write the JSON report")
+    d.add_argument("--top", type=int, default=10, help="how many of the worst layers to print (default 10)")
+    d.add_argument("--max-batches", type=int, help="use only the first N batches")
+    d.add_argument("--group-size", type=int, help="tensors exposed per ONNX Runtime session (memory bound; default 32)")
+    d.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: ORT's)")
+    _add_logging_flags(parser, in_subcommand=False)
+    for subparser in sub.choices.values():
+        _add_logging_flags(subparser, in_subcommand=True)
     return parser
+
+
+def _add_logging_flags(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
+    """-v, -q and --log-format, the same before or after the subcommand (qcompile -q compile ... is
+    qcompile compile -q ...). A subcommand's own default is SUPPRESS, so it keeps the top level's."""
+    from qcompile.log import LOG_FORMATS
+
+    flags = [
+        (("-v", "--verbose"), {"action": "store_true", "default": False,
+                               "help": "debug logging: every pass with its time, other libraries' info"}),
+        (("-q", "--quiet"), {"action": "store_true", "default": False,
+                             "help": "warnings and errors only; compile: no summary, no progress"}),
+        (("--log-format",), {"choices": LOG_FORMATS, "default": "text",
+                             "help": "log lines on stderr as human text (default) or one JSON object per line"}),
+    ]
+    for names, options in flags:
+        if any(name in parser._option_string_actions for name in names):
+            continue  # a subcommand that defines the flag itself keeps its own
+        parser.add_argument(*names, **{**options, **({"default": argparse.SUPPRESS} if in_subcommand else {})})
 
 
 def _config_from_args(args):
@@ -114,7 +160,9 @@ def _config_from_args(args):
         overrides["measure_latency"] = False
     if args.shape:
         overrides["input_shapes"] = dict(_parse_shape(text) for text in args.shape)
-    return resolve_config(args.config, **overrides)
+    config = resolve_config(args.config, **overrides)
+    # The pass cache is on for the command line unless the config file or --no-cache turns it off.
+    return config if config.cache is not None else config.replace(cache=True)
 
 
 def _parse_shape(text: str) -> tuple[str, list[int]]:
@@ -132,7 +180,7 @@ def _parse_shape(text: str) -> tuple[str, list[int]]:
 
 def _cmd_compile(args) -> int:
     import qcompile
-    from qcompile.api import write_text_atomically
+    from qcompile.api import check_destination, write_text_atomically
     from qcompile.backends import get_target
     from qcompile.pipeline import format_pipeline, parse_pipeline
     from qcompile.recipes import pipeline_for
@@ -140,19 +188,26 @@ def _cmd_compile(args) -> int:
     config = _config_from_args(args)
     if args.print_pipeline:
         target = get_target(config.target)
-        print(format_pipeline(parse_pipeline(pipeline_for(config.pipeline, config.recipe, target))))
+        print(format_pipeline(parse_pipeline(pipeline_for(config.pipeline, config.recipe, target, config))))
         return 0
     model_path = Path(args.model)
     output = Path(args.output) if args.output else model_path.with_suffix(f".{config.target}.onnx")
-    if output.resolve() == model_path.resolve():
-        raise qcompile.OutputError(f"The output {str(output)!r} would overwrite the input model; choose another -o.")
     report_path = Path(args.report) if args.report else output.parent / "report.json"
+    for path, flag in ((output, "-o"), (report_path, "--report")):
+        if _same_file(path, model_path):
+            raise qcompile.OutputError(f"{flag} {str(path)!r} would overwrite the input model; choose another {flag}.")
+    if _same_file(report_path, output):
+        raise qcompile.OutputError(f"--report and -o both name {str(output)!r}; give the report another path.")
+    if model_path.is_file():  # a missing model gets its own error from the loader
+        # Destinations are checked before the compile, which can take long, not after it.
+        check_destination(output)
+        check_destination(report_path)
     dump_dir = args.dump_dir or (str(output) + ".dumps" if args.dump_after else None)
     try:
         result = qcompile.compile(
             str(model_path), args.calib, config=config, eval_data=args.eval_data,
             dump_after=args.dump_after, dump_dir=dump_dir,
-            show_progress=not args.quiet and sys.stderr.isatty(),
+            show_progress=_progress(args),
         )
     except AccuracyGateError as error:
         # The report says how far it missed; the model is not written, so no build step can ship it.
@@ -160,12 +215,46 @@ def _cmd_compile(args) -> int:
             write_text_atomically(report_path, error.result.report.to_json())
             if not args.quiet:
                 print(error.result.report)
-            print(f"report: {report_path}", file=sys.stderr)
+            if args.log_format == "json":
+                logger.info("report: %s", report_path, extra={"report": str(report_path)})
+            else:
+                print(f"report: {report_path}", file=sys.stderr)
         raise
     result.save(output, report_path=report_path)
     if not args.quiet:
         print(result.report)
         print(f"wrote {output} and {report_path}")
+    return 0
+
+
+def _progress(args):
+    """How compile shows calibration progress: a rewritten line on a terminal, log records in
+    JSON mode, nothing with -q (or when stderr is a file)."""
+    from qcompile.log import LogProgress, TerminalProgress
+
+    if args.quiet:
+        return False
+    if args.log_format == "json":
+        return LogProgress()
+    return TerminalProgress() if sys.stderr.isatty() else False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: equal once resolved, or hard links of one file."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _cmd_verify(args) -> int:
+    from qcompile.reproduce import verify_artifact
+
+    report = Path(args.report) if args.report else Path(args.model).parent / "report.json"
+    for line in verify_artifact(args.model, report, model=args.source_model, calibration_data=args.calib):
+        print(line)
     return 0
 
 
@@ -257,6 +346,33 @@ def _run_inputs(path: str | None, session, np) -> dict:
     return {meta.name: feed[meta.name] for meta in inputs}
 
 
+def _cmd_debug(args) -> int:
+    from qcompile.api import write_text_atomically
+    from qcompile.debug import DEFAULT_GROUP_SIZE, analyze
+
+    show = not args.quiet and sys.stderr.isatty()
+
+    def progress(line: str) -> None:
+        print(f"\rdebug: {line}\033[K", end="", file=sys.stderr, flush=True)
+
+    report = analyze(
+        args.float_model, args.quant_model, args.data, group_size=args.group_size or DEFAULT_GROUP_SIZE,
+        max_batches=args.max_batches, threads=args.threads, progress=progress if show else None,
+    )
+    if show:
+        print(file=sys.stderr)
+    if args.out:
+        write_text_atomically(Path(args.out), report.to_html(top=max(args.top, 20)))
+    if args.json_path:
+        write_text_atomically(Path(args.json_path), report.to_json())
+    if not args.quiet:
+        print(report.text_table(args.top))
+        for path in (args.out, args.json_path):
+            if path:
+                print(f"wrote {path}")
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     from qcompile.backends import get_target
     from qcompile.config import CompileConfig
@@ -305,26 +421,38 @@ def _cmd_inspect(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qcompile.log import setup_logging
+
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet contradict each other; give one of them.")
+    setup_logging(verbosity=1 if args.verbose else -1 if args.quiet else 0, log_format=args.log_format)
     commands = {"compile": _cmd_compile, "run": _cmd_run, "passes": _cmd_passes, "targets": _cmd_targets,
-                "inspect": _cmd_inspect}
+                "inspect": _cmd_inspect, "verify": _cmd_verify, "debug": _cmd_debug}
     try:
         return commands[args.command](args)
     except QcompileError as error:
-        print(f"qcompile: error: {error}", file=sys.stderr)
+        _error(args, str(error), error=type(error).__name__, exit_code=error.exit_code)
         return error.exit_code
     except KeyboardInterrupt:
-        print("qcompile: interrupted", file=sys.stderr)
+        _error(args, "interrupted", exit_code=130)
         return 130
     except Exception:  # a bug: show everything so it can be reported
+        if args.log_format == "json":
+            logger.exception("internal error (a bug in qcompile): please report it with the exception", extra={"exit_code": 1})
+            return 1
         traceback.print_exc()
         print("qcompile: internal error (a bug in qcompile): please report it with the traceback above.", file=sys.stderr)
         return 1
+
+
+def _error(args, message: str, **fields) -> None:
+    """The one line an error gets on stderr: ``qcompile: error: ...``, or a JSON log record."""
+    if args.log_format == "json":
+        logger.error(message, extra=fields)
+    else:
+        print(f"qcompile: {'error: ' if 'error' in fields else ''}{message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ valid one, never a warning.
 
 from __future__ import annotations
 
-__all__ = ["CompileConfig", "load_config"]
+__all__ = ["NON_BUILD_KEYS", "CompileConfig", "load_config"]
 
 import dataclasses
 import difflib
@@ -43,6 +43,11 @@ class CompileConfig:
     exclude_regex: list[str] = dataclasses.field(default_factory=list)
     # Quantize MatMuls whose both inputs are activations (attention scores); weights are always quantized.
     quantize_activation_matmul: bool = True
+    # Accuracy-recovery passes added to the pipeline (qcompile.recipes.ACCURACY_PASSES says where):
+    # cross-layer-equalization, bias-correction, adaround.
+    cross_layer_equalization: bool = False
+    bias_correction: bool = False
+    adaround: bool = False
     # A tensor whose calibrated magnitude reaches this is a mask or sentinel, not a signal: it stays float.
     sentinel_threshold: float = 1e6
     # Evaluation: at most this many held-out batches; latency measured with this many timed runs.
@@ -62,6 +67,14 @@ class CompileConfig:
     # qnn-htp: also write the EP-context model (the precompiled QNN context binary beside it, in
     # <name>_qnn.bin) to this path, so the device does not compile the graph at load time.
     ep_context_path: str | None = None
+    # Pass cache (qcompile.cache): reuse the results of passes already run on the same model, data,
+    # config and versions, e.g. calibration when only a later pass's options changed. The output is
+    # byte-identical either way. None: on for the command line, off for the Python API (a library
+    # call writes no cache unless asked). cache_dir None: $QCOMPILE_CACHE_DIR, else ~/.cache/qcompile.
+    # Least recently used entries are deleted to keep the cache under cache_max_mb megabytes.
+    cache: bool | None = None
+    cache_dir: str | None = None
+    cache_max_mb: int = 10_000
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,6 +101,13 @@ class CompileConfig:
             raise ConfigError(f"percentile = {self.percentile} must be in (50, 100], e.g. 99.999.")
         if self.eval_batches < 0 or self.latency_runs < 1:
             raise ConfigError("eval_batches must be >= 0 and latency_runs >= 1.")
+        if self.cache_max_mb < 1:
+            raise ConfigError(
+                f"cache_max_mb = {self.cache_max_mb} must be at least 1; to turn the cache off, set "
+                "cache = false (--no-cache)."
+            )
+        if self.threads < 0:
+            raise ConfigError(f"threads = {self.threads} must be >= 0 (0: ONNX Runtime's default).")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> CompileConfig:
@@ -108,6 +128,15 @@ class CompileConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Keys that cannot change the compiled model: how it is evaluated, gated and cached, and which other
+# files are written. pipeline and recipe are replaced by the resolved pipeline text. Everything else
+# is part of a compile's identity: its config hash and its pass-cache keys (no pass may read these).
+NON_BUILD_KEYS = frozenset({
+    "pipeline", "recipe", "latency_runs", "measure_latency", "min_sqnr", "allow_fallback", "ep_context_path",
+    "cache", "cache_dir", "cache_max_mb",
+})
 
 
 _TYPE_CHECKS = {
@@ -151,6 +180,12 @@ def load_config(path: str | Path) -> CompileConfig:
             values = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"Config file {str(path)!r} does not exist.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"Config file {str(path)!r} is a directory; pass the qcompile.toml inside it.") from None
+    except OSError as error:
+        raise ConfigError(f"Cannot read config file {str(path)!r}: {error.strerror or error}.") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"Config file {str(path)!r} is not UTF-8 text: {error}.") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"Config file {str(path)!r} is not valid TOML: {error}.") from None
     return CompileConfig.from_dict(values, source=str(path))

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from qcompile.backends.base import Target
     from qcompile.config import CompileConfig
     from qcompile.data import BatchSource
+    from qcompile.log import Progress
+    from qcompile.workspace import Workspace
 
 
 @dataclasses.dataclass
@@ -32,7 +34,10 @@ class CompileContext:
     # What passes did that the report shows as is (pass name -> plain data), e.g. what smooth-quant changed.
     records: dict[str, Any] = dataclasses.field(default_factory=dict)
     logger: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("qcompile"))
-    show_progress: bool = False
+    # Told how far long steps (calibration) got; the command line renders it (qcompile.log).
+    progress: Progress | None = None
+    # Large models only: where their weights live on disk during the compile (qcompile.workspace).
+    workspace: Workspace | None = None
 
     def require_analysis(self, name: str, pass_name: str, produced_by: str) -> Any:
         if name not in self.analyses:

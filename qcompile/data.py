@@ -74,8 +74,21 @@ def validate_batch(batch: Any, specs: list[InputSpec], where: str) -> Batch:
         )
     result = {}
     for spec in specs:
-        array = np.asarray(batch[spec.name])
-        if spec.dtype is not None and array.dtype != spec.dtype:
+        try:
+            array = np.asarray(batch[spec.name])
+        except (TypeError, ValueError) as error:  # ragged nested lists, objects numpy cannot convert
+            raise CalibrationDataError(
+                f"{where}: input {spec.name!r} is not an array numpy can build ({error}). Pass a "
+                "numpy array of the input's shape."
+            ) from None
+        if spec.dtype is not None and spec.dtype.kind == "O":
+            # A string input: ONNX Runtime takes numpy str, bytes or object arrays of str.
+            if array.dtype.kind not in "USO":
+                raise CalibrationDataError(
+                    f"{where}: input {spec.name!r} is a string input but has dtype {array.dtype}. "
+                    "Pass an array of str, e.g. np.array(['text', ...])."
+                )
+        elif spec.dtype is not None and array.dtype != spec.dtype:
             raise CalibrationDataError(
                 f"{where}: input {spec.name!r} has dtype {array.dtype} but the model expects "
                 f"{spec.dtype}. Convert it, e.g. array.astype(np.{spec.dtype.name})."
@@ -138,15 +151,21 @@ class BatchSource:
         if isinstance(source, (str, Path)):
             directory = Path(source)
             if not directory.is_dir():
+                what = "is a file, not a directory" if directory.exists() else "is not a directory"
                 raise CalibrationDataError(
-                    f"{label}: {str(directory)!r} is not a directory. Pass a directory of .npz files "
+                    f"{label}: {str(directory)!r} {what}. Pass a directory of .npz files "
                     "(one batch per file, keys = model input names)."
                 )
-            files = sorted(directory.glob("*.npz"))
+            files = sorted(p for p in directory.glob("*.npz") if p.is_file())
             if not files:
+                others = sorted(p.name for p in directory.iterdir())
+                found = (
+                    f" (it has {len(others)} other entries: {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+                    if others else " (it is empty)"
+                )
                 raise CalibrationDataError(
-                    f"{label}: directory {str(directory)!r} has no .npz files. Save each batch with "
-                    "numpy.savez(path, **{input_name: array})."
+                    f"{label}: directory {str(directory)!r} has no .npz files{found}. Save each batch "
+                    "with numpy.savez(path, **{input_name: array})."
                 )
             return f"{len(files)} .npz files in {directory}", lambda: _read_npz_files(files)
         if isinstance(source, Mapping):
@@ -193,7 +212,7 @@ class BatchSource:
             yield batch
         self.calibration_batches = count
         if count == 0:
-            raise CalibrationDataError("calibration data has no batches.")
+            raise CalibrationDataError("calibration data has no batches: pass at least one {input_name: array} batch.")
 
     def _is_held_out(self, index: int) -> bool:
         return index % self.holdout_every == self.holdout_every - 1
@@ -228,7 +247,9 @@ def _read_npz_files(files: list[Path]) -> Iterator[tuple[str, Batch]]:
             with np.load(path, allow_pickle=False) as data:
                 batch = {key: data[key] for key in data.files}
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+            # Object arrays need pickle, which could run code from the file: strings must be str arrays.
+            hint = " (save strings as np.array(values, dtype=str))" if "allow_pickle" in str(error) else ""
             raise CalibrationDataError(
-                f"Cannot read calibration file {str(path)!r}: {error}. Write it with numpy.savez."
+                f"Cannot read calibration file {str(path)!r}: {error}. Write it with numpy.savez{hint}."
             ) from None
         yield path.name, batch

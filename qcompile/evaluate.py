@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["OutputError", "compare_outputs", "measure_latency", "sqnr_db"]
+__all__ = ["OutputError", "compare_outputs", "compare_to_outputs", "measure_latency", "sqnr_db"]
 
 import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -59,9 +59,18 @@ def compare_outputs(
 ) -> dict[str, dict]:
     """Per-output SQNR (dB), cosine similarity and max abs error of candidate vs reference."""
     names = [o.name for o in reference.get_outputs()]
+    return compare_to_outputs(names, (reference.run(names, batch) for batch in batches), candidate, batches)
+
+
+def compare_to_outputs(
+    names: Sequence[str], expected: Iterable[Sequence[np.ndarray]], candidate: ort.InferenceSession,
+    batches: Sequence[dict],
+) -> dict[str, dict]:
+    """``compare_outputs`` against outputs computed earlier (``expected``: one list per batch), so
+    the reference session need not be alive at the same time as the candidate (large models)."""
     errors = {name: OutputError() for name in names}
-    for batch in batches:
-        for name, x, y in zip(names, reference.run(names, batch), candidate.run(names, batch)):
+    for batch, outputs in zip(batches, expected, strict=True):
+        for name, x, y in zip(names, outputs, candidate.run(list(names), batch)):
             if np.issubdtype(np.asarray(x).dtype, np.floating):
                 errors[name].update(np.asarray(x), np.asarray(y))
     return {name: e.summary() for name, e in errors.items()}

@@ -5,7 +5,7 @@ Text form, as in LLVM's ``opt -passes=``: ``fix-names,shape-inference,calibrate(
 
 from __future__ import annotations
 
-__all__ = ["PassSpec", "parse_pipeline", "format_pipeline", "run_pipeline"]
+__all__ = ["PassSpec", "PassTiming", "format_pipeline", "parse_pipeline", "run_pipeline"]
 
 import ast
 import dataclasses
@@ -14,18 +14,21 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
 from qcompile import passes as _passes  # noqa: F401  (registers the passes)
 from qcompile.context import CompileContext
-from qcompile.errors import PipelineError, QcompileError
+from qcompile.errors import OutputError, PipelineError, QcompileError
 from qcompile.passes.registry import create_pass, registered_passes
+
+if TYPE_CHECKING:
+    from qcompile.cache import PipelineCache
 
 logger = logging.getLogger(__name__)
 
-_SPEC = re.compile(r"^\s*([a-z][a-z0-9-]*)\s*(?:\((.*)\))?\s*$", re.S)
+_SPEC = re.compile(r"^\s*([a-z][a-z0-9-]*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +111,10 @@ class PassTiming:
     name: str
     seconds: float
     modified: bool
+    # The pass cache: "hit" (restored, not run; saved_seconds is what it took when it ran),
+    # "stored" (ran, result stored), "ran" (ran, not worth storing) or "off" (no cache).
+    cache: str = "off"
+    saved_seconds: float = 0.0
 
 
 def run_pipeline(
@@ -117,11 +124,14 @@ def run_pipeline(
     *,
     dump_after: Sequence[str] = (),
     dump_dir: str | Path | None = None,
+    cache: PipelineCache | None = None,
 ) -> tuple[ir.Model, list[PassTiming]]:
     """Run passes in order; time each; save the model after the passes named in ``dump_after``.
 
-    Timing and dumps are instruments around the passes, not code inside them (TVM's PassContext
-    instruments). ``dump_after`` takes pass names or ``all``.
+    Timing, dumps and the pass cache are instruments around the passes, not code inside them
+    (TVM's PassContext instruments). ``dump_after`` takes pass names or ``all``. With ``cache``,
+    the run starts after the last pass whose result is cached (never past a pass to dump), and
+    stores the results of passes worth keeping (qcompile.cache).
     """
     instances = [create_pass(spec.name, context, dict(spec.options)) for spec in specs]
     dump_all = "all" in dump_after
@@ -131,8 +141,20 @@ def run_pipeline(
             f"--dump-after names {', '.join(sorted(unknown_dumps))}, which the pipeline does not run. "
             f"The pipeline is: {format_pipeline(specs)}"
         )
-    timings = []
+    timings: list[PassTiming] = []
+    first = 0
+    keys = cache.keys(specs, context) if cache is not None else []
+    if cache is not None:
+        dumped = [i for i, s in enumerate(specs) if dump_dir is not None and (dump_all or s.name in dump_after)]
+        restored = cache.restore(keys[: min(dumped, default=len(specs))], context)
+        if restored is not None:
+            last, model, done = restored
+            timings = [PassTiming(p["name"], 0.0, p["modified"], "hit", p["seconds"]) for p in done]
+            first = last + 1
+    passes = registered_passes()
     for index, (spec, instance) in enumerate(zip(specs, instances)):
+        if index < first:
+            continue
         start = time.perf_counter()
         try:
             result = instance(model)
@@ -144,11 +166,20 @@ def run_pipeline(
         model = result.model
         seconds = time.perf_counter() - start
         timings.append(PassTiming(spec.name, seconds, bool(result.modified)))
-        logger.info("pass %-20s %7.3fs%s", spec.name, seconds, " (modified)" if result.modified else "")
+        logger.debug(
+            "pass %-20s %7.3fs%s", spec.name, seconds, " (modified)" if result.modified else "",
+            extra={"pass": spec.name, "seconds": round(seconds, 6), "modified": bool(result.modified)},
+        )
+        if cache is not None:
+            keep = cache.worth_storing(passes[spec.name].needs_data, seconds)
+            timings[-1].cache = "stored" if keep and cache.store(keys[index], model, context, timings) else "ran"
         if dump_dir is not None and (dump_all or spec.name in dump_after):
             directory = Path(dump_dir)
-            directory.mkdir(parents=True, exist_ok=True)
             path = directory / f"{index:02d}-{spec.name}.onnx"
-            ir.save(model, path)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                ir.save(model, path)
+            except OSError as error:
+                raise OutputError(f"Cannot write the dump {str(path)!r}: {error.strerror or error}.") from None
             logger.info("wrote %s", path)
     return model, timings

@@ -6,7 +6,7 @@ code inside a pass. ``pipeline_for`` is the one place that decides which pipelin
 
 from __future__ import annotations
 
-__all__ = ["RECIPES", "pipeline_for"]
+__all__ = ["ACCURACY_PASSES", "RECIPES", "pipeline_for"]
 
 from qcompile.backends.base import Target
 from qcompile.errors import ConfigError
@@ -31,15 +31,52 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "llm-w8a8": (),
 }
 
+# Accuracy-recovery passes that a config switch adds to the pipeline a run uses (the target's
+# default, a recipe's or an explicit one): config field -> (pass, the pass it goes right before).
+# Equalization rewrites the float model, so it precedes planning and calibration; adaround and
+# bias-correction change weights and biases once the plan says how they will be quantized, adaround
+# first so that bias-correction corrects the shift its rounding leaves.
+ACCURACY_PASSES: dict[str, tuple[str, str]] = {
+    "cross_layer_equalization": ("cross-layer-equalization", "plan-quantization"),
+    "adaround": ("adaround", "insert-qdq"),
+    "bias_correction": ("bias-correction", "insert-qdq"),
+}
 
-def pipeline_for(pipeline: list[str] | None, recipe: str | None, target: Target) -> list[str]:
-    """The pipeline a run uses: an explicit one, else the recipe's, else the target's default."""
+
+def pipeline_for(pipeline: list[str] | None, recipe: str | None, target: Target, config=None) -> list[str]:
+    """The pipeline a run uses: an explicit one, else the recipe's, else the target's default;
+    with ``config`` (a CompileConfig), plus the accuracy passes its switches turn on."""
     if pipeline and recipe:
         raise ConfigError("Give a pipeline or a recipe, not both: a recipe is a named pipeline.")
     if pipeline:
-        return list(pipeline)
-    if recipe is None:
-        return list(target.default_pipeline)
-    if recipe not in RECIPES:
+        chosen = list(pipeline)
+    elif recipe is None:
+        chosen = list(target.default_pipeline)
+    elif recipe not in RECIPES:
         raise ConfigError(f"Unknown recipe {recipe!r}. Known recipes: {', '.join(RECIPES)}.")
-    return list(RECIPES[recipe] or target.default_pipeline)
+    else:
+        chosen = list(RECIPES[recipe] or target.default_pipeline)
+    return chosen if config is None else _with_accuracy_passes(chosen, config)
+
+
+def _with_accuracy_passes(pipeline: list[str], config) -> list[str]:
+    wanted = [(field, *where) for field, where in ACCURACY_PASSES.items() if getattr(config, field)]
+    if not wanted:
+        return pipeline
+    from qcompile.pipeline import parse_pipeline
+
+    specs = [str(spec) for spec in parse_pipeline(pipeline)]
+    names = [spec.split("(", 1)[0] for spec in specs]
+    for field, pass_name, before in wanted:
+        if pass_name in names:
+            continue  # the pipeline names it already, perhaps with options
+        if before not in names:
+            raise ConfigError(
+                f"{field} = true adds {pass_name!r} before {before!r}, which this pipeline does not run "
+                f"({', '.join(names)}). Use a pipeline with {before!r} (the target's default has it) or "
+                f"turn {field} off."
+            )
+        index = names.index(before)
+        specs.insert(index, pass_name)
+        names.insert(index, pass_name)
+    return specs

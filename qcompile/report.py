@@ -42,6 +42,15 @@ class Report:
     transformations: dict[str, Any] = dataclasses.field(default_factory=dict)  # records passes left
     # The target's check on its own provider: where nodes run, agreement with the CPU reference.
     verification: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Full sha256 of what went into the compile and of its output (qcompile.reproduce): input_model
+    # (the model as loaded, weights included), input_file (the .onnx file given), calibration_data
+    # and evaluation_data (their arrays, in order), config (the keys that can change the output and
+    # the resolved pipeline), versions, qcompile_code, inputs (all that determines the output),
+    # output_model (the written .onnx file's sha256; for large models, of its content), and
+    # output_files (large models: each file as written). `qcompile verify` checks a file against them.
+    hashes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The pass cache: where, and what it saved (passes[i]["cache"] says which passes were hits).
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -94,6 +103,12 @@ class Report:
         lines.extend(_verification_lines(self.verification))
         total = sum(p["seconds"] for p in self.passes)
         lines.append(f"  compile time: {total:.2f}s in {len(self.passes)} passes")
+        hits = [p["name"] for p in self.passes if p.get("cache") == "hit"]
+        if hits:
+            lines.append(f"  pass cache: {len(hits)} passes restored (up to {hits[-1]}), "
+                         f"{self.cache.get('saved_seconds', 0):.2f}s saved")
+        if self.hashes.get("output_model"):
+            lines.append(f"  sha256: {self.hashes['output_model']}")
         gate = self.accuracy_gate
         if gate.get("min_sqnr") is not None:
             verdict = "passed" if gate.get("passed") else f"FAILED: {gate.get('failing')}"

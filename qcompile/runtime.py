@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["make_session", "model_bytes_or_path"]
+__all__ = ["make_session", "model_bytes_or_path", "session_proto"]
 
 import contextlib
 import os
@@ -10,9 +10,11 @@ import tempfile
 from collections.abc import Iterator, Sequence
 
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompile.errors import ModelError, detail
+from qcompile.workspace import Workspace, serialize_inline
 
 # Protobuf cannot serialize more than 2 GB; larger models go through a file with external data.
 _INLINE_LIMIT = 1_800_000_000
@@ -31,9 +33,23 @@ def model_bytes_or_path(proto: onnx.ModelProto) -> Iterator[bytes | str]:
         yield path
 
 
+def session_proto(model: ir.Model, extra_outputs: Sequence[str] = ()) -> onnx.ModelProto:
+    """``model`` as a proto with ``extra_outputs`` exposed too (for observing intermediate tensors).
+
+    The extra outputs get no declared type: ONNX Runtime reports the real one, so values that shape
+    inference missed can still be observed.
+    """
+    proto = serialize_inline(model)
+    existing = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(extra_outputs) if n not in existing)
+    return proto
+
+
 def make_session(
-    proto: onnx.ModelProto,
+    model: onnx.ModelProto | ir.Model,
     *,
+    extra_outputs: Sequence[str] = (),
+    workspace: Workspace | None = None,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     threads: int = 0,
     optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -41,8 +57,14 @@ def make_session(
     what: str = "model",
     low_memory: bool = False,
 ) -> ort.InferenceSession:
-    """A session on ``proto``; ``low_memory`` trades a little speed for returning memory after each
-    run (no arena, no memory pattern): for calibration, whose runs fetch many large tensors."""
+    """A session on ``model`` (a proto, or an onnx-ir model with ``extra_outputs`` exposed too).
+
+    With a ``workspace`` (large models), the session loads a model file whose weights are
+    references into the workspace's files, and rewritten weights are spilled there first: no
+    protobuf of the whole model is built, and ONNX Runtime maps the weights rather than copying
+    them (prepacking, which copies every MatMul weight, is off). ``low_memory`` trades a little
+    speed for returning memory after each run (no arena, no memory pattern): for calibration,
+    whose runs fetch many large tensors."""
     options = ort.SessionOptions()
     options.graph_optimization_level = optimization
     options.log_severity_level = 3
@@ -53,9 +75,16 @@ def make_session(
         options.intra_op_num_threads = threads
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
-    with model_bytes_or_path(proto) as model:
+    if workspace is not None and isinstance(model, ir.Model):
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        source = workspace.session_model(model, extra_outputs)
+    else:
+        if isinstance(model, ir.Model):
+            model = session_proto(model, extra_outputs)
+        source = model_bytes_or_path(model)
+    with source as loadable:
         try:
-            return ort.InferenceSession(model, options, providers=list(providers))
+            return ort.InferenceSession(loadable, options, providers=list(providers))
         except Exception as error:  # ORT raises its own exception types from C++
             raise ModelError(
                 f"ONNX Runtime cannot load the {what}: {detail(error)}"

@@ -26,6 +26,14 @@ def run_passes(proto, pipeline, data=None, **config):
     return model, context
 
 
+@pytest.fixture(autouse=True)
+def pass_cache_dir(tmp_path_factory, monkeypatch):
+    """Each test gets its own, empty pass cache (qcompile.cache), never the user's ~/.cache; subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("qcompile-cache")
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def model_path(tmp_path):
     """The tiny CNN saved as an .onnx file."""

@@ -1,18 +1,38 @@
 """Every bad input is a specific QcompileError that names the problem, and leaves no trace.
 
-Each test checks four things: the exact error class, a message fragment that names the problem,
-an input model file that is byte-identical afterwards, and no new file anywhere under tmp_path
-(no output model, no report, no half-written temp file).
+The corpus is one table, ``CASES``: each row builds one bad input in a fresh folder and names the
+error class it must raise and a fragment of the message that names the problem. Every row runs
+through the Python API and through ``qcompile compile`` (unless it can only be written one way),
+and each run checks:
+
+* the exact error class, and the message fragment;
+* from the command line: exit code 2, ``qcompile: error:`` and no traceback on stderr;
+* the input model file byte-identical afterwards (same SHA-256);
+* no new file anywhere in the folder: no output model, no report, no half-written temp file.
+
+Inputs that look bad but are legitimate (control flow, bool and string tensors, a zero-size
+weight, opset 1, no graph inputs) compile: they are in ``ACCEPTED`` at the end, each with what it checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import onnx
+import onnx_ir as ir
+import onnxruntime as ort
 import pytest
-from tiny_models import cnn_batches, tiny_cnn
+from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
+import qcompile.api
 from qcompile.cli import main
 from qcompile.errors import (
     AccuracyGateError,
@@ -23,294 +43,625 @@ from qcompile.errors import (
     PipelineError,
     QcompileError,
 )
+from qcompile.loader import load_model
 
+# --- tiny models, built here so each case shows what is wrong with it -------------------------
 
-@pytest.fixture
-def out(tmp_path):
-    return tmp_path / "out.onnx"
+OPSET = 17
+WEIGHT = np.random.default_rng(0).normal(0, 0.5, (4, 4)).astype(np.float32)
 
 
-def _files(root):
-    return sorted(p for p in root.rglob("*"))
-
+def tensor(name: str, elem_type: int = TensorProto.FLOAT, shape=("N", 4)) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem_type, list(shape))
 
-def rejects(error_type, model, data, out, **kwargs) -> str:
-    """Compile and save; assert ``error_type`` exactly, the model untouched and nothing written.
 
-    Returns the error message for the caller's own assertions.
-    """
-    before = model.read_bytes() if model.exists() else None
-    files_before = _files(out.parent)
-    with pytest.raises(QcompileError) as info:
-        result = qcompile.compile(str(model), data, **kwargs)
-        result.save(out, report_path=out.with_name("report.json"))
-    assert type(info.value) is error_type, f"expected {error_type.__name__}, got {type(info.value).__name__}: {info.value}"
-    if before is None:
-        assert not model.exists()
-    else:
-        assert model.read_bytes() == before
-    assert not out.exists()
-    assert _files(out.parent) == files_before
-    return str(info.value)
+def graph_model(nodes, inputs, outputs, initializers=(), *, opset: int | None = OPSET, domains=()) -> onnx.ModelProto:
+    """A model exactly as given: no checker, so it can be as broken as a case needs."""
+    graph = helper.make_graph(nodes, "case", inputs, outputs, list(initializers))
+    opsets = ([helper.make_opsetid("", opset)] if opset is not None else []) + [helper.make_opsetid(d, 1) for d in domains]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model
 
 
-# --- the model -------------------------------------------------------------------------------
+def mlp(opset: int | None = OPSET, batch: int | str = "N") -> onnx.ModelProto:
+    """x [N, 4] -> MatMul(w) -> Relu -> z: the good model most cases break one thing of."""
+    return graph_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), helper.make_node("Relu", ["y"], ["z"], name="relu")],
+        [tensor("x", shape=(batch, 4))],
+        [tensor("z", shape=(batch, 4))],
+        [numpy_helper.from_array(WEIGHT, "w")],
+        opset=opset,
+    )
 
 
-def test_nonexistent_model_path(tmp_path, out):
-    """A model path that does not exist is a ModelError naming the path."""
-    missing = tmp_path / "no_such_model.onnx"
-    message = rejects(ModelError, missing, cnn_batches(2), out)
-    assert "no_such_model.onnx" in message
-    assert "does not exist" in message
+def batches(count: int = 3, shape=(2, 4), dtype=np.float32, name: str = "x") -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{name: rng.normal(0, 1, shape).astype(dtype)} for _ in range(count)]
 
 
-def test_truncated_onnx_file(tmp_path, out):
-    """The first half of a valid model's bytes is a ModelError saying the file is not readable."""
-    path = tmp_path / "truncated.onnx"
-    data = tiny_cnn().SerializeToString()
-    path.write_bytes(data[: len(data) // 2])
-    message = rejects(ModelError, path, cnn_batches(2), out)
-    assert "truncated.onnx" in message
-    assert "not a readable ONNX model" in message
+def with_value(position: int, value: float) -> list[dict[str, np.ndarray]]:
+    data = batches()
+    data[position]["x"][0, 0] = value
+    return data
 
 
-def test_random_bytes_file(tmp_path, out):
-    """A file of random bytes is a ModelError saying the file is not readable."""
-    path = tmp_path / "random.onnx"
-    path.write_bytes(np.random.default_rng(0).bytes(4096))
-    message = rejects(ModelError, path, cnn_batches(2), out)
-    assert "random.onnx" in message
-    assert "not a readable ONNX model" in message
+def npz_bytes(**arrays) -> bytes:
+    import io
 
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
-def test_model_failing_onnx_checker(tmp_path, out):
-    """A model onnx.checker rejects (a node reads an undefined value) is a ModelError naming the value and node."""
-    model = tiny_cnn()
-    model.graph.node[0].input[1] = "undefined_weight"
-    with pytest.raises(onnx.checker.ValidationError):
-        onnx.checker.check_model(model)
-    path = tmp_path / "invalid.onnx"
-    onnx.save(model, str(path))
-    message = rejects(ModelError, path, cnn_batches(2), out)
-    assert "not a valid ONNX model" in message
-    assert "undefined_weight" in message
-    assert "conv1" in message  # the message ends "fix the node named above": it must name it
 
+# --- what a case builds, and how it is run ----------------------------------------------------
 
-# --- calibration data ------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class Setup:
+    """One bad input, built in ``folder``: the model, the data, and the extra arguments of each front end."""
 
-def test_calibration_directory_missing(tmp_path, model_path, out):
-    """A calibration directory that does not exist is a CalibrationDataError naming it."""
-    message = rejects(CalibrationDataError, model_path, tmp_path / "no_such_calib", out)
-    assert "no_such_calib" in message
-    assert "not a directory" in message
+    folder: Path
+    model: Path
+    data: Any = None  # calibration data: a folder (also --calib), or batches (written as .npz files for --calib)
+    api: dict = dataclasses.field(default_factory=dict)  # extra keyword arguments of qcompile.compile
+    cli: list[str] = dataclasses.field(default_factory=list)  # extra command-line arguments
+    out: Path | None = None  # the output model (default: FOLDER/out.onnx)
+    report: Path | None = None  # the report (default: FOLDER/report.json)
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None  # e.g. a full disk
 
+    def __post_init__(self):
+        self.out = self.out or self.folder / "out.onnx"
+        self.report = self.report or self.folder / "report.json"
 
-def test_calibration_directory_empty(tmp_path, model_path, out):
-    """A calibration directory without .npz files is a CalibrationDataError naming it."""
-    empty = tmp_path / "empty_calib"
-    empty.mkdir()
-    message = rejects(CalibrationDataError, model_path, empty, out)
-    assert "empty_calib" in message
-    assert "no .npz files" in message
 
+Builder = Callable[[Path], Setup]
 
-def test_corrupt_npz(tmp_path, model_path, out):
-    """A .npz file that is not a zip archive is a CalibrationDataError naming the file."""
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    np.savez(calib / "batch_00.npz", **cnn_batches(1)[0])
-    (calib / "batch_01.npz").write_bytes(b"PK\x03\x04 this is not a zip archive")
-    message = rejects(CalibrationDataError, model_path, calib, out)
-    assert "batch_01.npz" in message
 
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    build: Builder
+    error: type[QcompileError]
+    fragment: str  # a phrase of the message that names the problem
+    via: str = "both"  # "api", "cli" or "both": where the bad input can be written
 
-def test_batch_missing_input(model_path, out):
-    """A batch without the model's input 'x' is a CalibrationDataError naming 'x' as missing."""
-    message = rejects(CalibrationDataError, model_path, [{}], out)
-    assert "missing" in message
-    assert "'x'" in message
 
+def good_model(folder: Path, proto: onnx.ModelProto | None = None) -> Path:
+    path = folder / "model.onnx"
+    path.write_bytes((proto or mlp()).SerializeToString())
+    return path
 
-def test_batch_unknown_input_name(model_path, out):
-    """A batch with a name the model has no input for is a CalibrationDataError naming it."""
-    batch = {**cnn_batches(1)[0], "pixels": np.zeros((4, 3, 16, 16), np.float32)}
-    message = rejects(CalibrationDataError, model_path, [batch], out)
-    assert "unknown" in message
-    assert "'pixels'" in message
 
+def model_case(content: onnx.ModelProto | bytes | Callable[[Path], Path], **setup) -> Builder:
+    """A bad model (a proto, raw bytes, or a function that makes the path) with good data."""
 
-def test_batch_wrong_dtype(model_path, out):
-    """A float64 array for a float32 input is a CalibrationDataError naming both dtypes."""
-    batch = {"x": cnn_batches(1)[0]["x"].astype(np.float64)}
-    message = rejects(CalibrationDataError, model_path, [batch], out)
-    assert "'x'" in message
-    assert "float64" in message and "float32" in message
+    def build(folder: Path) -> Setup:
+        if callable(content):
+            path = content(folder)
+        else:
+            path = folder / "model.onnx"
+            path.write_bytes(content if isinstance(content, bytes) else content.SerializeToString())
+        options = {"data": batches(), **setup}
+        return Setup(folder, path, **options)
 
+    return build
 
-def test_batch_wrong_rank(model_path, out):
-    """A rank-3 array for a rank-4 input is a CalibrationDataError naming the ranks."""
-    message = rejects(CalibrationDataError, model_path, [{"x": np.zeros((3, 16, 16), np.float32)}], out)
-    assert "'x'" in message
-    assert "rank 3" in message and "rank 4" in message
 
+def data_case(data: Any) -> Builder:
+    """The good model with bad calibration data: batches, or a function that makes a folder."""
 
-def test_batch_wrong_static_dim(model_path, out):
-    """A width of 15 for a static dimension of 16 is a CalibrationDataError naming the axis."""
-    message = rejects(CalibrationDataError, model_path, [{"x": np.zeros((4, 3, 15, 16), np.float32)}], out)
-    assert "'x'" in message
-    assert "axis 2 must be 16" in message
+    def build(folder: Path) -> Setup:
+        return Setup(folder, good_model(folder), data=data(folder) if callable(data) else data)
 
+    return build
 
-def test_batch_with_nan(model_path, out):
-    """A NaN in the second batch is a CalibrationDataError naming the input and the batch."""
-    batches = cnn_batches(3)
-    batches[1]["x"][0, 0, 0, 0] = np.nan
-    message = rejects(CalibrationDataError, model_path, batches, out)
-    assert "'x'" in message
-    assert "batch 1" in message
-    assert "NaN" in message
 
+def options_case(api: dict | Callable[[Path], dict] | None = None, cli: list[str] | Callable[[Path], list[str]] = ()) -> Builder:
+    """The good model and data with bad options (API keyword arguments, command-line flags)."""
 
-def test_single_dict_instead_of_list(model_path, out):
-    """One dict where a list of dicts belongs is a CalibrationDataError that says so."""
-    message = rejects(CalibrationDataError, model_path, cnn_batches(1)[0], out)
-    assert "single mapping" in message
-
-
-# --- configuration ---------------------------------------------------------------------------
-
-
-def test_unknown_config_key_suggests_closest(model_path, out):
-    """A misspelt config key is a ConfigError naming it and suggesting the right one."""
-    message = rejects(ConfigError, model_path, cnn_batches(2), out, config={"calibraton_method": "minmax"})
-    assert "'calibraton_method'" in message
-    assert "Did you mean 'calibration_method'" in message
-
-
-def test_unknown_config_key_in_toml_file(tmp_path, model_path, out):
-    """A misspelt key in qcompile.toml is a ConfigError naming the key and the file."""
-    toml = tmp_path / "qcompile.toml"
-    toml.write_text('calibraton_method = "minmax"\n')
-    message = rejects(ConfigError, model_path, cnn_batches(2), out, config=toml)
-    assert "'calibraton_method'" in message
-    assert "qcompile.toml" in message
-    assert "Did you mean 'calibration_method'" in message
-
-
-def test_bad_calibration_method(model_path, out):
-    """An unknown calibration_method is a ConfigError naming the value and the valid ones."""
-    message = rejects(ConfigError, model_path, cnn_batches(2), out, config={"calibration_method": "median"})
-    assert "'median'" in message
-    assert "minmax" in message
-
-
-def test_unknown_target(model_path, out):
-    """An unknown target is a ConfigError naming it and the known targets."""
-    message = rejects(ConfigError, model_path, cnn_batches(2), out, target="tpu")
-    assert "'tpu'" in message
-    assert "cpu" in message
-
-
-# --- pipeline --------------------------------------------------------------------------------
-
-
-def test_unknown_pass_suggests_closest(model_path, out):
-    """A misspelt pass name is a PipelineError naming it and suggesting the right one."""
-    message = rejects(PipelineError, model_path, cnn_batches(2), out, config={"pipeline": ["fix-names,calibrat"]})
-    assert "'calibrat'" in message
-    assert "Did you mean 'calibrate'" in message
-
-
-def test_unknown_pass_option(model_path, out):
-    """An option a pass does not have is a PipelineError naming the option and the valid ones."""
-    message = rejects(PipelineError, model_path, cnn_batches(2), out, config={"pipeline": ["calibrate(methd=mse)"]})
-    assert "methd" in message
-    assert "method" in message.replace("methd", "")
-
-
-def test_insert_qdq_without_calibrate(model_path, out):
-    """insert-qdq after plan-quantization with no calibrate between is a PipelineError naming calibrate."""
-    pipeline = ["shape-inference,plan-quantization,insert-qdq"]
-    message = rejects(PipelineError, model_path, cnn_batches(2), out, config={"pipeline": pipeline})
-    assert "insert-qdq" in message
-    assert "'calibrate'" in message
-
-
-# --- output ----------------------------------------------------------------------------------
-
-
-def test_output_directory_missing_in_save(tmp_path, model_path):
-    """CompileResult.save into a folder that does not exist is an OutputError naming the folder."""
-    before = model_path.read_bytes()
-    result = qcompile.compile(str(model_path), cnn_batches(2), config={"measure_latency": False})
-    target = tmp_path / "no_such_dir" / "out.onnx"
-    with pytest.raises(QcompileError) as info:
-        result.save(target, report_path=target.with_name("report.json"))
-    assert type(info.value) is OutputError
-    assert "no_such_dir" in str(info.value)
-    assert not target.parent.exists()
-    assert model_path.read_bytes() == before
-
-
-def test_output_directory_missing_in_cli(tmp_path, model_path, capsys):
-    """`qcompile compile -o missing_dir/out.onnx` exits 2 with an OutputError message naming the folder."""
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    for i, batch in enumerate(cnn_batches(2)):
-        np.savez(calib / f"batch_{i:02d}.npz", **batch)
-    before = model_path.read_bytes()
-    target = tmp_path / "no_such_dir" / "out.onnx"
-    files_before = _files(tmp_path)
-    code = main(["compile", str(model_path), "--calib", str(calib), "-o", str(target), "--no-latency", "-q"])
-    err = capsys.readouterr().err
-    assert code == OutputError.exit_code == 2
-    assert "qcompile: error:" in err
-    assert "no_such_dir" in err
-    assert "Traceback" not in err
-    assert model_path.read_bytes() == before
-    assert _files(tmp_path) == files_before
-
-
-# --- accuracy gate ---------------------------------------------------------------------------
-
-
-def test_accuracy_gate_failure(model_path, out):
-    """min_sqnr=200 dB cannot be met: AccuracyGateError, with the result and its failing report attached."""
-    before = model_path.read_bytes()
-    files_before = _files(out.parent)
-    with pytest.raises(QcompileError) as info:
-        result = qcompile.compile(
-            str(model_path), cnn_batches(4), config={"min_sqnr": 200.0, "measure_latency": False}
+    def build(folder: Path) -> Setup:
+        return Setup(
+            folder, good_model(folder), data=batches(),
+            api=(api(folder) if callable(api) else dict(api or {})),
+            cli=list(cli(folder) if callable(cli) else cli),
         )
-        result.save(out)
+
+    return build
+
+
+def output_case(**paths: Callable[[Path], Any]) -> Builder:
+    """Good model, data and options; a bad destination (out, report, patch made from the folder)."""
+
+    def build(folder: Path) -> Setup:
+        return Setup(folder, good_model(folder), data=batches(), **{k: make(folder) for k, make in paths.items()})
+
+    return build
+
+
+def directory(name: str, files: dict[str, bytes] | None = None) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        path = folder / name
+        path.mkdir()
+        for file, content in (files or {}).items():
+            (path / file).write_bytes(content)
+        return path
+
+    return make
+
+
+def text_file(name: str, text: str) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        (folder / name).write_text(text)
+        return folder / name
+
+    return make
+
+
+# --- the broken models ------------------------------------------------------------------------
+
+
+def _truncated(folder: Path) -> Path:
+    data = mlp().SerializeToString()
+    (folder / "model.onnx").write_bytes(data[: len(data) // 2])
+    return folder / "model.onnx"
+
+
+def _missing_external_data(folder: Path) -> Path:
+    path = folder / "model.onnx"
+    onnx.save(mlp(), str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    (folder / "model.onnx.data").unlink()
+    return path
+
+
+def _custom_op() -> onnx.ModelProto:
+    return graph_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+         helper.make_node("FancyOp", ["y"], ["z"], name="fancy", domain="com.acme")],
+        [tensor("x")], [tensor("z")], [numpy_helper.from_array(WEIGHT, "w")], domains=["com.acme"],
+    )
+
+
+def _model_with(*nodes, inputs=None, outputs=None, initializers=None, **kwargs) -> onnx.ModelProto:
+    return graph_model(
+        list(nodes),
+        [tensor("x")] if inputs is None else inputs,
+        [tensor("z")] if outputs is None else outputs,
+        [numpy_helper.from_array(WEIGHT, "w")] if initializers is None else initializers,
+        **kwargs,
+    )
+
+
+MM = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+RELU = helper.make_node("Relu", ["y"], ["z"], name="relu")
+
+
+def _ir_version(version: int) -> onnx.ModelProto:
+    model = mlp()
+    model.ir_version = version
+    return model
+
+
+MODEL_CASES = [
+    Case("model-missing", model_case(lambda folder: folder / "no_such_model.onnx"), ModelError, "does not exist"),
+    Case("model-is-a-directory", model_case(directory("model.onnx")), ModelError, "is a directory"),
+    Case("model-empty-file", model_case(b""), ModelError, "is empty (0 bytes)"),
+    Case("model-truncated", model_case(_truncated), ModelError, "not a readable ONNX model"),
+    Case("model-random-bytes", model_case(np.random.default_rng(0).bytes(4096)), ModelError, "not a readable ONNX model"),
+    Case("model-is-text", model_case(b"name,value\nx,1\n"), ModelError, "It is a text file"),
+    Case("model-is-a-zip", model_case(npz_bytes(x=np.zeros(3))), ModelError, "It is a zip archive"),
+    Case("model-has-no-graph", model_case(b"\x08\x07"), ModelError, "has no graph"),
+    Case("model-empty-graph", model_case(graph_model([], [tensor("x")], [tensor("x")])), ModelError, "has an empty graph"),
+    Case("model-missing-external-data", model_case(_missing_external_data), ModelError, "model.onnx.data"),
+    Case("ir-version-too-new", model_case(_ir_version(99)), ModelError, "ir_version 99 is higher"),
+    Case("ir-version-missing", model_case(_ir_version(0)), ModelError, "does not have an ir_version"),
+    Case("opset-too-new", model_case(mlp(opset=99)), ModelError, "opset 99 of ai.onnx, newer than"),
+    Case("opset-import-missing", model_case(mlp(opset=None)), ModelError, "must specify opset_import"),
+    Case("op-unknown", model_case(_model_with(helper.make_node("Fancy", ["x"], ["z"], name="fancy"), initializers=[])),
+         ModelError, "No Op registered for Fancy"),
+    Case("op-custom-domain", model_case(_custom_op()), ModelError, "com.acme::FancyOp (node 'fancy')"),
+    Case("dynamic-shape-for-static-target", model_case(mlp(), data=None, api={"target": "qnn-htp"}, cli=["--target", "qnn-htp"]),
+         ConfigError, "needs static shapes, but input 'x' has shape ['N', 4]"),
+    Case("input-zero-size", model_case(mlp(batch=0)), ModelError, "input 'x' has a dimension of size 0"),
+    Case("no-outputs", model_case(_model_with(MM, RELU, outputs=[])), ModelError, "has no graph outputs"),
+    Case("duplicate-value-names", model_case(_model_with(MM, helper.make_node("Relu", ["x"], ["y"], name="relu"), outputs=[tensor("y")])),
+         ModelError, "'y' has been used as output names multiple times"),
+    Case("duplicate-initializers", model_case(_model_with(MM, RELU, initializers=[numpy_helper.from_array(WEIGHT, "w")] * 2)),
+         ModelError, "initializer name is not unique"),
+    Case("duplicate-node-names", model_case(_model_with(MM, helper.make_node("Relu", ["y"], ["z"], name="mm"))),
+         ModelError, "more than one node named 'mm'"),
+    Case("dangling-input", model_case(_model_with(helper.make_node("MatMul", ["x", "ghost"], ["y"], name="mm"), RELU)),
+         ModelError, "input 'ghost' of node: name: mm"),
+    Case("dangling-output", model_case(_model_with(MM, RELU, outputs=[tensor("nowhere")])),
+         ModelError, "'nowhere' is not an output of any node"),
+    Case("cycle", model_case(_model_with(helper.make_node("Add", ["x", "z"], ["y"], name="add"), RELU, initializers=[])),
+         ModelError, "must be topologically sorted"),
+]
+
+# --- bad calibration data ---------------------------------------------------------------------
+
+DATA_CASES = [
+    Case("calib-missing", data_case(lambda folder: folder / "no_such_calib"), CalibrationDataError, "no_such_calib' is not a directory"),
+    Case("calib-is-a-file", data_case(text_file("batch.npz", "")), CalibrationDataError, "is a file, not a directory"),
+    Case("calib-empty-folder", data_case(directory("calib")), CalibrationDataError, "has no .npz files (it is empty)"),
+    Case("calib-no-npz-files", data_case(directory("calib", {"batch.npy": b"", "notes.txt": b""})), CalibrationDataError,
+         "has no .npz files (it has 2 other entries: batch.npy, notes.txt)"),
+    Case("calib-corrupt-npz", data_case(directory("calib", {"batch.npz": b"PK\x03\x04 not a zip archive"})), CalibrationDataError,
+         "Cannot read calibration file"),
+    Case("calib-pickled-npz", data_case(directory("calib", {"batch.npz": npz_bytes(x=np.array([{"a": 1}], dtype=object))})),
+         CalibrationDataError, "dtype=str"),
+    Case("calib-missing-input", data_case([{}]), CalibrationDataError, "missing input(s) ['x']"),
+    Case("calib-wrong-input-name", data_case(batches(name="input")), CalibrationDataError,
+         "missing input(s) ['x'] and unknown name(s) ['input']"),
+    Case("calib-extra-key", data_case([{**b, "extra": np.zeros(2, np.float32)} for b in batches()]), CalibrationDataError,
+         "unknown name(s) ['extra']"),
+    Case("calib-float64", data_case(batches(dtype=np.float64)), CalibrationDataError, "has dtype float64 but the model expects float32"),
+    Case("calib-int32", data_case(batches(dtype=np.int32)), CalibrationDataError, "has dtype int32 but the model expects float32"),
+    Case("calib-wrong-rank", data_case(batches(shape=(2, 4, 1))), CalibrationDataError, "has rank 3"),
+    Case("calib-wrong-shape", data_case(batches(shape=(2, 5))), CalibrationDataError, "(axis 1 must be 4)"),
+    Case("calib-zero-size-batch", data_case(batches(shape=(0, 4))), CalibrationDataError, "input 'x' is empty"),
+    Case("calib-nan", data_case(with_value(1, np.nan)), CalibrationDataError, "contains 1 NaN/Inf value(s)"),
+    Case("calib-inf", data_case(with_value(2, -np.inf)), CalibrationDataError, "contains 1 NaN/Inf value(s)"),
+    Case("calib-no-batches", data_case([]), CalibrationDataError, "has no batches", via="api"),
+    Case("calib-single-dict", data_case(batches()[0]), CalibrationDataError, "is a single mapping", via="api"),
+    Case("calib-batch-not-a-dict", data_case([np.zeros((2, 4), np.float32)]), CalibrationDataError, "not a mapping", via="api"),
+    Case("calib-ragged-lists", data_case([{"x": [[1.0, 2.0], [3.0]]}]), CalibrationDataError, "not an array numpy can build", via="api"),
+    Case("calib-not-iterable", data_case(42), CalibrationDataError, "must be a directory of .npz files or an iterable", via="api"),
+    Case("calib-not-given", data_case(None), CalibrationDataError, "needs calibration data"),
+    Case("eval-missing", options_case(api=lambda folder: {"eval_data": folder / "no_such_eval"},
+                                      cli=lambda folder: ["--eval", str(folder / "no_such_eval")]),
+         CalibrationDataError, "evaluation data: "),
+]
+
+# --- bad options: target, pipeline, configuration ---------------------------------------------
+
+
+def _config_file(text: str) -> Callable[[Path], dict]:
+    def make(folder: Path) -> dict:
+        (folder / "qcompile.toml").write_text(text)
+        return {"config": folder / "qcompile.toml"}
+
+    return make
+
+
+def _config_flag(text: str) -> Callable[[Path], list[str]]:
+    return lambda folder: ["--config", str(_config_file(text)(folder)["config"])]
+
+
+def _both(key: str, value: Any, *flag: str) -> dict:
+    """The same bad option as a config key for the API and as flags for the command line."""
+    return {"api": {"config": {key: value}}, "cli": list(flag)}
+
+
+OPTION_CASES = [
+    Case("target-unknown", options_case(api={"target": "tpu"}, cli=["--target", "tpu"]), ConfigError, "Unknown target 'tpu'"),
+    Case("pass-unknown", options_case(**_both("pipeline", ["fix-names,calibrat"], "--pipeline", "fix-names,calibrat")),
+         PipelineError, "Unknown pass 'calibrat'. Did you mean 'calibrate'"),
+    Case("pass-option-unknown", options_case(**_both("pipeline", ["calibrate(methd=mse)"], "--pipeline", "calibrate(methd=mse)")),
+         PipelineError, "has no option(s) methd"),
+    Case("pass-option-bad-value", options_case(**_both("pipeline", ["calibrate(method=median)"], "--pipeline", "calibrate(method=median)")),
+         ConfigError, "calibration_method = 'median' is not a known method"),
+    Case("pipeline-syntax", options_case(**_both("pipeline", ["calibrate(method=mse"], "--pipeline", "calibrate(method=mse")),
+         PipelineError, "Cannot parse pipeline element 'calibrate(method=mse'"),
+    Case("pipeline-order", options_case(**_both("pipeline", ["plan-quantization,insert-qdq"], "--pipeline", "plan-quantization,insert-qdq")),
+         PipelineError, "Put 'calibrate' between 'plan-quantization' and 'insert-qdq'"),
+    Case("recipe-unknown", options_case(**_both("recipe", "llm-int3", "--recipe", "llm-int3")), ConfigError, "Unknown recipe 'llm-int3'"),
+    Case("activation-type-unknown", options_case(**_both("activation_type", "int4", "--activation-type", "int4")),
+         ConfigError, "activation_type = 'int4' is not a known type"),
+    Case("activation-type-not-on-target", options_case(
+        api={"target": "qnn-htp", "config": {"activation_type": "int16", "input_shapes": {"x": [2, 4]}}},
+        cli=["--target", "qnn-htp", "--activation-type", "int16", "--shape", "x=2x4"]),
+         ConfigError, "does not accelerate int16 activations"),
+    Case("exclude-regex-invalid", options_case(**_both("exclude_regex", ["mm["], "--exclude-regex", "mm[")),
+         ConfigError, "exclude_regex has an invalid regular expression"),
+    Case("threads-negative", options_case(**_both("threads", -3, "--threads", "-3")), ConfigError, "threads = -3 must be >= 0"),
+    Case("percentile-out-of-range", options_case(**_both("percentile", 40.0, "--percentile", "40")), ConfigError, "must be in (50, 100]"),
+    Case("shape-flag-malformed", options_case(cli=["--shape", "x=2x4x"]), ConfigError, "--shape 'x=2x4x' must be NAME=DIMxDIM", via="cli"),
+    Case("config-unknown-key", options_case(_config_file('calibraton_method = "minmax"\n'), _config_flag('calibraton_method = "minmax"\n')),
+         ConfigError, "Unknown key 'calibraton_method'"),
+    Case("config-toml-syntax", options_case(_config_file('calibration_method = "mse\n'), _config_flag('calibration_method = "mse\n')),
+         ConfigError, "is not valid TOML"),
+    Case("config-wrong-type", options_case(_config_file('threads = "four"\n'), _config_flag('threads = "four"\n')),
+         ConfigError, "threads in"),
+    Case("config-file-missing", options_case(lambda folder: {"config": folder / "missing.toml"},
+                                             lambda folder: ["--config", str(folder / "missing.toml")]),
+         ConfigError, "missing.toml' does not exist"),
+    Case("config-file-is-a-directory", options_case(lambda folder: {"config": directory("conf.d")(folder)},
+                                                    lambda folder: ["--config", str(folder / "conf.d")]),
+         ConfigError, "conf.d' is a directory"),
+]
+
+# --- bad destinations -------------------------------------------------------------------------
+
+
+def _hard_link_to_model(folder: Path) -> Path:
+    os.link(folder / "model.onnx", folder / "alias.onnx")
+    return folder / "alias.onnx"
+
+
+def _read_only_folder(folder: Path) -> Path:
+    locked = folder / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    return locked / "out.onnx"
+
+
+def _unwritable(folder: Path) -> Callable[[pytest.MonkeyPatch], None]:
+    """A read-only folder refuses new files; root ignores the mode bits, so mkstemp is made to refuse too."""
+    real = qcompile.api.tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).name == "locked":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    return lambda monkeypatch: monkeypatch.setattr(qcompile.api.tempfile, "mkstemp", mkstemp)
+
+
+def _disk_full(folder: Path) -> Callable[[pytest.MonkeyPatch], None]:
+    """Writing the model's bytes fails with ENOSPC, as on a full disk (after the temp file exists)."""
+
+    class FullDisk:
+        def __init__(self, path, mode="r", *args, **kwargs):
+            self.file = open(path, mode, *args, **kwargs)  # noqa: SIM115
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    return lambda monkeypatch: monkeypatch.setattr(qcompile.api, "open", FullDisk, raising=False)
+
+
+OUTPUT_CASES = [
+    Case("output-folder-missing", output_case(out=lambda folder: folder / "no_such_dir" / "out.onnx"),
+         OutputError, "folder '"),
+    Case("output-is-a-directory", output_case(out=directory("out.onnx")), OutputError, "out.onnx': it is a directory"),
+    Case("output-is-the-input", output_case(out=lambda folder: folder / "model.onnx"), OutputError,
+         "would overwrite the input model", via="cli"),
+    Case("output-is-a-link-to-the-input", output_case(out=_hard_link_to_model), OutputError,
+         "would overwrite the input model", via="cli"),
+    Case("report-is-the-input", output_case(report=lambda folder: folder / "model.onnx"), OutputError,
+         "would overwrite the input model; choose another --report", via="cli"),
+    Case("report-is-a-directory", output_case(report=directory("report.json")), OutputError, "it is a directory"),
+    Case("output-folder-read-only", output_case(out=_read_only_folder, report=lambda folder: folder / "locked" / "report.json",
+                                                patch=_unwritable), OutputError, "Permission denied"),
+    Case("disk-full", output_case(patch=_disk_full), OutputError, "No space left on device"),
+    Case("dump-folder-unwritable", options_case(
+        api=lambda folder: {"dump_after": ["calibrate"], "dump_dir": folder / "model.onnx" / "dumps"},
+        cli=lambda folder: ["--dump-after", "calibrate", "--dump-dir", str(folder / "model.onnx" / "dumps")]),
+         OutputError, "Cannot write the dump"),
+]
+
+CASES = MODEL_CASES + DATA_CASES + OPTION_CASES + OUTPUT_CASES
+
+
+def test_the_corpus_is_large_and_ids_are_unique():
+    assert len(CASES) >= 40
+    assert len({case.id for case in CASES}) == len(CASES)
+
+
+# --- the checks, the same for every case -----------------------------------------------------
+
+
+def _snapshot(setup: Setup) -> tuple[list[Path], str | None]:
+    """Every path under the folder, and the model's SHA-256 (None when it is not a file)."""
+    digest = hashlib.sha256(setup.model.read_bytes()).hexdigest() if setup.model.is_file() else None
+    return sorted(setup.folder.rglob("*")), digest
+
+
+def _built(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Setup:
+    setup = case.build(tmp_path)
+    if setup.patch is not None:
+        setup.patch(monkeypatch)
+    return setup
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.via in ("api", "both")], ids=lambda c: c.id)
+def test_api_rejects(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """qcompile.compile (and CompileResult.save) raise exactly case.error, naming the problem, writing nothing."""
+    setup = _built(case, tmp_path, monkeypatch)
+    before = _snapshot(setup)
+    kwargs = {"config": {"measure_latency": False}, **setup.api}
+    with pytest.raises(QcompileError) as info:
+        result = qcompile.compile(str(setup.model), setup.data, **kwargs)
+        result.save(setup.out, report_path=setup.report)
+    message = str(info.value)
+    assert type(info.value) is case.error, f"expected {case.error.__name__}, got {type(info.value).__name__}: {message}"
+    assert case.fragment in message
+    assert _snapshot(setup) == before, "the model changed, or a file was left behind"
+
+
+def _calib_folder(setup: Setup) -> Path | None:
+    if setup.data is None:
+        return None
+    if isinstance(setup.data, Path):
+        return setup.data
+    folder = setup.folder / "calib"
+    folder.mkdir()
+    for i, batch in enumerate(setup.data):
+        np.savez(folder / f"batch_{i:02d}.npz", **batch)
+    return folder
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.via in ("cli", "both")], ids=lambda c: c.id)
+def test_cli_rejects(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """`qcompile compile` exits 2 with one 'qcompile: error:' naming the problem, no traceback, nothing written."""
+    setup = _built(case, tmp_path, monkeypatch)
+    calib = _calib_folder(setup)
+    before = _snapshot(setup)
+    argv = ["compile", str(setup.model), "-o", str(setup.out), "--report", str(setup.report), "--no-latency", *setup.cli]
+    code = main(argv + (["--calib", str(calib)] if calib is not None else []))
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "qcompile: error:" in captured.err
+    assert case.fragment in captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert _snapshot(setup) == before, "the model changed, or a file was left behind"
+
+
+@pytest.mark.parametrize("case", [c for c in MODEL_CASES if c.error is ModelError], ids=lambda c: c.id)
+def test_inspect_rejects_the_same_models(case: Case, tmp_path: Path, capsys):
+    """`qcompile inspect` reads models through the same loader: the same error, exit code 2."""
+    setup = case.build(tmp_path)
+    before = _snapshot(setup)
+    assert main(["inspect", str(setup.model)]) == 2
+    err = capsys.readouterr().err
+    assert case.fragment in err and "Traceback" not in err
+    assert _snapshot(setup) == before
+
+
+# --- the accuracy gate: exit code 3, the report written, not the model -----------------------
+
+
+def test_accuracy_gate_failure(tmp_path):
+    """min_sqnr=200 dB cannot be met: AccuracyGateError, with the result and its failing report attached."""
+    path = good_model(tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(QcompileError) as info:
+        qcompile.compile(str(path), batches(), config={"min_sqnr": 200.0, "measure_latency": False})
     error = info.value
     assert type(error) is AccuracyGateError
     assert error.exit_code == 3
-    assert "logits" in str(error) and "200" in str(error)
-    assert error.result is not None
+    assert "z" in str(error) and "200" in str(error)
     gate = error.result.report.accuracy_gate
-    assert gate["passed"] is False
-    assert gate["min_sqnr"] == 200.0
-    assert "logits" in gate["failing"]
-    assert model_path.read_bytes() == before
-    assert not out.exists()
-    assert _files(out.parent) == files_before
+    assert gate["passed"] is False and gate["min_sqnr"] == 200.0
+    assert path.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == [path]
 
 
 def test_saved_files_get_the_usual_permissions(tmp_path):
     """Atomic writes go through mkstemp (mode 0600); the final files must not stay owner-only."""
-    import os
-
-    from tiny_models import cnn_batches, tiny_cnn
-
-    import qcompile
-
-    result = qcompile.compile(tiny_cnn(), cnn_batches(3), config={"measure_latency": False})
+    result = qcompile.compile(mlp(), batches(), config={"measure_latency": False})
     umask = os.umask(0)
     os.umask(umask)
     result.save(tmp_path / "m.onnx", report_path=tmp_path / "report.json")
     for name in ("m.onnx", "report.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- inputs that look bad but are legitimate: they compile -----------------------------------
+
+
+def _if_model() -> tuple[onnx.ModelProto, list[dict]]:
+    """The MatMul's output goes through If(cond): the then-branch has its own MatMul, the else-branch a Relu."""
+    then_branch = helper.make_graph([helper.make_node("MatMul", ["y", "w"], ["t"], name="then_mm")], "then", [], [tensor("t")])
+    else_branch = helper.make_graph([helper.make_node("Relu", ["y"], ["e"], name="else_relu")], "else", [], [tensor("e")])
+    model = _model_with(
+        MM, helper.make_node("If", ["cond"], ["z"], name="if", then_branch=then_branch, else_branch=else_branch),
+        inputs=[tensor("x"), tensor("cond", TensorProto.BOOL, [])],
+    )
+    return model, [{**b, "cond": np.array(i % 2 == 0)} for i, b in enumerate(batches(4))]
+
+
+def _loop_model() -> tuple[onnx.ModelProto, list[dict]]:
+    """Three iterations of v = v @ w inside a Loop body, after a MatMul in the main graph."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("MatMul", ["v_in", "w"], ["v_out"], name="body_mm")],
+        "body",
+        [tensor("i", TensorProto.INT64, []), tensor("cond_in", TensorProto.BOOL, []), tensor("v_in")],
+        [tensor("cond_out", TensorProto.BOOL, []), tensor("v_out")],
+    )
+    trip = numpy_helper.from_array(np.array(3, np.int64), "trip")
+    model = _model_with(MM, helper.make_node("Loop", ["trip", "", "y"], ["z"], name="loop", body=body),
+                        initializers=[numpy_helper.from_array(WEIGHT, "w"), trip])
+    return model, batches()
+
+
+def _scan_model() -> tuple[onnx.ModelProto, list[dict]]:
+    """A running sum over the rows of a MatMul's output, with Scan."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["s_in", "row"], ["s_out"]), helper.make_node("Identity", ["s_out"], ["running"])],
+        "body", [tensor("s_in", shape=[4]), tensor("row", shape=[4])], [tensor("s_out", shape=[4]), tensor("running", shape=[4])],
+    )
+    model = _model_with(
+        MM, helper.make_node("Scan", ["s0", "y"], ["total", "z"], name="scan", body=body, num_scan_inputs=1),
+        outputs=[tensor("z"), tensor("total", shape=[4])],
+        initializers=[numpy_helper.from_array(WEIGHT, "w"), numpy_helper.from_array(np.zeros(4, np.float32), "s0")],
+    )
+    return model, batches()
+
+
+def _bool_model() -> tuple[onnx.ModelProto, list[dict]]:
+    """A bool input selects between the MatMul's output and a bool-masked copy of x."""
+    mask = numpy_helper.from_array(np.array([True, False, True, False]), "column_mask")
+    model = _model_with(
+        MM, helper.make_node("Where", ["keep", "y", "x"], ["chosen"], name="where_input"),
+        helper.make_node("Where", ["column_mask", "chosen", "x"], ["z"], name="where_initializer"),
+        inputs=[tensor("x"), tensor("keep", TensorProto.BOOL)],
+        initializers=[numpy_helper.from_array(WEIGHT, "w"), mask],
+    )
+    return model, [{**b, "keep": b["x"] > 0} for b in batches()]
+
+
+def _string_model() -> tuple[onnx.ModelProto, list[dict]]:
+    """A string input and a string initializer, passed through beside the quantized MatMul."""
+    labels = helper.make_tensor("labels", TensorProto.STRING, [2], [b"cat", b"dog"])
+    model = _model_with(
+        MM, RELU, helper.make_node("Identity", ["names"], ["names_out"], name="names_id"),
+        helper.make_node("Identity", ["labels"], ["labels_out"], name="labels_id"),
+        inputs=[tensor("x"), tensor("names", TensorProto.STRING, ["N"])],
+        outputs=[tensor("z"), tensor("names_out", TensorProto.STRING, ["N"]), tensor("labels_out", TensorProto.STRING, [2])],
+        initializers=[numpy_helper.from_array(WEIGHT, "w"), labels],
+    )
+    return model, [{**b, "names": np.array(["a", "b"])} for b in batches()]
+
+
+def _zero_size_weight_model() -> tuple[onnx.ModelProto, list[dict]]:
+    """A [4, 0] weight beside a real one: the empty MatMul has nothing to quantize and stays float."""
+    model = _model_with(
+        MM, RELU, helper.make_node("MatMul", ["x", "empty"], ["nothing"], name="empty_mm"),
+        outputs=[tensor("z"), tensor("nothing", shape=["N", 0])],
+        initializers=[numpy_helper.from_array(WEIGHT, "w"), numpy_helper.from_array(np.zeros((4, 0), np.float32), "empty")],
+    )
+    return model, batches()
+
+
+def _no_inputs_model() -> tuple[onnx.ModelProto, list[dict]]:
+    """No graph inputs: the model computes a constant; one empty batch calibrates it."""
+    return _model_with(helper.make_node("MatMul", ["w", "w"], ["z"], name="mm"), inputs=[], outputs=[tensor("z", shape=[4, 4])]), [{}]
+
+
+ACCEPTED = {
+    # name: (model and data, op types that must survive, SQNR floor in dB of the first output)
+    "if-subgraph": (_if_model, {"If"}, 30.0),
+    "loop-subgraph": (_loop_model, {"Loop"}, 20.0),
+    "scan-subgraph": (_scan_model, {"Scan"}, 30.0),
+    "bool-input-and-initializer": (_bool_model, {"Where"}, 30.0),
+    "string-input-and-initializer": (_string_model, set(), 30.0),
+    "zero-size-weight": (_zero_size_weight_model, set(), 30.0),
+    # Older than ONNX Runtime runs (7): the loader converts it with onnx's version converter.
+    "opset-1": (lambda: (mlp(opset=1), batches()), set(), 30.0),
+    "no-inputs": (_no_inputs_model, set(), 30.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_legitimate_inputs_compile(name: str, tmp_path: Path):
+    """What users expect to work does: the compiled model runs in ONNX Runtime and matches the float one."""
+    build, kept_ops, floor = ACCEPTED[name]
+    proto, data = build()
+    onnx.checker.check_model(proto)
+    path = good_model(tmp_path, proto)
+    before = path.read_bytes()
+    result = qcompile.compile(str(path), data, config={"measure_latency": False})
+    result.save(tmp_path / "out.onnx")
+    assert path.read_bytes() == before
+    compiled = onnx.load(str(tmp_path / "out.onnx"))
+    onnx.checker.check_model(compiled)
+    assert kept_ops <= {node.op_type for node in compiled.graph.node}
+    feed = data[0]
+    # The float model as qcompile reads it (an opset-1 model converted to opset 7, which ORT runs).
+    float_model = ir.serde.serialize_model(load_model(str(path))).SerializeToString()
+    expected = ort.InferenceSession(float_model, providers=["CPUExecutionProvider"]).run(None, feed)
+    got = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    for want, have in zip(expected, got):
+        assert have.shape == want.shape and have.dtype == want.dtype
+        if want.dtype.kind in "OUS":
+            assert (have == want).all()
+    first = result.report.evaluation["outputs"][proto.graph.output[0].name]
+    assert first["sqnr_db"] > floor, result.report.evaluation

@@ -94,3 +94,11 @@ def test_smollm2_targets():
     assert verdicts["SmolLM2 W8A8 static: perplexity <= 16.0"] == "n/a"  # that row did not run
     assert verdicts["SmolLM2 INT8 weight-only: perplexity <= 14.62"] == "yes"
     assert verdicts["SmolLM2 INT4 block 128: file <= 35% of fp32"] == "yes"
+
+
+def test_depthwise_cnn_targets_read_the_accuracies():
+    accuracy = {"fp32": 0.975, "plain int8": 0.90, "+CLE+BC": 0.972, "+CLE+AdaRound": 0.96}
+    case = _case("depthwise_cnn", ["model", "top-1"], [{"model": "fp32", "top-1": 0.975}], {"accuracy": accuracy})
+    verdicts = _verdicts(check_targets({"depthwise_cnn": case}))
+    assert verdicts["depthwise CNN (badly scaled channels): plain INT8 loses > 2 points of top-1"] == "yes"
+    assert verdicts["depthwise CNN: CLE + bias correction or AdaRound within 0.5 points of fp32"] == "yes"  # 0.3 points

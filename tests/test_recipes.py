@@ -45,3 +45,26 @@ def test_unknown_recipe_names_the_known_ones():
 def test_w8a8_is_the_targets_pipeline_with_smooth_quant():
     pipeline = pipeline_for(None, "llm-w8a8", get_target("cpu"))
     assert "smooth-quant" in pipeline and "calibrate" in pipeline
+
+
+def test_accuracy_switches_add_their_passes_where_the_table_says():
+    from qcompile.config import CompileConfig
+
+    config = CompileConfig(cross_layer_equalization=True, bias_correction=True, adaround=True)
+    pipeline = pipeline_for(None, None, get_target("cpu"), config)
+    default = list(get_target("cpu").default_pipeline)
+    assert [p for p in pipeline if p not in ("cross-layer-equalization", "adaround", "bias-correction")] == default
+    order = [pipeline.index(name) for name in ("fold-batchnorm", "cross-layer-equalization", "plan-quantization",
+                                               "calibrate", "adaround", "bias-correction", "insert-qdq")]
+    assert order == sorted(order)
+    # Off (the default): the pipeline is untouched; a pass the pipeline already names is not added twice.
+    assert pipeline_for(None, None, get_target("cpu"), CompileConfig()) == default
+    explicit = ["plan-quantization", "calibrate", "bias-correction(batches=2)", "insert-qdq"]
+    assert pipeline_for(explicit, None, get_target("cpu"), CompileConfig(bias_correction=True)) == explicit
+
+
+def test_an_accuracy_switch_on_a_pipeline_without_its_place_is_refused():
+    from qcompile.config import CompileConfig
+
+    with pytest.raises(ConfigError, match="bias_correction = true adds 'bias-correction' before 'insert-qdq'"):
+        pipeline_for(None, "llm-int4", get_target("cpu"), CompileConfig(bias_correction=True))

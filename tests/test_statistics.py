@@ -96,3 +96,23 @@ def test_histogram_size_does_not_grow_with_data():
 def test_unknown_method_is_a_config_error():
     with pytest.raises(ConfigError, match="Unknown calibration method"):
         _stats(np.ones(3, np.float32)).range("kl-magic", 256)
+
+
+def test_entropy_is_not_pulled_down_by_the_zeros_of_a_relu():
+    """Found by the fuzzer: on a Clip(0, 6) output the zero spike (half the values) made the KL
+    threshold a fifth of the range (4 dB SQNR). Relu(N(0, 1)) should clip only its far tail, as
+    N(0, 1) does: before the fix the threshold was 1.99 instead of ~4.1."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, 100_000).astype(np.float32)
+    _, relu_hi = _stats(np.maximum(x, 0)).range("entropy", 256)
+    _, plain_hi = _stats(x).range("entropy", 256)
+    assert relu_hi >= 0.9 * plain_hi, (relu_hi, plain_hi)
+
+
+def test_entropy_threshold_keeps_values_that_are_all_far_from_zero():
+    """Found by the fuzzer: a Conv output with every value in [-1.5, -0.5] got the range
+    (-0.548, -0.548) (6 dB SQNR). A threshold below every |x| clips them all into one bin, a point
+    mass its quantized form matches exactly: KL 0, the minimum. Thresholds now keep the bulk."""
+    x = -np.random.default_rng(0).uniform(0.55, 1.47, 2000).astype(np.float32)
+    lo, hi = _stats(x).range("entropy", 256)
+    assert lo <= -1.4 and hi == x.max()

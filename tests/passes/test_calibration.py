@@ -104,3 +104,17 @@ def test_a_model_that_mixes_samples_is_calibrated_on_whole_batches():
     whole = collect_statistics(model, ["y"], batches, chunk=0)
     chunked = collect_statistics(model, ["y"], batches, chunk=2)
     assert chunked["y"].range("minmax", 256) == whole["y"].range("minmax", 256)
+
+
+def test_a_model_with_a_fixed_batch_size_is_calibrated_on_whole_batches():
+    """Found by the ONNX test-model sweep (pytorch-converted/test_LogSoftmax, input [10, 20]): a
+    batch of 10 cut into chunks of 8 did not fit the model's fixed first dimension."""
+    proto = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [10, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [10, 4])],
+        [],
+    )
+    batch = {"x": np.random.default_rng(0).normal(0, 1, (10, 4)).astype(np.float32)}
+    table = collect_statistics(ir.serde.deserialize_model(proto), ["y"], [batch], chunk=8)
+    assert table["y"].count == 40 and table["y"].max == batch["x"].max()

@@ -124,3 +124,31 @@ def test_large_embedding_table_is_stored_as_int8_per_row():
     (emb,) = session.run(None, data[0])
     np.testing.assert_allclose(emb, (q.astype(np.float32) * scales)[data[0]["ids"]], rtol=0, atol=0)
     assert np.abs(emb - numpy_helper.to_array(table)[data[0]["ids"]]).max() <= scales.max() / 2 + 1e-7
+
+
+def test_relu_whose_output_is_a_sentinel_is_not_absorbed():
+    """Found by the ONNX test-model sweep (light_squeezenet: random weights, activations past 1e6).
+
+    An absorbed Relu's clamp is performed by the QuantizeLinear on its output; when calibration
+    shows that output is a sentinel, it stays float and the Relu cannot be absorbed (the planner
+    used to raise KeyError looking up the output's parameters)."""
+    w = numpy_helper.from_array(np.full((4, 4), 50.0, np.float32), "w")
+    w2 = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w2")
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+         helper.make_node("Relu", ["m"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w, w2],
+    )
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.normal(size=(2, 4)).astype(np.float32)} for _ in range(4)]
+    model, context = run_passes(proto, PREP + ",plan-quantization,calibrate,insert-qdq,check-model",
+                                data=data, sentinel_threshold=100.0)
+    plan = context.analyses["plan"]
+    assert "sentinel" in plan.float_tensors["r"]
+    assert "relu" not in plan.absorbed and "mm2" not in plan.nodes and "mm" in plan.nodes
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, data[0])[0]
+    expected = np.maximum(data[0]["x"] @ np.full((4, 4), 50.0, np.float32), 0)
+    np.testing.assert_allclose(got, expected, rtol=0.02, atol=1.0)

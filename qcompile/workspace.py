@@ -1,0 +1,185 @@
+"""Where a large model's weights live during a compile: files on disk, never one big protobuf.
+
+Protobuf cannot hold more than 2 GB, and every serialisation of a model is one more copy of its
+weights. A compile of a model whose weights exceed ``LARGE_MODEL_BYTES`` therefore gets a
+``Workspace``, a temporary folder that holds:
+
+- a copy of the input's external data files (a kernel-side copy: it costs disk, not memory), so
+  every weight the compile has not changed is a memory-mapped ``onnx_ir.ExternalTensor`` into a
+  file in the workspace: ONNX Runtime refuses external data outside the model file's own folder
+  (symbolic links included), and onnx-ir refuses files with more than one hard link;
+- weights the passes rewrote, spilled there before a session is made, so the process does not
+  hold them in memory while ONNX Runtime maps its own view of them;
+- the small model files that ONNX Runtime sessions load, whose weights are references into the
+  files above.
+
+Small models (the common case) get no workspace: their sessions are made from bytes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LARGE_MODEL_BYTES", "Workspace", "release_tensor", "serialize_inline", "weight_bytes"]
+
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from qcompile.errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+# Above this many weight bytes a compile keeps weights on disk (tests lower it to exercise the path).
+LARGE_MODEL_BYTES = 512 * 2**20
+# In-memory initializers at least this large are spilled to the workspace; smaller ones stay inline.
+SPILL_MIN_BYTES = 1 * 2**20
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers, in memory or external, without reading any of them."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += tensor.nbytes
+    return total
+
+
+def serialize_inline(model: ir.Model) -> onnx.ModelProto:
+    """``model`` as one proto holding every weight's bytes: external weights (the input's data
+    file, the workspace) are read in, on a clone, so the proto stands on its own."""
+    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+        model = ir.external_data.load_to_model(model.clone())
+    return ir.serde.serialize_model(model)
+
+
+def release_tensor(tensor) -> None:
+    """Unmap an external tensor's file once its values have been read: mapped pages count in the
+    process's memory until then. Other tensors are left as they are."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # a view of it is still alive: it stays mapped
+            tensor.release()
+
+
+class Workspace:
+    """A temporary folder for one compile's on-disk weights and session models (see the module doc)."""
+
+    def __init__(self, parent: str | os.PathLike | None = None):
+        try:
+            self.path = Path(tempfile.mkdtemp(prefix="qcompile-workspace-", dir=parent))
+        except OSError as error:
+            raise OutputError(
+                f"Cannot create a workspace folder for a large model in {parent or tempfile.gettempdir()!r}: "
+                f"{error.strerror}. Set TMPDIR to a writable folder with room for the model's weights."
+            ) from None
+        self._linked: dict[str, str] = {}  # source file (resolved) -> name in the workspace
+        self._counter = itertools.count()
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    # ----- weights -----
+    def adopt(self, model: ir.Model) -> None:
+        """Point every external weight of ``model`` at a copy of its file inside the workspace, so
+        sessions made from the workspace can read it. No weight is read into memory."""
+        for value in _initializers(model):
+            tensor = value.const_value
+            if not isinstance(tensor, ir.ExternalTensor) or Path(tensor.base_dir) == self.path:
+                continue
+            name = self._link(Path(tensor.base_dir, tensor.location))
+            value.const_value = ir.ExternalTensor(
+                name, tensor.offset, tensor.length, tensor.dtype, shape=tensor.shape,
+                name=tensor.name, base_dir=self.path,
+            )
+
+    def spill(self, model: ir.Model, min_bytes: int | None = None) -> int:
+        """Write in-memory initializers of at least ``min_bytes`` into one new file in the workspace and
+        point ``model`` at it (values unchanged), so their memory can be freed. Returns bytes written."""
+        min_bytes = SPILL_MIN_BYTES if min_bytes is None else min_bytes
+        values = [
+            v for v in _initializers(model)
+            if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+            and v.const_value.nbytes >= min_bytes
+        ]
+        if not values:
+            return 0
+        relative = f"spill-{next(self._counter)}.data"
+        try:
+            externals = ir.external_data.convert_tensors_to_external(
+                [v.const_value for v in values], self.path, relative, alignment=4096,
+            )
+        except OSError as error:
+            raise OutputError(
+                f"Cannot write the large model's weights to the workspace {str(self.path)!r}: "
+                f"{error.strerror or error}. Free disk space there, or set TMPDIR to another folder."
+            ) from None
+        for value, external in zip(values, externals, strict=True):
+            value.const_value = external
+        written = sum(e.nbytes for e in externals)
+        logger.debug("spilled %d weights (%.1f MB) to %s", len(values), written / 1e6, relative)
+        return written
+
+    @contextlib.contextmanager
+    def session_model(self, model: ir.Model, extra_outputs: Iterable[str] = ()) -> Iterator[str]:
+        """Spill ``model``'s rewritten weights, then yield a model file for ONNX Runtime whose
+        weights are references into the workspace, with ``extra_outputs`` exposed as outputs.
+        The file is removed afterwards (a session has read it by then; the weights stay).
+        The process's own mappings of the weights are closed first: the session maps its own."""
+        self.adopt(model)
+        self.spill(model)
+        for value in _initializers(model):
+            release_tensor(value.const_value)
+        view = model.clone()  # shares the (now external) tensors; only the outputs differ
+        add_outputs(view, extra_outputs)
+        path = self.path / f"session-{next(self._counter)}.onnx"
+        try:
+            ir.save(view, path)
+            yield str(path)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _link(self, source: Path) -> str:
+        key = str(source.resolve())
+        if key in self._linked:
+            return self._linked[key]
+        name = f"input-{len(self._linked)}-{source.name}"
+        logger.info("copying %s into the workspace %s", source, self.path)
+        try:
+            shutil.copyfile(key, self.path / name)  # sendfile: the data does not pass through memory
+        except OSError as error:
+            raise OutputError(
+                f"Cannot copy the model's external data {str(source)!r} into the workspace "
+                f"{str(self.path)!r}: {error.strerror}. Set TMPDIR to a folder with room for its weights."
+            ) from None
+        self._linked[key] = name
+        return name
+
+
+def add_outputs(model: ir.Model, names: Iterable[str]) -> None:
+    """Expose the values called ``names`` as graph outputs (those already outputs stay once)."""
+    wanted = [n for n in dict.fromkeys(names) if n not in {o.name for o in model.graph.outputs}]
+    if not wanted:
+        return
+    by_name = {v.name: v for v in model.graph.inputs}
+    by_name.update(model.graph.initializers)
+    for node in model.graph:
+        by_name.update((o.name, o) for o in node.outputs)
+    for name in wanted:
+        value = by_name[name]
+        if value.producer() is not None:
+            # No declared type: ONNX Runtime reports the real one, so values that shape inference
+            # missed still work. (This is the view's own copy of the value.)
+            value.type = None
+            value.shape = None
+        model.graph.outputs.append(value)
+
+
+def _initializers(model: ir.Model) -> list[ir.Value]:
+    return list(model.graph.initializers.values())
