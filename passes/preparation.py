@@ -242,6 +242,8 @@ class UpgradeOpset(ir.passes.InPlacePass):
             min_opset,
             quant_type(config.activation_type or context.target.default_activation_type).min_opset,
             quant_type(config.weight_type or context.target.default_weight_type).min_opset,
+            # Mixed precision: a 16-bit override needs opset 21 as much as a 16-bit default does.
+            *(quant_type(name).min_opset for name in config.activation_type_overrides.values()),
         )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -75,6 +75,14 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude-op-types", nargs="+", metavar="OP", help="op types to keep in float")
     c.add_argument("--exclude-regex", nargs="+", metavar="REGEX", help="keep nodes whose name matches in float")
     c.add_argument("--min-sqnr", type=float, metavar="DB", help="fail with exit code 3 if any output's SQNR is below DB")
+    c.add_argument("--search", action="store_true",
+                   help="search for accuracy measures until --min-sqnr holds (qcompile.accuracy_search)")
+    c.add_argument("--max-loss", metavar="LOSS",
+                   help="search until the relative loss is at most LOSS (1%% or 0.01): of --metric, else the "
+                        "outputs' relative RMS error (SQNR >= -20 log10(LOSS) dB)")
+    c.add_argument("--metric", metavar="MODULE.py:FUNCTION",
+                   help="score(run, batches) -> float, higher is better; run(batch) returns the outputs of the model scored")
+    c.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop the accuracy search after about SECONDS")
     c.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
     c.add_argument("--eval-batches", type=int, help="at most this many evaluation batches (default 8)")
     c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
@@ -203,6 +211,8 @@ def _cmd_compile(args) -> int:
         check_destination(output)
         check_destination(report_path)
     dump_dir = args.dump_dir or (str(output) + ".dumps" if args.dump_after else None)
+    if args.search or args.max_loss is not None or args.metric or args.time_budget is not None:
+        return _compile_search(args, config, model_path, output, report_path)
     try:
         result = qcompile.compile(
             str(model_path), args.calib, config=config, eval_data=args.eval_data,
@@ -224,6 +234,38 @@ def _cmd_compile(args) -> int:
     if not args.quiet:
         print(result.report)
         print(f"wrote {output} and {report_path}")
+    return 0
+
+
+def _compile_search(args, config, model_path: Path, output: Path, report_path: Path) -> int:
+    """compile with --search/--max-loss: the best model found is written even when the budget is
+    missed (then the exit code is 3), with the search in the report."""
+    from qcompile.accuracy_search import compile_within_budget
+    from qcompile.errors import ConfigError
+
+    if args.metric and args.max_loss is None:
+        raise ConfigError("--metric needs --max-loss, the relative loss allowed on it (e.g. --max-loss 1%).")
+    if args.max_loss is None and config.min_sqnr is None:
+        raise ConfigError("The accuracy search needs a budget: --max-loss LOSS (with or without --metric) or --min-sqnr DB.")
+    if args.dump_after:
+        raise ConfigError("--dump-after does not combine with the accuracy search (it compiles many candidates).")
+    error = None
+    try:
+        result, _ = compile_within_budget(
+            str(model_path), args.calib, config=config, eval_data=args.eval_data, max_loss=args.max_loss,
+            metric=args.metric, min_sqnr=None if args.max_loss is not None else config.min_sqnr,
+            time_budget=args.time_budget, show_progress=_progress(args),
+        )
+    except AccuracyGateError as missed:
+        if getattr(missed, "result", None) is None:
+            raise
+        result, error = missed.result, missed
+    result.save(output, report_path=report_path)
+    if not args.quiet:
+        print(result.report)
+        print(f"wrote {output} and {report_path}" + (" (the best found; the budget was not met)" if error else ""))
+    if error is not None:
+        raise error
     return 0
 
 

@@ -109,6 +109,11 @@ class Report:
                          f"{self.cache.get('saved_seconds', 0):.2f}s saved")
         if self.hashes.get("output_model"):
             lines.append(f"  sha256: {self.hashes['output_model']}")
+        search = self.transformations.get("accuracy-search")
+        if search:
+            lines.append(f"  accuracy search ({search['budget']}): {'met' if search['met'] else 'NOT met'}; "
+                         f"chose step {search['chosen_step']} ({search['chosen']}) of {len(search['steps'])}, "
+                         f"{search['seconds']:.1f}s" + ("" if search["met"] else f"; {self.accuracy_gate.get('failing')}"))
         gate = self.accuracy_gate
         if gate.get("min_sqnr") is not None:
             verdict = "passed" if gate.get("passed") else f"FAILED: {gate.get('failing')}"
