@@ -16,7 +16,8 @@ candidate lowers that error by at least ``min_gain``. Smoothing puts every chann
 its own calibrated range, where the next input beyond the calibration data clips; scored on the
 rows that set the range, that cost never shows, and small calibration sets were smoothed at a loss
 (found by the fuzzer: a Softmax -> MatMul scored 38 -> 41 dB and measured 38 -> 16 dB on fresh
-inputs; a Clip -> Gemm 47 -> 15 dB).
+inputs; a Clip -> Gemm 47 -> 15 dB). Where the data has many more rows than the sample (8x), the
+range rests on far more rows than it is scored on, and candidates are scored in sample instead.
 """
 
 from __future__ import annotations
@@ -91,10 +92,10 @@ class SmoothQuant(ir.passes.InPlacePass):
                 if group.channel_min is None:
                     continue
                 scorer = _Scorer(group, act_type, symmetric, weight_type, per_channel)
-                baseline = scorer.held_out_error(None)
+                baseline = scorer.score(None)
                 best_alpha, best_error = None, baseline
                 for alpha in self.alphas:
-                    error = scorer.held_out_error(alpha)
+                    error = scorer.score(alpha)
                     if error < best_error:
                         best_alpha, best_error = alpha, error
                 if best_alpha is None or best_error > (1.0 - self.min_gain) * baseline:
@@ -116,6 +117,8 @@ class SmoothQuant(ir.passes.InPlacePass):
 # Per-channel weights are quantized column by column, so the error over an evenly spaced subset of
 # a wide weight's output columns estimates the whole: scoring a 8192 x 8192 weight costs 1/2 of it.
 _SCORED_COLUMNS = 4096
+# Candidates are scored in sample once the calibration data has this many times the sample's rows.
+_IN_SAMPLE_ABOVE = 8
 
 
 class _Scorer:
@@ -145,6 +148,16 @@ class _Scorer:
     def error(self, s: np.ndarray) -> float:
         # X / s spans exactly [min_j min_j / s_j, max_j max_j / s_j] over the observed data.
         return self._squared_error(s, self.group.channel_min, self.group.channel_max, slice(None)) / self.energy
+
+    def score(self, alpha: float | None) -> float:
+        """The error smoothing with ``alpha`` is judged by. Held out where the calibrated range rests
+        on not many more rows than the sample (the range then overfits them, see ``held_out_error``);
+        in sample where it rests on many more: the range from all the data then covers inputs like
+        the sample's, and a range from half the sample would understate it and penalise smoothing
+        (all-MiniLM-L6-v2, 16k rows: mean embedding cosine 0.9971 in sample, 0.9952 held out)."""
+        if self.group.rows_seen > _IN_SAMPLE_ABOVE * len(self.x):
+            return self.error(np.ones_like(self.activation_max) if alpha is None else self.smoothing(alpha))
+        return self.held_out_error(alpha)
 
     def held_out_error(self, alpha: float | None) -> float:
         """The error of smoothing with ``alpha`` (None: not smoothing) on rows it was not fitted to:
