@@ -110,6 +110,8 @@ _INTEGER_KERNELS = {
     "DynamicQuantizeMatMul",
 }
 _FLOAT_COMPUTE = {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm"}
+# onnx.TensorProto element types of the FP8 formats (FLOAT8E4M3FN .. FLOAT8E5M2FNUZ).
+_FLOAT8_ELEMENT_TYPES = {17, 18, 19, 20}
 
 
 def cpu_fusion_report(optimized_model, quantized_anchor_names: set[str]) -> dict:
@@ -133,21 +135,39 @@ def cpu_fusion_report(optimized_model, quantized_anchor_names: set[str]) -> dict
         if fed_by_dq or node.name in quantized_anchor_names:
             unfused.append({"node": node.name, "op_type": node.op_type})
     float_compute = sum(1 for node in nodes if node.op_type in _FLOAT_COMPUTE)
-    return {
+    report = {
         "integer_kernels": dict(sorted(kernels.items())),
         "quantized_anchors": len(quantized_anchor_names),
         "unfused_quantized_anchors": unfused,
         "float_compute_nodes": float_compute,
         "dequantize_nodes_left": sum(1 for n in nodes if n.op_type == "DequantizeLinear"),
     }
+    float8 = {t.name for t in optimized_model.graph.initializer if t.data_type in _FLOAT8_ELEMENT_TYPES}
+    float8_qdq = sum(
+        1 for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear") and (
+            any(i in float8 for i in n.input)
+            or any(a.name == "output_dtype" and a.i in _FLOAT8_ELEMENT_TYPES for a in n.attribute)
+        )
+    )
+    if float8_qdq:
+        report["float8_qdq_nodes"] = float8_qdq
+        report["note"] = (
+            "FP8 QDQ: ONNX Runtime's CPU provider has no FP8 compute kernels, so every FP8 anchor runs "
+            "as DequantizeLinear -> float op (accuracy simulation, not speed); FP8 GEMMs need a GPU "
+            "provider (CUDA/TensorRT on Hopper or newer)."
+        )
+    return report
 
 
 TARGET = Target(
     name="cpu",
     description="ONNX Runtime CPU execution provider (x86-64 and Arm integer kernels)",
     providers=("CPUExecutionProvider",),
-    activation_types=("uint8", "int8", "uint16", "int16"),
-    weight_types=("int8",),
+    # FP8 (float8e4m3fn, float8e5m2) runs here as QDQ with float compute: ORT's CPU provider has
+    # float8 QuantizeLinear/DequantizeLinear but no FP8 Conv/MatMul kernel, so it simulates the
+    # accuracy an FP8 GPU (CUDA/TensorRT on Hopper) gets, at float speed or slower.
+    activation_types=("uint8", "int8", "uint16", "int16", "float8e4m3fn", "float8e5m2"),
+    weight_types=("int8", "float8e4m3fn", "float8e5m2"),
     default_activation_type="uint8",
     default_weight_type="int8",
     activation_symmetric=False,

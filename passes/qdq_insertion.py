@@ -133,7 +133,11 @@ class _Rewriter:
         table = node.inputs[0].const_value.numpy().astype(np.float32)
         scale, zero_point = constant_qparams(table, 0, qtype, True)
         codes = quantize(table, scale, zero_point, qtype, 0)
+        output = node.outputs[0].name
         dequantize_after_lookup(self.graph, node, codes, scale, self.name, self.initializer)
+        # The lookup's output is now the Mul's value under the same name: a planned activation
+        # there (an embedding read by a MatMul) is quantized after the Mul, not the removed Gather.
+        self.values[output] = next(o for n in self.graph for o in n.outputs if o.name == output)
 
     def quantize_activation(self, name: str) -> None:
         quant = self.plan.activations[name]
@@ -148,14 +152,24 @@ class _Rewriter:
         if not rounded_for_all:
             uses = [use for use in uses if use.node.name in self.plan.nodes]
         scale = self.initializer(f"{name}_scale", np.asarray(quant.scale, dtype=np.float32))
-        zero_point = self.initializer(
-            f"{name}_zero_point", np.asarray(quant.zero_point, dtype=quant.qtype.numpy_dtype)
+        if quant.qtype.is_float:
+            # FP8: no zero point (it is 0), the type from output_dtype (opset 21). ORT's
+            # ReluQuantFusion drops a Relu before any QuantizeLinear whose zero point is neither an
+            # int8 -128 nor a uint8 0 (a float8 0 included), which would let negatives through; it
+            # skips a QuantizeLinear without a zero point.
+            q_inputs, dq_inputs_zp, q_attributes = [value, scale], [], {"output_dtype": quant.qtype.ir_dtype}
+        else:
+            zero_point = self.initializer(
+                f"{name}_zero_point", np.asarray(quant.zero_point, dtype=quant.qtype.numpy_dtype)
+            )
+            q_inputs, dq_inputs_zp, q_attributes = [value, scale, zero_point], [zero_point], {}
+        q_node = ir.node(
+            "QuantizeLinear", q_inputs, attributes=q_attributes, name=self.name(f"{name}_QuantizeLinear")
         )
-        q_node = ir.node("QuantizeLinear", [value, scale, zero_point], name=self.name(f"{name}_QuantizeLinear"))
         q_out = q_node.outputs[0]
         q_out.name = self.name(f"{name}_quantized")
         q_out.dtype, q_out.shape = quant.qtype.ir_dtype, value.shape
-        dq_node = ir.node("DequantizeLinear", [q_out, scale, zero_point], name=self.name(f"{name}_DequantizeLinear"))
+        dq_node = ir.node("DequantizeLinear", [q_out, scale, *dq_inputs_zp], name=self.name(f"{name}_DequantizeLinear"))
         dq_out = dq_node.outputs[0]
         dq_out.dtype, dq_out.shape = ir.DataType.FLOAT, value.shape
         was_output = value.is_graph_output() and rounded_for_all

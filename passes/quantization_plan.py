@@ -13,6 +13,7 @@ __all__ = [
     "QuantizationPlan",
     "build_plan",
     "PlanQuantization",
+    "KEEP_FLOAT",
 ]
 
 import dataclasses
@@ -142,6 +143,11 @@ def _mask_tensors(graph: ir.Graph) -> dict[str, str]:
     return masks
 
 
+# Node metadata key by which a pass marks a node it added to stay float (the value says why): the
+# float branch of split-outliers. The mark travels with the node, so any re-plan respects it.
+KEEP_FLOAT = "qcompile.keep_float"
+
+
 class _Exclusions:
     def __init__(self, config: CompileConfig):
         self.names = set(config.exclude_nodes)
@@ -152,6 +158,8 @@ class _Exclusions:
             raise ConfigError(f"exclude_regex has an invalid regular expression: {error}.") from None
 
     def reason(self, node: ir.Node) -> str | None:
+        if (why := node.metadata_props.get(KEEP_FLOAT)) is not None:
+            return why
         if node.name in self.names:
             return "excluded by name in the config"
         if node.op_type in self.op_types:
@@ -173,7 +181,9 @@ def _check_activation_type(name: str, target: Target, where: str) -> QuantType:
 def _activation_settings(config: CompileConfig, target: Target) -> tuple[QuantType, bool]:
     name = config.activation_type or target.default_activation_type
     symmetric = target.activation_symmetric if config.activation_symmetric is None else config.activation_symmetric
-    return _check_activation_type(name, target, "activation_type"), symmetric
+    qtype = _check_activation_type(name, target, "activation_type")
+    # FP8 zero points are 0: FP8 activations are symmetric whatever the target's integer default.
+    return qtype, symmetric or qtype.is_float
 
 
 class _ActivationTypes:
@@ -358,8 +368,10 @@ def _build_once(
                     fixed_by_constant[out.name] = _fixed(scale[0], zero_point[0])
         for index in biases:
             weight_index = next((i for i in weights if rule.role(i) is InputRole.WEIGHT), None)
-            if weight_index is None:
-                continue  # no quantized weight to derive the bias scale from: bias stays float
+            if weight_index is None or weight_type.is_float:
+                # No quantized weight to derive the bias scale from, or FP8: FP8 GEMMs accumulate
+                # in float and add a float bias, there is no int32 accumulator grid. Bias stays float.
+                continue
             plan.biases.append(BiasQuant(node.name, index, node.inputs[activations[0]].name, weight_index))
 
     # Lookup tables (embeddings): stored as integers, one scale per looked-up slice.
@@ -372,7 +384,10 @@ def _build_once(
             and exclusions.reason(node) is None
         ):
             axis = rule.table_axis(node) % len(table.shape)
-            plan.weights.append(WeightQuant(node.name, 0, axis if per_channel else None, weight_type))
+            # ONNX Gather reads no float8 table: with FP8 weights a table is stored as int8 rows
+            # (weight-only: looked-up rows are dequantized to float, no integer kernel involved).
+            table_type = quant_type("int8") if weight_type.is_float else weight_type
+            plan.weights.append(WeightQuant(node.name, 0, axis if per_channel else None, table_type))
 
     # 2. Followers: join while every activation input is already quantized; repeat to a fixed point.
     def produces_integers(value: ir.Value) -> bool:
@@ -527,7 +542,9 @@ def build_plan(
             if (quant.shares is not None and quant.shares in plan.activations) or quant.fixed is not None:
                 continue
             levels = quant.qtype.qmax - quant.qtype.qmin + 1
-            quant.rmin, quant.rmax = table[quant.tensor].range(config.calibration_method, levels, config.percentile)
+            quant.rmin, quant.rmax = table[quant.tensor].range(
+                config.calibration_method, levels, config.percentile, qtype=quant.qtype
+            )
             quant.scale, quant.zero_point = activation_qparams(quant.rmin, quant.rmax, quant.qtype, quant.symmetric)
         for quant in plan.activations.values():
             root = _root(plan, quant.tensor)

@@ -403,6 +403,8 @@ def compile_within_budget(
 def _wide_type(config: CompileConfig, target) -> str | None:
     """The target's 16-bit activation type of the run's signedness, or None."""
     default = quant_type(config.activation_type or target.default_activation_type)
+    if default.is_float:
+        return None  # FP8 runs cannot take integer overrides (CompileConfig refuses the mix)
     for name in ("int16", "uint16") if default.signed else ("uint16", "int16"):
         if name in target.activation_types and quant_type(name).signed == default.signed:
             return name

@@ -48,7 +48,36 @@ _CONFIG_FLAGS = {
     "cache": "cache",
     "cache_dir": "cache_dir",
     "cache_max_mb": "cache_max_mb",
+    "search": "search",
+    "max_loss": "max_loss",
+    "metric": "metric",
+    "time_budget": "time_budget",
+    "cross_layer_equalization": "cross_layer_equalization",
+    "bias_correction": "bias_correction",
+    "adaround": "adaround",
 }
+# Flags of `qcompile compile` that say what to run on and where to write, not how to compile.
+_RUN_FLAGS = {"model", "output", "calib", "eval_data", "config", "print_pipeline", "dump_after", "dump_dir",
+              "report", "quiet", "verbose", "log_format", "help"}
+# Flags that set a key in their own way (a different shape of value).
+_SHAPED_FLAGS = {"no_latency": "measure_latency", "shape": "input_shapes"}
+
+
+def compile_flag_keys() -> dict[str, str | None]:
+    """Every ``qcompile compile`` flag -> the CompileConfig key it sets (None: a run option).
+
+    Raises if a flag is in neither table: a new flag must map onto a key (or be a run option)."""
+    compile_parser = _build_parser()._subparsers._group_actions[0].choices["compile"]
+    keys = {}
+    for action in compile_parser._actions:
+        flag = max(action.option_strings, key=len) if action.option_strings else action.dest
+        if action.dest in _RUN_FLAGS:
+            keys[flag] = None
+        elif action.dest in _CONFIG_FLAGS or action.dest in _SHAPED_FLAGS:
+            keys[flag] = _CONFIG_FLAGS.get(action.dest) or _SHAPED_FLAGS[action.dest]
+        else:
+            raise AssertionError(f"compile flag {flag} maps onto no config key: add it to _CONFIG_FLAGS or _RUN_FLAGS")
+    return keys
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -63,19 +92,21 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="qcompile.toml with CompileConfig keys")
     c.add_argument("--target", help="target name (`qcompile targets`); default cpu")
     c.add_argument("--pipeline", help="comma-separated passes with options, e.g. 'fix-names,calibrate(method=mse)'")
-    c.add_argument("--recipe", help="a named pipeline: llm-int4, llm-int8-weight, llm-w8a8 (see --print-pipeline)")
+    c.add_argument("--recipe", help="a named pipeline: llm-int4, llm-int8-weight, llm-w8a8, llm-w8a8-outliers "
+                   "(see --print-pipeline)")
     c.add_argument("--print-pipeline", action="store_true", help="print the pipeline this run would use and exit")
     c.add_argument("--dump-after", action="append", default=[], metavar="PASS", help="save the model after PASS (or 'all'); repeatable")
     c.add_argument("--dump-dir", help="where --dump-after writes (default: OUTPUT.dumps/)")
-    c.add_argument("--activation-type", help="uint8 (default on cpu), int8, uint16, int16")
-    c.add_argument("--weight-type", help="int8")
+    c.add_argument("--activation-type", help="uint8 (default on cpu), int8, uint16, int16, "
+                   "float8e4m3fn, float8e5m2 (FP8: with an FP8 --weight-type)")
+    c.add_argument("--weight-type", help="int8 (default), float8e4m3fn, float8e5m2")
     c.add_argument("--calibration-method", help="minmax, percentile, entropy or mse")
     c.add_argument("--percentile", type=float, help="percentile for --calibration-method percentile")
     c.add_argument("--exclude-nodes", nargs="+", metavar="NAME", help="node names to keep in float")
     c.add_argument("--exclude-op-types", nargs="+", metavar="OP", help="op types to keep in float")
     c.add_argument("--exclude-regex", nargs="+", metavar="REGEX", help="keep nodes whose name matches in float")
     c.add_argument("--min-sqnr", type=float, metavar="DB", help="fail with exit code 3 if any output's SQNR is below DB")
-    c.add_argument("--search", action="store_true",
+    c.add_argument("--search", action="store_true", default=None,
                    help="search for accuracy measures until --min-sqnr holds (qcompile.accuracy_search)")
     c.add_argument("--max-loss", metavar="LOSS",
                    help="search until the relative loss is at most LOSS (1%% or 0.01): of --metric, else the "
@@ -83,6 +114,9 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--metric", metavar="MODULE.py:FUNCTION",
                    help="score(run, batches) -> float, higher is better; run(batch) returns the outputs of the model scored")
     c.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop the accuracy search after about SECONDS")
+    for name, what in (("cross-layer-equalization", "cross-layer equalization"), ("bias-correction", "bias correction"),
+                       ("adaround", "AdaRound")):
+        c.add_argument(f"--{name}", action="store_true", default=None, help=f"add the {what} pass to the pipeline")
     c.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
     c.add_argument("--eval-batches", type=int, help="at most this many evaluation batches (default 8)")
     c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
@@ -114,6 +148,11 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nodes", action="store_true", help="list every node with its provider")
 
     sub.add_parser("passes", help="list the passes a pipeline can use")
+    g = sub.add_parser("config", help="the config's reference: keys, types, defaults, flags; or check a qcompile.toml")
+    shown = g.add_mutually_exclusive_group()
+    shown.add_argument("--schema", action="store_true", help="print the JSON Schema of qcompile.toml")
+    shown.add_argument("--reference", action="store_true", help="print the reference table (Markdown; the default)")
+    shown.add_argument("--check", metavar="TOML", help="validate a qcompile.toml and print it with every default filled in")
     sub.add_parser("targets", help="list targets and their rules")
     i = sub.add_parser("inspect", help="inputs, opset, op histogram, and what would be quantized")
     i.add_argument("model")
@@ -211,7 +250,7 @@ def _cmd_compile(args) -> int:
         check_destination(output)
         check_destination(report_path)
     dump_dir = args.dump_dir or (str(output) + ".dumps" if args.dump_after else None)
-    if args.search or args.max_loss is not None or args.metric or args.time_budget is not None:
+    if config.search or config.max_loss is not None or config.metric or config.time_budget is not None:
         return _compile_search(args, config, model_path, output, report_path)
     try:
         result = qcompile.compile(
@@ -243,18 +282,19 @@ def _compile_search(args, config, model_path: Path, output: Path, report_path: P
     from qcompile.accuracy_search import compile_within_budget
     from qcompile.errors import ConfigError
 
-    if args.metric and args.max_loss is None:
+    if config.metric and config.max_loss is None:
         raise ConfigError("--metric needs --max-loss, the relative loss allowed on it (e.g. --max-loss 1%).")
-    if args.max_loss is None and config.min_sqnr is None:
+    if config.max_loss is None and config.min_sqnr is None:
         raise ConfigError("The accuracy search needs a budget: --max-loss LOSS (with or without --metric) or --min-sqnr DB.")
     if args.dump_after:
         raise ConfigError("--dump-after does not combine with the accuracy search (it compiles many candidates).")
     error = None
     try:
         result, _ = compile_within_budget(
-            str(model_path), args.calib, config=config, eval_data=args.eval_data, max_loss=args.max_loss,
-            metric=args.metric, min_sqnr=None if args.max_loss is not None else config.min_sqnr,
-            time_budget=args.time_budget, show_progress=_progress(args),
+            str(model_path), args.calib, config=config, eval_data=args.eval_data,
+            max_loss=None if config.max_loss is None else str(config.max_loss), metric=config.metric,
+            min_sqnr=None if config.max_loss is not None else config.min_sqnr,
+            time_budget=config.time_budget, show_progress=_progress(args),
         )
     except AccuracyGateError as missed:
         if getattr(missed, "result", None) is None:
@@ -297,6 +337,19 @@ def _cmd_verify(args) -> int:
     report = Path(args.report) if args.report else Path(args.model).parent / "report.json"
     for line in verify_artifact(args.model, report, model=args.source_model, calibration_data=args.calib):
         print(line)
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from qcompile.config import load_config
+    from qcompile.config_reference import config_reference_markdown, config_schema
+
+    if args.schema:
+        print(json.dumps(config_schema(), indent=2))
+    elif args.check:
+        print(json.dumps(load_config(args.check).to_dict(), indent=2))
+    else:
+        print(config_reference_markdown(), end="")
     return 0
 
 
@@ -470,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose and args.quiet:
         parser.error("-v/--verbose and -q/--quiet contradict each other; give one of them.")
     setup_logging(verbosity=1 if args.verbose else -1 if args.quiet else 0, log_format=args.log_format)
-    commands = {"compile": _cmd_compile, "run": _cmd_run, "passes": _cmd_passes, "targets": _cmd_targets,
+    commands = {"compile": _cmd_compile, "run": _cmd_run, "passes": _cmd_passes, "config": _cmd_config, "targets": _cmd_targets,
                 "inspect": _cmd_inspect, "verify": _cmd_verify, "debug": _cmd_debug}
     try:
         return commands[args.command](args)

@@ -23,18 +23,23 @@ from qcompile.statistics import CALIBRATION_METHODS
 class CompileConfig:
     """Options of one compilation. ``None`` means "the target's default"."""
 
+    # Where the model will run (`qcompile targets`): cpu, qnn-htp.
     target: str = "cpu"
     # Pipeline: pass names with options, e.g. ["shape-inference", "calibrate(method=percentile)"].
     pipeline: list[str] | None = None
     # Or a named pipeline (qcompile.recipes): llm-int4, llm-int8-weight, llm-w8a8.
     recipe: str | None = None
+    # Activation type (the target's default when unset): uint8, int8, uint16, int16, float8e4m3fn, ...
     activation_type: str | None = None
     # Mixed precision: regular expression over activation tensor names -> activation type for the
     # tensors it matches (the first matching entry wins), e.g. {"^add_|^linear_5" = "uint16"}.
     activation_type_overrides: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Weight type, activation symmetry and per-channel weights (the target's defaults when unset).
     weight_type: str | None = None
     activation_symmetric: bool | None = None
     per_channel: bool | None = None
+    # How activation ranges are fixed from the calibration data: mse, minmax, percentile, entropy;
+    # percentile: the percentile of |x| that percentile calibration keeps.
     calibration_method: str = "mse"
     percentile: float = 99.999
     # Nodes left in float: exact node names, op types, or regular expressions over node names.
@@ -56,6 +61,14 @@ class CompileConfig:
     measure_latency: bool = True
     # Accuracy gate: fail (exit code 3) when any output's SQNR is below this many dB.
     min_sqnr: float | None = None
+    # Accuracy budget (qcompile.accuracy_search): compile the cheapest model within it, trying the
+    # accuracy passes, then 16-bit, then float for the most sensitive tensors. max_loss: relative loss
+    # ("1%" or 0.01) on metric ("module.py:function", higher is better) or, without a metric, on the
+    # outputs' RMS error; search: let min_sqnr drive the search; time_budget: seconds it may take.
+    max_loss: str | float | None = None
+    metric: str | None = None
+    search: bool = False
+    time_budget: float | None = None
     # Intra-op threads for ONNX Runtime sessions qcompile creates (0: ORT's default).
     threads: int = 0
     # Static input shapes for targets that need them (fix-shapes), e.g. {"x": [1, 3, 224, 224]};
@@ -92,6 +105,7 @@ class CompileConfig:
                     f"activation_type_overrides[{pattern!r}] = {value!r} is not a known type. "
                     f"Use one of: {', '.join(QUANT_TYPES)}."
                 )
+        self._validate_float8()
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ConfigError(
                 f"calibration_method = {self.calibration_method!r} is not a known method. "
@@ -108,6 +122,38 @@ class CompileConfig:
             )
         if self.threads < 0:
             raise ConfigError(f"threads = {self.threads} must be >= 0 (0: ONNX Runtime's default).")
+
+    def _validate_float8(self) -> None:
+        """FP8 activations go with FP8 weights and FP8 overrides, integer ones with integer ones: no
+        runtime has a kernel that mixes the two (TensorRT's FP8 GEMMs read FP8 on both sides).
+        Unset types are the target's default, which is an integer type on every target."""
+        def is_float8(name: str | None) -> bool:
+            return name is not None and QUANT_TYPES[name].is_float
+
+        activation, weight = is_float8(self.activation_type), is_float8(self.weight_type)
+        if activation != weight:
+            fp8_field, other_field = ("activation_type", "weight_type") if activation else ("weight_type", "activation_type")
+            other = repr(getattr(self, other_field)) if getattr(self, other_field) else "the target's integer default"
+            raise ConfigError(
+                f"{fp8_field} = {getattr(self, fp8_field)!r} with {other_field} = {other}: FP8 and integer "
+                f"formats cannot be mixed. Set {other_field} to an FP8 type too (float8e4m3fn or float8e5m2)."
+            )
+        for pattern, value in self.activation_type_overrides.items():
+            if is_float8(value) != activation:
+                raise ConfigError(
+                    f"activation_type_overrides[{pattern!r}] = {value!r} mixes FP8 and integer activations "
+                    f"(activation_type = {self.activation_type!r}); overrides must use the same family."
+                )
+        if activation and self.activation_symmetric is False:
+            raise ConfigError(
+                "activation_symmetric = false with FP8 activations: an FP8 zero point must be 0, so FP8 "
+                "is always symmetric. Leave activation_symmetric unset."
+            )
+        if activation and self.calibration_method == "entropy":
+            raise ConfigError(
+                "calibration_method = 'entropy' assumes an evenly spaced integer grid, which FP8 is not. "
+                "Use 'mse' (searched over the FP8 grid), 'minmax' or 'percentile'."
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> CompileConfig:
@@ -135,12 +181,14 @@ class CompileConfig:
 # is part of a compile's identity: its config hash and its pass-cache keys (no pass may read these).
 NON_BUILD_KEYS = frozenset({
     "pipeline", "recipe", "latency_runs", "measure_latency", "min_sqnr", "allow_fallback", "ep_context_path",
+    "max_loss", "metric", "search", "time_budget",
     "cache", "cache_dir", "cache_max_mb",
 })
 
 
 _TYPE_CHECKS = {
     "str": (str,),
+    "str | float": (str, int, float),
     "bool": (bool,),
     "int": (int,),
     "float": (int, float),

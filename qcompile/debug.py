@@ -562,8 +562,8 @@ class _QuantizedGraph:
             zero_point = q_zp.astype(np.float64)
             grid_min = float(np.min((qtype.qmin - zero_point) * q_scale))
             grid_max = float(np.max((qtype.qmax - zero_point) * q_scale))
-            clip_low = ((qtype.qmin - zero_point - 0.5) * q_scale).astype(np.float32)
-            clip_high = ((qtype.qmax - zero_point + 0.5) * q_scale).astype(np.float32)
+            clip_low = ((qtype.qmin - zero_point - qtype.top_half_step) * q_scale).astype(np.float32)
+            clip_high = ((qtype.qmax - zero_point + qtype.top_half_step) * q_scale).astype(np.float32)
         per_tensor = q_scale.size == 1
         error = TensorError(
             tensor=source.name,

@@ -1,6 +1,8 @@
-"""Quantization parameters: integer formats, and scales and zero points from ranges.
+"""Quantization parameters: integer and FP8 formats, and scales and zero points from ranges.
 
 Every scale and zero point qcompile writes is computed here, so the formulas live in one place.
+FP8 formats (``float8e4m3fn``, ``float8e5m2``) round to ml_dtypes' float8 types, which match ONNX
+Runtime's QuantizeLinear/DequantizeLinear bit for bit (tests/test_fp8.py checks it).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ __all__ = [
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -26,7 +29,12 @@ from qcompile.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class QuantType:
-    """An integer format: its name, ONNX element type and representable range."""
+    """A quantized format: its name, ONNX element type and representable range.
+
+    For FP8 formats (``is_float``) qmin/qmax are the largest finite magnitudes (E4M3FN: 448,
+    E5M2: 57344) and the grid between them is not uniform: the spacing grows with the magnitude
+    (3 mantissa bits for E4M3FN, 2 for E5M2), so "levels" and "steps" do not apply to them.
+    """
 
     name: str
     ir_dtype: ir.DataType
@@ -34,10 +42,20 @@ class QuantType:
     qmin: int
     qmax: int
     min_opset: int
+    is_float: bool = False
 
     @property
     def signed(self) -> bool:
         return self.qmin < 0
+
+    @property
+    def top_half_step(self) -> float:
+        """Half the grid spacing at qmax: values past qmax + this (in grid units) saturate.
+        0.5 on an integer grid; FP8's spacing at its largest binade is eps * 2**floor(log2(qmax))
+        (E4M3FN: 32, so 464 is the first value that rounds to 448 only by saturating)."""
+        if not self.is_float:
+            return 0.5
+        return float(ml_dtypes.finfo(self.numpy_dtype).eps) * 2.0 ** np.floor(np.log2(self.qmax)) / 2
 
 
 QUANT_TYPES = {
@@ -48,8 +66,13 @@ QUANT_TYPES = {
         QuantType("uint16", ir.DataType.UINT16, np.uint16, 0, 65535, 21),
         QuantType("int16", ir.DataType.INT16, np.int16, -32768, 32767, 21),
         QuantType("int32", ir.DataType.INT32, np.int32, -(2**31), 2**31 - 1, 13),
+        # QuantizeLinear/DequantizeLinear take float8 from opset 19 on; qcompile needs 21, whose
+        # QuantizeLinear names its output type (output_dtype) without a zero point (see insert-qdq).
+        QuantType("float8e4m3fn", ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn, -448, 448, 21, is_float=True),
+        QuantType("float8e5m2", ir.DataType.FLOAT8E5M2, ml_dtypes.float8_e5m2, -57344, 57344, 21, is_float=True),
     )
 }
+_FLOAT8_DTYPES = {np.dtype(t.numpy_dtype) for t in QUANT_TYPES.values() if t.is_float}
 
 
 def quant_type(name: str) -> QuantType:
@@ -74,10 +97,13 @@ def activation_qparams(
     Asymmetric:  scale = (rmax - rmin) / (qmax - qmin),  zp = round(qmin - rmin / scale).
     Symmetric:   scale = max(|rmin|, |rmax|) / ((qmax - qmin) / 2),  zp = 0 for signed types and
                  the middle of the range ((qmin + qmax + 1) / 2, e.g. 128) for unsigned ones.
+    FP8:         always symmetric (ONNX's float8 zero point must be 0): scale = max(|rmin|, |rmax|)
+                 / qmax (448 for E4M3FN, 57344 for E5M2), so the range's end is the largest finite
+                 FP8 value; ``symmetric`` is ignored.
     """
     rmin, rmax = min(float(rmin), 0.0), max(float(rmax), 0.0)
     span = qtype.qmax - qtype.qmin
-    if symmetric:
+    if symmetric or qtype.is_float:
         amax = max(abs(rmin), abs(rmax))
         scale = np.float32(max(amax / (span / 2), _MIN_SCALE))
         zero_point = 0 if qtype.signed else (qtype.qmin + qtype.qmax + 1) // 2
@@ -94,6 +120,7 @@ def weight_qparams(
 
     scale = max|w| / qmax over the channel, so the grid is [-qmax, qmax]: the restricted range
     keeps -128 unused, which avoids the asymmetric extra code that some integer kernels mishandle.
+    For FP8 the same formula maps max|w| onto the largest finite value (448 for E4M3FN).
     """
     w = np.asarray(weight, dtype=np.float32)
     if axis is None:
@@ -113,7 +140,7 @@ def constant_qparams(
     one asymmetric scale over the whole tensor, with the activation formula (``activation_qparams``
     on [min(w), max(w)]), for constants that meet activations (an Add's bias, a LayerNorm scale
     stored as uint8, a lookup table whose output keeps the table's parameters)."""
-    if symmetric:
+    if symmetric or qtype.is_float:  # FP8 zero points are 0: FP8 constants are symmetric
         return weight_qparams(weight, axis, qtype)
     if axis is not None:
         raise ConfigError("Asymmetric constants are quantized per tensor; a per-channel axis was given.")
@@ -134,8 +161,18 @@ def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
 def quantize(
     x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qtype: QuantType, axis: int | None = None
 ) -> np.ndarray:
-    """ONNX QuantizeLinear: saturate(round_half_to_even(x / scale) + zero_point)."""
+    """ONNX QuantizeLinear: saturate(round_half_to_even(x / scale) + zero_point).
+
+    FP8: x / scale rounded to the nearest FP8 value (ties to even) by ml_dtypes, after clipping to
+    [-qmax, qmax]: ONNX's saturate=1 (the default), under which +-inf also becomes +-qmax.
+    """
     s = _broadcast(scale, x.ndim, axis).astype(np.float32)
+    if qtype.is_float:
+        z = _broadcast(zero_point, x.ndim, axis).astype(np.float32)
+        scaled = np.asarray(x, dtype=np.float32) / s
+        if z.any():  # ORT keeps -0.0 as -0.0: adding a zero zero point would turn it into +0.0
+            scaled = scaled + z
+        return np.clip(scaled, qtype.qmin, qtype.qmax).astype(qtype.numpy_dtype)
     z = _broadcast(zero_point, x.ndim, axis).astype(np.int64)
     q = np.rint(np.asarray(x, dtype=np.float32) / s).astype(np.int64) + z
     return np.clip(q, qtype.qmin, qtype.qmax).astype(qtype.numpy_dtype)
@@ -144,7 +181,10 @@ def quantize(
 def dequantize(
     q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None
 ) -> np.ndarray:
-    """ONNX DequantizeLinear: (q - zero_point) * scale."""
+    """ONNX DequantizeLinear: (q - zero_point) * scale (in float32 for FP8 codes)."""
     s = _broadcast(scale, q.ndim, axis).astype(np.float32)
+    if q.dtype in _FLOAT8_DTYPES:
+        z = _broadcast(zero_point, q.ndim, axis).astype(np.float32)
+        return ((q.astype(np.float32) - z) * s).astype(np.float32)
     z = _broadcast(zero_point, q.ndim, axis).astype(np.int64)
     return ((q.astype(np.int64) - z) * s).astype(np.float32)

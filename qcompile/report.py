@@ -73,6 +73,13 @@ class Report:
         smoothing = self.transformations.get("smooth-quant", {})
         if smoothing.get("smoothed"):
             lines.append(f"  smooth-quant: {len(smoothing['smoothed'])} of {smoothing['candidates']} MatMul inputs smoothed")
+        outliers = self.transformations.get("split-outliers", {})
+        if outliers.get("split"):
+            channels = sum(len(r["channels"]) for r in outliers["split"].values())
+            lines.append(
+                f"  split-outliers: {len(outliers['split'])} of {outliers['candidates']} MatMul inputs split, "
+                f"{channels} channels multiplied in float"
+            )
         if self.calibration:
             lines.append(
                 f"  calibration: {self.calibration.get('batches')} batches, method {self.calibration.get('method')}"
@@ -96,6 +103,8 @@ class Report:
             kernels = ", ".join(f"{k} {v}" for k, v in self.fusion.get("integer_kernels", {}).items())
             unfused = len(self.fusion.get("unfused_quantized_anchors", []))
             lines.append(f"  ORT integer kernels: {kernels or 'none'}; unfused quantized anchors: {unfused}")
+            if self.fusion.get("note"):
+                lines.append(f"  note: {self.fusion['note']}")
         fixed = self.transformations.get("fix-shapes")
         if fixed:
             shapes = ", ".join(f"{k} {v['from']} -> {v['to']}" for k, v in fixed["inputs"].items())

@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from qcompile.errors import ConfigError
+from qcompile.qparams import QuantType, dequantize, quantize
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 
@@ -123,7 +124,9 @@ class TensorStatistics:
         width = 2.0 ** (self.width_exponent or 0)
         return (np.arange(2 * HALF_BINS + 1) - HALF_BINS) * width
 
-    def range(self, method: str, levels: int, percentile: float = 99.999) -> tuple[float, float]:
+    def range(
+        self, method: str, levels: int, percentile: float = 99.999, qtype: QuantType | None = None
+    ) -> tuple[float, float]:
         """The (rmin, rmax) that ``method`` chooses for a format with ``levels`` integer values.
 
         - minmax: the observed extremes.
@@ -132,9 +135,19 @@ class TensorStatistics:
           quantized form (TensorRT's method), applied to |x|.
         - mse: the shrink of [min, max] minimising the expected squared quantization error.
         Every clipped range stays inside [min, max].
+
+        For an FP8 ``qtype`` (``levels`` is then unused): minmax and percentile as above; mse
+        searches the symmetric clip |x| <= a over FP8's own grid (each histogram bin's centre
+        rounded with ml_dtypes); entropy is refused, since its KL search quantizes the histogram
+        into evenly spaced groups, which an FP8 grid is not.
         """
         if self.is_empty:
             return 0.0, 0.0
+        if qtype is not None and qtype.is_float and method == "entropy":
+            raise ConfigError(
+                f"Calibration method 'entropy' assumes an evenly spaced integer grid; {qtype.name} is "
+                "not one. Use calibration_method = 'mse' (searched over the FP8 grid), 'minmax' or 'percentile'."
+            )
         if method == "minmax":
             return self.min, self.max
         if not self.with_histogram:
@@ -148,7 +161,7 @@ class TensorStatistics:
             threshold = self._entropy_threshold(levels)
             return max(self.min, -threshold), min(self.max, threshold)
         if method == "mse":
-            return self._mse_range(levels)
+            return self._float_mse_range(qtype) if qtype is not None and qtype.is_float else self._mse_range(levels)
         raise ConfigError(
             f"Unknown calibration method {method!r}. Use one of: {', '.join(CALIBRATION_METHODS)}."
         )
@@ -231,6 +244,29 @@ class TensorStatistics:
         error = ((x[None, :] - clipped) ** 2 + rounding) * n[None, :]
         best = int(np.argmin(error.sum(axis=1)))
         return float(max(self.min, lo[best, 0])), float(min(self.max, hi[best, 0]))
+
+
+    def _float_mse_range(self, qtype: QuantType) -> tuple[float, float]:
+        """The symmetric clip a (range [-a, a], scale a / qmax) minimising the squared error of
+        FP8 quantize-dequantize over the histogram, each bin's values taken at its centre.
+
+        Clipping more moves small values out of FP8's subnormals at the cost of the clipped tail;
+        relative precision elsewhere does not depend on a, so the best a is usually near max|x|.
+        """
+        edges = self._bin_edges()
+        centers = ((edges[:-1] + edges[1:]) / 2).astype(np.float32)
+        nonzero = self.counts > 0
+        x, n = centers[nonzero], self.counts[nonzero].astype(np.float64)
+        best, best_error = self.abs_max, math.inf
+        for shrink in np.linspace(0.05, 1.0, 96)[::-1]:
+            amax = self.abs_max * float(shrink)
+            scale = np.float32(max(amax / qtype.qmax, 1e-12))
+            zero = np.zeros((), dtype=qtype.numpy_dtype)
+            rounded = dequantize(quantize(x, scale, zero, qtype), scale, zero).astype(np.float64)
+            error = float(np.sum((x - rounded) ** 2 * n))
+            if error < best_error:
+                best, best_error = amax, error
+        return float(max(self.min, -best)), float(min(self.max, best))
 
 
 @dataclasses.dataclass

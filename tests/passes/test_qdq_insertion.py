@@ -92,3 +92,20 @@ def test_float_readers_of_a_float_producer_keep_the_exact_value():
     assert nodes["mm"].inputs[0].producer().op_type == "DequantizeLinear"
     assert nodes["residual"].inputs[0].producer() is nodes["ln"]
     assert model.graph.outputs[1].producer() is nodes["ln"]
+
+
+def test_embedding_read_by_a_matmul_is_quantized_after_its_row_lookup():
+    """Gather(table) -> MatMul: the table becomes int8 rows (Gather, Cast, Mul) and the lookup's
+    output, which the MatMul reads as an activation, gets its Q/DQ after the new Mul."""
+    from tiny_models import tiny_lm
+
+    rng = np.random.default_rng(0)
+    data = [{"ids": rng.integers(0, 100, (2, 8)).astype(np.int64)} for _ in range(4)]
+    model, _ = run_passes(tiny_lm(), "fix-names,shape-inference,fold-constants," + CPU, data=data)
+    nodes = {n.name: n for n in model.graph}
+    assert "embed" not in nodes  # replaced by the row lookup
+    h_quantize = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "h")
+    assert h_quantize.inputs[0].producer().op_type == "Mul"
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    ort.InferenceSession(proto.SerializeToString()).run(None, data[0])
