@@ -85,6 +85,8 @@ class QuantizationPlan:
     float_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # node name -> why float
     float_tensors: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> why float
     calibrate: list[str] = dataclasses.field(default_factory=list)  # tensors calibration observes
+    # calibration_method = "auto": tensor -> the method chosen for it.
+    calibration_methods: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict:
         op_counts: dict[str, int] = {}
@@ -98,6 +100,9 @@ class QuantizationPlan:
             "quantized_biases": len(self.biases),
             "float_nodes": dict(sorted(self.float_nodes.items())),
             "float_tensors": dict(sorted(self.float_tensors.items())),
+            **({"calibration_methods": {m: sorted(t for t, c in self.calibration_methods.items() if c == m)
+                                        for m in sorted(set(self.calibration_methods.values()))}}
+               if self.calibration_methods else {}),
         }
 
 
@@ -542,9 +547,12 @@ def build_plan(
             if (quant.shares is not None and quant.shares in plan.activations) or quant.fixed is not None:
                 continue
             levels = quant.qtype.qmax - quant.qtype.qmin + 1
-            quant.rmin, quant.rmax = table[quant.tensor].range(
-                config.calibration_method, levels, config.percentile, qtype=quant.qtype
-            )
+            method = config.calibration_method
+            if method == "auto":
+                method = plan.calibration_methods[quant.tensor] = table[quant.tensor].best_method(
+                    levels, config.percentile, qtype=quant.qtype
+                )
+            quant.rmin, quant.rmax = table[quant.tensor].range(method, levels, config.percentile, qtype=quant.qtype)
             quant.scale, quant.zero_point = activation_qparams(quant.rmin, quant.rmax, quant.qtype, quant.symmetric)
         for quant in plan.activations.values():
             root = _root(plan, quant.tensor)

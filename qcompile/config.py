@@ -38,7 +38,8 @@ class CompileConfig:
     weight_type: str | None = None
     activation_symmetric: bool | None = None
     per_channel: bool | None = None
-    # How activation ranges are fixed from the calibration data: mse, minmax, percentile, entropy;
+    # How activation ranges are fixed from the calibration data: mse, minmax, percentile, entropy, or
+    # auto (per tensor, the one whose range quantizes its calibration values with the least error);
     # percentile: the percentile of |x| that percentile calibration keeps.
     calibration_method: str = "mse"
     percentile: float = 99.999

@@ -18,7 +18,9 @@ import numpy as np
 from qcompile.errors import ConfigError
 from qcompile.qparams import QuantType, dequantize, quantize
 
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
+# What "auto" chooses from, per tensor; on a tie, the earlier one.
+AUTO_CANDIDATES = ("mse", "percentile", "minmax", "entropy")
 
 # Bins on each side of zero. Bin i covers [i * width, (i + 1) * width) for i in [-HALF_BINS, HALF_BINS).
 HALF_BINS = 2048
@@ -134,6 +136,7 @@ class TensorStatistics:
         - entropy: the clip threshold minimising KL divergence between the float histogram and its
           quantized form (TensorRT's method), applied to |x|.
         - mse: the shrink of [min, max] minimising the expected squared quantization error.
+        - auto: per tensor, whichever of the above ``best_method`` finds quantizes it best.
         Every clipped range stays inside [min, max].
 
         For an FP8 ``qtype`` (``levels`` is then unused): minmax and percentile as above; mse
@@ -148,6 +151,8 @@ class TensorStatistics:
                 f"Calibration method 'entropy' assumes an evenly spaced integer grid; {qtype.name} is "
                 "not one. Use calibration_method = 'mse' (searched over the FP8 grid), 'minmax' or 'percentile'."
             )
+        if method == "auto":
+            method = self.best_method(levels, percentile, qtype)
         if method == "minmax":
             return self.min, self.max
         if not self.with_histogram:
@@ -165,6 +170,39 @@ class TensorStatistics:
         raise ConfigError(
             f"Unknown calibration method {method!r}. Use one of: {', '.join(CALIBRATION_METHODS)}."
         )
+
+    def best_method(self, levels: int, percentile: float = 99.999, qtype: QuantType | None = None) -> str:
+        """The calibration method whose range quantizes this tensor's calibration values with the
+        least squared error, simulated on the histogram (each bin's values at its centre, rounded
+        on the format's grid over that range: ``levels`` evenly spaced steps, or FP8's own grid).
+
+        The histogram bins are finer than a step of any 8-bit or wider grid (2 x 2048 bins over
+        the power-of-two span of the values), so the simulation sees both the clipped tails and the
+        rounding inside the range, unlike mse's own estimate (step^2 / 12 inside the range).
+        """
+        if self.is_empty or not self.with_histogram:
+            return "minmax"
+        errors = {}
+        for method in AUTO_CANDIDATES:
+            if method == "entropy" and qtype is not None and qtype.is_float:
+                continue
+            errors[method] = self._grid_error(*self.range(method, levels, percentile, qtype), levels, qtype)
+        return min(errors, key=errors.get)  # dicts keep AUTO_CANDIDATES' order: ties go to the earlier
+
+    def _grid_error(self, rmin: float, rmax: float, levels: int, qtype: QuantType | None) -> float:
+        edges = self._bin_edges()
+        centers = (edges[:-1] + edges[1:]) / 2
+        nonzero = self.counts > 0
+        x, n = centers[nonzero], self.counts[nonzero].astype(np.float64)
+        if qtype is not None and qtype.is_float:
+            scale = np.float32(max(max(abs(rmin), abs(rmax)) / qtype.qmax, 1e-12))
+            zero = np.zeros((), dtype=qtype.numpy_dtype)
+            rounded = dequantize(quantize(x.astype(np.float32), scale, zero, qtype), scale, zero).astype(np.float64)
+        else:
+            low, high = min(rmin, 0.0), max(rmax, 0.0)  # every grid holds 0 exactly
+            step = max((high - low) / (levels - 1), 1e-12)
+            rounded = low + np.clip(np.round((x - low) / step), 0, levels - 1) * step
+        return float(np.sum((x - rounded) ** 2 * n))
 
     def _percentile_range(self, percentile: float) -> tuple[float, float]:
         if not 50.0 < percentile <= 100.0:

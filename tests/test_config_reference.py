@@ -46,7 +46,7 @@ def test_every_key_is_described_and_the_schema_accepts_the_defaults():
     assert schema["additionalProperties"] is False and set(schema["properties"]) == FIELDS
     for name, prop in schema["properties"].items():
         assert _valid(prop["default"], prop), name
-    assert schema["properties"]["calibration_method"]["enum"] == sorted(["mse", "minmax", "percentile", "entropy"])
+    assert schema["properties"]["calibration_method"]["enum"] == sorted(["mse", "minmax", "percentile", "entropy", "auto"])
     # A wrong type is rejected by the schema as by the loader.
     assert not _valid("3", schema["properties"]["threads"]) and not _valid(None, schema["properties"]["threads"])
 

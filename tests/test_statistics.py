@@ -116,3 +116,43 @@ def test_entropy_threshold_keeps_values_that_are_all_far_from_zero():
     x = -np.random.default_rng(0).uniform(0.55, 1.47, 2000).astype(np.float32)
     lo, hi = _stats(x).range("entropy", 256)
     assert lo <= -1.4 and hi == x.max()
+
+
+def _simulated_error(values: np.ndarray, rmin: float, rmax: float, levels: int = 256) -> float:
+    """Squared error of rounding the raw values on the grid of [rmin, rmax] (numpy, no histogram)."""
+    low, high = min(rmin, 0.0), max(rmax, 0.0)
+    step = (high - low) / (levels - 1)
+    return float(np.sum((values - (low + np.clip(np.round((values - low) / step), 0, levels - 1) * step)) ** 2))
+
+
+@pytest.mark.parametrize("case", ["outlier", "uniform", "relu_heavy_tail"])
+def test_auto_picks_the_method_with_the_least_error_on_the_data_itself(case):
+    rng = np.random.default_rng(7)
+    values = {
+        "outlier": np.concatenate([rng.standard_normal(200_000), [400.0]]),
+        "uniform": rng.uniform(-3, 5, 200_000),
+        "relu_heavy_tail": np.maximum(rng.standard_t(2, 200_000), 0),
+    }[case].astype(np.float32)
+    stats = TensorStatistics()
+    stats.update(values)
+    chosen = stats.best_method(256)
+    errors = {m: _simulated_error(values, *stats.range(m, 256)) for m in ("mse", "percentile", "minmax", "entropy")}
+    # The histogram's simulation agrees with the raw data's: the choice is within 2% of the best.
+    assert errors[chosen] <= 1.02 * min(errors.values()), (chosen, errors)
+    assert stats.range("auto", 256) == stats.range(chosen, 256)
+    if case == "uniform":  # nothing to clip: any clipping method can only tie with minmax
+        assert errors[chosen] <= errors["minmax"]
+
+
+def test_auto_calibration_records_its_choice_per_tensor(tmp_path):
+    import qcompile
+    from tiny_models import tiny_cnn
+
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((4, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
+    result = qcompile.compile(tiny_cnn(), batches, config={"calibration_method": "auto", "measure_latency": False})
+    chosen = result.report.plan["calibration_methods"]
+    assert set(chosen) <= {"mse", "percentile", "minmax", "entropy"}
+    # Every tensor with its own range (not one that shares its input's) has a choice.
+    assert 0 < sum(len(t) for t in chosen.values()) <= result.report.plan["quantized_activations"]
+    assert min(o["sqnr_db"] for o in result.report.evaluation["outputs"].values()) > 25
