@@ -580,12 +580,17 @@ class PlanQuantization(ir.passes.InPlacePass):
     """Decide which nodes and tensors to quantize from the target's rules; the graph is unchanged.
 
     Guarantees: the ``plan`` analysis lists the tensors ``calibrate`` must observe. Quantization
-    parameters are fixed later, once ``calibrate`` has produced statistics.
+    parameters are fixed later, once ``calibrate`` has produced statistics. ``activation_type`` and
+    ``weight_type`` set those config keys for the whole run (as recipes such as ``llm-fp8`` do), so
+    the passes before it (smooth-quant's scoring) see them too.
     """
 
-    def __init__(self, context):
+    def __init__(self, context, *, activation_type: str | None = None, weight_type: str | None = None):
         super().__init__()
         self.context = context
+        changes = {k: v for k, v in (("activation_type", activation_type), ("weight_type", weight_type)) if v is not None}
+        if changes:
+            context.config = context.config.replace(**changes)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         plan = build_plan(model, self.context.target, self.context.config)

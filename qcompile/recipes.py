@@ -29,6 +29,23 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "llm-int8-weight": (*_PREPARE, "quantize-weights(bits=8, block=128, symmetric=false)", *_FINISH),
     # Static W8A8 with SmoothQuant: the target's own pipeline, which includes smooth-quant.
     "llm-w8a8": (),
+    # llm-w8a8, and the outlier channels that remain after smoothing multiplied in float (LLM.int8()):
+    # the target's pipeline with split-outliers right before plan-quantization (_INSERTED).
+    "llm-w8a8-outliers": (),
+    # FP8 E4M3 activations and weights (per-tensor / per-channel, symmetric) on the target's pipeline:
+    # for runtimes with FP8 kernels (TensorRT, CUDA on Hopper); the CPU provider runs it as reference.
+    "llm-fp8": (),
+}
+
+# Recipes that give a pass of the target's default pipeline options: recipe -> (pass, with options).
+_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "llm-fp8": (("plan-quantization", "plan-quantization(activation_type=float8e4m3fn, weight_type=float8e4m3fn)"),),
+}
+
+# Recipes built on the target's default pipeline (an empty entry in RECIPES) plus passes:
+# recipe -> (pass, the pass it goes right before).
+_INSERTED: dict[str, tuple[tuple[str, str], ...]] = {
+    "llm-w8a8-outliers": (("split-outliers", "plan-quantization"),),
 }
 
 # Accuracy-recovery passes that a config switch adds to the pipeline a run uses (the target's
@@ -56,6 +73,17 @@ def pipeline_for(pipeline: list[str] | None, recipe: str | None, target: Target,
         raise ConfigError(f"Unknown recipe {recipe!r}. Known recipes: {', '.join(RECIPES)}.")
     else:
         chosen = list(RECIPES[recipe] or target.default_pipeline)
+        for pass_name, before in _INSERTED.get(recipe, ()):
+            if before not in chosen:
+                raise ConfigError(
+                    f"Recipe {recipe!r} adds {pass_name!r} before {before!r}, which target {target.name!r}'s "
+                    "pipeline does not run."
+                )
+            chosen.insert(chosen.index(before), pass_name)
+        for pass_name, with_options in _OPTIONS.get(recipe, ()):
+            if pass_name not in chosen:
+                raise ConfigError(f"Recipe {recipe!r} sets options of {pass_name!r}, which target {target.name!r}'s pipeline does not run.")
+            chosen[chosen.index(pass_name)] = with_options
     return chosen if config is None else _with_accuracy_passes(chosen, config)
 
 

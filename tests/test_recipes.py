@@ -68,3 +68,16 @@ def test_an_accuracy_switch_on_a_pipeline_without_its_place_is_refused():
 
     with pytest.raises(ConfigError, match="bias_correction = true adds 'bias-correction' before 'insert-qdq'"):
         pipeline_for(None, "llm-int4", get_target("cpu"), CompileConfig(bias_correction=True))
+
+
+def test_llm_fp8_quantizes_activations_and_weights_to_fp8():
+    result = qcompile.compile(tiny_lm(), _ids(6), config={"recipe": "llm-fp8", "measure_latency": False})
+    assert "plan-quantization(activation_type=float8e4m3fn,weight_type=float8e4m3fn)" in result.report.pipeline
+    proto = result.to_proto()
+    float8 = onnx.TensorProto.FLOAT8E4M3FN
+    quantizers = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantizers and all(
+        next(a.i for a in n.attribute if a.name == "output_dtype") == float8 for n in quantizers
+    )
+    assert any(t.data_type == float8 for t in proto.graph.initializer)  # FP8 weights
+    assert min(o["sqnr_db"] for o in result.report.evaluation["outputs"].values()) > 15
