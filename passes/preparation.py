@@ -237,11 +237,18 @@ class UpgradeOpset(ir.passes.InPlacePass):
 
     def __init__(self, context, *, min_opset: int = 13):
         super().__init__()
-        config = context.config
-        self.min_opset = max(
-            min_opset,
-            quant_type(config.activation_type or context.target.default_activation_type).min_opset,
-            quant_type(config.weight_type or context.target.default_weight_type).min_opset,
+        self.context = context
+        self.option_min_opset = min_opset
+
+    @property
+    def min_opset(self) -> int:
+        # Read when the pass runs: a later pass's options may set the types for the whole run
+        # (plan-quantization(activation_type=...), as the llm-fp8 recipe does).
+        config, target = self.context.config, self.context.target
+        return max(
+            self.option_min_opset,
+            quant_type(config.activation_type or target.default_activation_type).min_opset,
+            quant_type(config.weight_type or target.default_weight_type).min_opset,
             # Mixed precision: a 16-bit override needs opset 21 as much as a 16-bit default does.
             *(quant_type(name).min_opset for name in config.activation_type_overrides.values()),
         )

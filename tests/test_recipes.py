@@ -81,3 +81,10 @@ def test_llm_fp8_quantizes_activations_and_weights_to_fp8():
     )
     assert any(t.data_type == float8 for t in proto.graph.initializer)  # FP8 weights
     assert min(o["sqnr_db"] for o in result.report.evaluation["outputs"].values()) > 15
+
+
+def test_llm_fp8_upgrades_an_older_opset_to_the_one_fp8_needs():
+    model = tiny_lm()
+    model = onnx.version_converter.convert_version(model, 17)
+    result = qcompile.compile(model, _ids(4), config={"recipe": "llm-fp8", "measure_latency": False})
+    assert result.model.opset_imports[""] >= 21
