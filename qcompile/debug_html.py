@@ -9,6 +9,8 @@ import html
 import math
 from typing import TYPE_CHECKING
 
+from qcompile.debug import _pct  # the text table's percentage format, shared
+
 if TYPE_CHECKING:
     from qcompile.debug import DebugReport, TensorError
 
@@ -47,10 +49,6 @@ def _db(value: float | None) -> str:
     if math.isinf(value):
         return "exact" if value > 0 else "-inf"
     return f"{value:.1f}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.3g}%"
 
 
 def _num(value) -> str:
