@@ -4,11 +4,13 @@ from __future__ import annotations
 
 __all__ = ["get_target", "available_targets", "Target"]
 
-from qcompile.backends import cpu, qnn
+from qcompile.backends import cpu, cuda, openvino, qnn, tensorrt
 from qcompile.backends.base import Target
 from qcompile.errors import ConfigError
 
-_TARGETS: dict[str, Target] = {t.name: t for t in (cpu.TARGET, qnn.TARGET)}
+_TARGETS: dict[str, Target] = {
+    t.name: t for t in (cpu.TARGET, qnn.TARGET, openvino.TARGET, tensorrt.TARGET, cuda.TARGET)
+}
 
 
 def available_targets() -> dict[str, Target]:

@@ -17,10 +17,12 @@ __all__ = [
     "output_steps",
     "compare_with_reference",
     "verify_on_target",
+    "verify_if_installed",
     "write_ep_context",
 ]
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import logging
@@ -51,6 +53,15 @@ class _Plugin:
 
 # Providers that are not built into the onnxruntime package but registered at run time.
 _PLUGINS = {"QNNExecutionProvider": _Plugin("onnxruntime_qnn", "onnxruntime-qnn")}
+
+# Providers built into another distribution of the ``onnxruntime`` module. Each replaces the
+# onnxruntime package (same module name, files overwrite each other), so one virtual environment
+# holds one of them: installing it beside onnxruntime breaks both.
+_OTHER_BUILDS = {
+    "OpenVINOExecutionProvider": "onnxruntime-openvino",
+    "CUDAExecutionProvider": "onnxruntime-gpu",
+    "TensorrtExecutionProvider": "onnxruntime-gpu",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +97,29 @@ def _register_plugin(name: str) -> ProviderStatus:
     return ProviderStatus(name, True, how)
 
 
+@functools.lru_cache(maxsize=1)
+def _onnxruntime_build() -> str:
+    """The distribution that installed the ``onnxruntime`` module, e.g. "onnxruntime-openvino 1.24.1"."""
+    names = metadata.packages_distributions().get("onnxruntime") or ["onnxruntime"]
+    try:
+        return f"{names[0]} {metadata.version(names[0])}"
+    except metadata.PackageNotFoundError:
+        return f"onnxruntime {ort.__version__}"
+
+
 def provider_status(name: str) -> ProviderStatus:
     """Whether provider ``name`` can run sessions here; plugin providers are registered on the way."""
     if name in _PLUGINS:
         return _register_plugin(name)
+    build = _onnxruntime_build()
     if name in ort.get_available_providers():
-        return ProviderStatus(name, True, "built into onnxruntime")
-    return ProviderStatus(name, False, "not in this onnxruntime build")
+        return ProviderStatus(name, True, f"built into {build}")
+    if name in _OTHER_BUILDS:
+        package = _OTHER_BUILDS[name]
+        return ProviderStatus(
+            name, False, f"not in this onnxruntime build ({build}): it comes with {package}, which replaces onnxruntime",
+        )
+    return ProviderStatus(name, False, f"not in this onnxruntime build ({build})")
 
 
 def _model_input(model: str | Path | bytes | onnx.ModelProto) -> str | bytes:
@@ -119,7 +146,8 @@ def _session(model, target, *, allow_fallback: bool, config: dict[str, str]) -> 
         devices = [d for d in ort.get_ep_devices() if d.ep_name == provider]
         options.add_provider_for_devices(devices, provider_options)
         return ort.InferenceSession(model, sess_options=options)
-    providers = [(provider, provider_options)] + ([(_CPU, {})] if provider != _CPU else [])
+    # ORT refuses a CPU provider named explicitly while the fallback to it is disabled (1.24 on).
+    providers = [(provider, provider_options)] + ([(_CPU, {})] if provider != _CPU and allow_fallback else [])
     session = ort.InferenceSession(model, sess_options=options, providers=providers)
     if session.get_providers()[0] != provider:
         raise ProviderError(f"ONNX Runtime did not enable {provider} for this session; nothing runs on it.")
@@ -319,6 +347,7 @@ def verify_on_target(
     result = {
         "provider": provider,
         "provider_package": provider_status(provider).how,
+        "provider_options": target.provider_options() if target.provider_options is not None else {},
         "placement": placement_summary(rows, provider),
         "float_compute_nodes": float_compute_nodes(compiled_proto),
     }
@@ -332,3 +361,23 @@ def verify_on_target(
             "outputs": compare_with_reference(reference, session, batches, output_steps(compiled_proto)),
         }
     return result
+
+
+def verify_if_installed(
+    compiled_proto: onnx.ModelProto, batches: Sequence[dict], target, *, allow_fallback: bool = False,
+) -> dict:
+    """``verify_on_target`` where the target's provider is installed; elsewhere a record of why
+    the provider check did not run and what to install, so a model can be compiled on one machine
+    (or virtual environment) and verified on another. The compiled model is the same either way."""
+    provider = target.providers[0]
+    status = provider_status(provider)
+    if status.installed:
+        return verify_on_target(compiled_proto, batches, target, allow_fallback=allow_fallback)
+    hint = f" Install it: {target.install_hint}." if target.install_hint else ""
+    why = f"{provider} is {status.how}.{hint}"
+    logger.warning("Not verified on %s: %s", provider, why)
+    return {
+        "provider": provider,
+        "skipped": why,
+        "provider_options": target.provider_options() if target.provider_options is not None else {},
+    }

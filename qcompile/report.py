@@ -133,6 +133,8 @@ class Report:
 def _verification_lines(verification: dict[str, Any]) -> list[str]:
     if not verification:
         return []
+    if "skipped" in verification:  # the provider is not installed where this compile ran
+        return [f"  not verified on {verification['provider']}: {verification['skipped']}"]
     placed = verification["placement"]
     lines = [f"  placement: {placed['on_provider']} of {placed['nodes']} nodes on {placed['provider']}"
              + (f"; on other providers: {', '.join(r['name'] or r['op_type'] for r in placed['off_provider'][:5])}"
