@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["Calibrate", "ChunkedRunner", "collect_statistics"]
+__all__ = ["Calibrate", "ChunkedRunner", "calibrate_shard", "collect_statistics", "sharded_statistics"]
 
+import functools
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -12,11 +13,13 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from qcompile.data import read_items
 from qcompile.errors import CalibrationDataError, ModelError, detail
+from qcompile.executors import Executor
 from qcompile.log import Progress
 from qcompile.passes.quantization_plan import build_plan
 from qcompile.passes.registry import register_pass
-from qcompile.runtime import make_session
+from qcompile.runtime import make_session, session_source
 from qcompile.statistics import CalibrationTable
 
 logger = logging.getLogger(__name__)
@@ -106,12 +109,16 @@ def collect_statistics(
     ``histograms=False`` collects min/max only (all that minmax calibration reads). Batches are run
     in chunks of at most ``chunk`` samples (0: whole), see ``ChunkedRunner``. ``progress`` is told
     after each batch (``qcompile.log.Progress``); the command line shows it."""
-    graph_outputs = [o.name for o in model.graph.outputs]
     # Basic optimizations only: fusions could not remove observed tensors, but they cost start-up time.
     session = make_session(
         model, extra_outputs=tensor_names, workspace=workspace, threads=threads,
         optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, what="model for calibration", low_memory=True,
     )
+    graph_outputs = [o.name for o in model.graph.outputs]
+    return _fold_batches(session, tensor_names, graph_outputs, batches, histograms, chunk, progress)
+
+
+def _fold_batches(session, tensor_names, graph_outputs, batches, histograms, chunk, progress) -> CalibrationTable:
     table = CalibrationTable(histograms=histograms)
     runner = ChunkedRunner(session, tensor_names, graph_outputs, chunk)
     start = time.perf_counter()
@@ -127,6 +134,42 @@ def collect_statistics(
     return table
 
 
+def calibrate_shard(items: list, shared: dict, threads: int) -> CalibrationTable:
+    """One worker's part of sharded calibration: the statistics of its shard of the data, collected
+    by the same code as a single-process run (``_fold_batches``), for the driver to merge."""
+    session = make_session(
+        shared["model"], threads=threads, optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        what="model for calibration", low_memory=True,
+    )
+    batches = read_items(items, shared["specs"])
+    return _fold_batches(session, shared["tensors"], shared["graph_outputs"], batches, shared["histograms"],
+                         shared["chunk"], None)
+
+
+def sharded_statistics(
+    model: ir.Model,
+    tensor_names: list[str],
+    shards: list[list],
+    executor: Executor,
+    *,
+    specs,
+    threads: int = 0,
+    histograms: bool = True,
+    chunk: int = DEFAULT_CHUNK,
+    workspace=None,
+) -> CalibrationTable:
+    """``collect_statistics`` over ``shards`` (from ``BatchSource.calibration_shards``), one task
+    each on ``executor``'s workers, merged in shard order. Statistics merge exactly
+    (``qcompile.statistics``), so the table equals a single-process run's over the same batches.
+    The model goes to the workers once: serialized, or (large models) as a path into the workspace."""
+    with session_source(model, tensor_names, workspace) as source:
+        shared = {"model": source, "tensors": list(tensor_names), "specs": specs, "histograms": histograms,
+                  "chunk": chunk, "graph_outputs": [o.name for o in model.graph.outputs]}
+        tables = executor.map(calibrate_shard, shards, shared=shared, threads=executor.threads_per_task(threads),
+                              what="calibration shard")
+    return functools.reduce(CalibrationTable.merge, tables)
+
+
 @register_pass("calibrate", needs_data=True)
 class Calibrate(ir.passes.InPlacePass):
     """Collect min/max and a histogram of every tensor the plan quantizes, over the calibration data.
@@ -134,12 +177,17 @@ class Calibrate(ir.passes.InPlacePass):
     Requires: the ``plan`` analysis and calibration data. Guarantees: the ``calibration``
     analysis has statistics per planned tensor, and the plan's scales and zero points are fixed
     from them with the configured method (minmax, percentile, entropy, mse). The graph is unchanged.
+
+    On a parallel executor (``executor = "local"`` or ``"ray"``) the data is cut into ``shards``
+    (default: one per worker) that workers calibrate and the driver merges; the table is identical
+    to a single-process run's. A one-shot iterator cannot be sharded and is read here.
     """
 
-    def __init__(self, context, *, method: str | None = None, percentile: float | None = None, chunk: int = DEFAULT_CHUNK):
+    def __init__(self, context, *, method: str | None = None, percentile: float | None = None, chunk: int = DEFAULT_CHUNK,
+                 shards: int = 0):
         super().__init__()
         self.context = context
-        self.chunk = chunk
+        self.chunk, self.shards = chunk, shards
         changes = {k: v for k, v in (("calibration_method", method), ("percentile", percentile)) if v is not None}
         if changes:
             context.config = context.config.replace(**changes)
@@ -154,16 +202,27 @@ class Calibrate(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         plan = self.context.analyses["plan"]
-        table = collect_statistics(
-            model,
-            plan.calibrate,
-            self.context.data.calibration(),
-            threads=self.context.config.threads,
-            progress=self.context.progress,
-            histograms=self.context.config.calibration_method != "minmax",
-            chunk=self.chunk,
-            workspace=self.context.workspace,
-        )
+        config, data = self.context.config, self.context.data
+        histograms = config.calibration_method != "minmax"
+        executor = self.context.executor()
+        shards = data.calibration_shards(self.shards or executor.workers) if executor.parallel else None
+        if shards is not None:
+            start = time.perf_counter()
+            table = sharded_statistics(
+                model, plan.calibrate, shards, executor, specs=data.specs, threads=config.threads,
+                histograms=histograms, chunk=self.chunk, workspace=self.context.workspace,
+            )
+            self.context.records["calibrate"] = {
+                **executor.describe(), "shards": len(shards), "batches_per_shard": [len(s) for s in shards],
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        else:
+            if executor.parallel:
+                logger.info("calibration data is a one-shot iterator: calibrating in this process, not sharded")
+            table = collect_statistics(
+                model, plan.calibrate, data.calibration(), threads=config.threads, progress=self.context.progress,
+                histograms=histograms, chunk=self.chunk, workspace=self.context.workspace,
+            )
         if table.batches == 0:
             raise ModelError("Calibration saw no batches.")
         self.context.analyses["calibration"] = table

@@ -36,31 +36,29 @@ from __future__ import annotations
 
 __all__ = ["compile_within_budget", "load_metric", "parse_loss"]
 
-import importlib
-import importlib.util
 import logging
 import math
 import re
-import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from qcompile.api import CompileResult, resolve_config
-from qcompile.api import compile as compile_model
 from qcompile.backends import get_target
+from qcompile.candidates import Budget, Candidate, Metric, load_metric, run_candidates
 from qcompile.config import CompileConfig
 from qcompile.data import BatchSource, input_specs
-from qcompile.errors import AccuracyGateError, ConfigError, QcompileError, detail
+from qcompile.errors import AccuracyGateError, ConfigError
+from qcompile.executors import Executor, make_executor
 from qcompile.loader import load_model
 from qcompile.qparams import quant_type
-from qcompile.runtime import make_session
-from qcompile.workspace import LARGE_MODEL_BYTES, weight_bytes
+from qcompile.sensitivity import activation_sensitivity
+from qcompile.workspace import LARGE_MODEL_BYTES, serialize_inline, weight_bytes
 
 logger = logging.getLogger(__name__)
-
-Metric = Callable[[Callable[[dict], list], list[dict]], float]
 
 # The accuracy-pass candidates of step 2, in order: label -> config switches.
 PASS_CANDIDATES: dict[str, dict[str, bool]] = {
@@ -88,116 +86,6 @@ def parse_loss(text: str | float) -> float:
     if not (math.isfinite(value) and 0.0 <= value < 1.0):
         raise ConfigError(f"max loss {text!r} must be at least 0 and below 100% (e.g. 1% or 0.01).")
     return value
-
-
-def load_metric(spec: str) -> Metric:
-    """The callable named by ``"path/to/module.py:function"`` (or ``"package.module:function"``)."""
-    module_part, sep, name = str(spec).rpartition(":")
-    if not sep or not module_part or not name.isidentifier():
-        raise ConfigError(
-            f"--metric {spec!r} must be MODULE:FUNCTION, e.g. my_metric.py:top1 or mypackage.metrics:top1."
-        )
-    if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
-        path = Path(module_part)
-        if not path.is_file():
-            raise ConfigError(f"--metric {spec!r}: file {module_part!r} does not exist.")
-        module_name = f"qcompile_metric_{abs(hash(str(path.resolve())))}"
-        try:
-            loader_spec = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[module_name] = module
-            loader_spec.loader.exec_module(module)
-        except Exception as error:  # noqa: BLE001 - the user's module: any exception is theirs to fix
-            sys.modules.pop(module_name, None)
-            raise ConfigError(f"--metric {spec!r}: importing {module_part!r} failed: {detail(error)}") from None
-    else:
-        try:
-            module = importlib.import_module(module_part)
-        except Exception as error:  # noqa: BLE001 - the user's module, as above
-            raise ConfigError(f"--metric {spec!r}: cannot import module {module_part!r}: {detail(error)}") from None
-    function = getattr(module, name, None)
-    if function is None:
-        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise ConfigError(
-            f"--metric {spec!r}: {module_part!r} has no {name!r}"
-            + (f"; its functions: {', '.join(public[:10])}." if public else ".")
-        )
-    if not callable(function):
-        raise ConfigError(f"--metric {spec!r}: {name!r} is a {type(function).__name__}, not a function.")
-    return function
-
-
-def _score(metric: Metric, session, batches: list[dict], what: str) -> float:
-    names = [o.name for o in session.get_outputs()]
-
-    def run(batch: Mapping) -> list:
-        return session.run(names, dict(batch))
-
-    try:
-        value = metric(run, batches)
-    except QcompileError:
-        raise
-    except Exception as error:  # noqa: BLE001 - the user's metric: its errors are theirs to fix
-        raise ConfigError(f"The metric raised an error on the {what}: {detail(error)}") from None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"The metric returned {value!r} for the {what}; it must return a number (higher is better).") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"The metric returned {value} for the {what}; it must return a finite number.")
-    return value
-
-
-class _Budget:
-    """How a candidate is measured and whether it is within budget."""
-
-    def __init__(self, *, metric: Metric | None, max_loss: float | None, min_sqnr: float | None,
-                 float_model, batches: list[dict], threads: int):
-        self.metric, self.max_loss, self.batches, self.threads = metric, max_loss, batches, threads
-        self.float_score = None
-        if metric is not None:
-            if max_loss is None:
-                raise ConfigError("A metric needs a loss budget: give max_loss (--max-loss 1%).")
-            session = make_session(float_model, threads=threads, what="float model")
-            self.float_score = _score(metric, session, batches, "float model")
-            self.kind = "metric"
-            self.min_sqnr = None
-        elif min_sqnr is not None:
-            self.kind, self.min_sqnr = "sqnr", float(min_sqnr)
-        elif max_loss is not None:
-            # Relative RMS output error <= max_loss is SQNR >= -20 log10(max_loss).
-            self.kind = "sqnr"
-            self.min_sqnr = math.inf if max_loss == 0 else -20.0 * math.log10(max_loss)
-        else:
-            raise ConfigError("The accuracy search needs a budget: max_loss (with or without a metric) or min_sqnr.")
-
-    def describe(self) -> str:
-        if self.kind == "metric":
-            return f"metric loss <= {self.max_loss:.4%} (float score {self.float_score:.6g})"
-        return f"every output's SQNR >= {self.min_sqnr:.2f} dB"
-
-    def measure(self, result: CompileResult) -> dict[str, Any]:
-        """{"value": higher is better, "loss", "within", ...} of one candidate."""
-        outputs = result.report.evaluation.get("outputs", {})
-        sqnrs = [float(m["sqnr_db"]) for m in outputs.values()]
-        worst_sqnr = min(sqnrs) if sqnrs else None
-        if self.kind == "metric":
-            session = make_session(result.to_proto(), threads=self.threads, what="compiled model")
-            score = _score(self.metric, session, self.batches, "compiled model")
-            loss = (self.float_score - score) / abs(self.float_score) if self.float_score else self.float_score - score
-            return {"score": score, "loss": loss, "min_sqnr_db": worst_sqnr, "value": score,
-                    "within": loss <= self.max_loss + 1e-12}
-        if worst_sqnr is None:
-            raise ConfigError("The SQNR budget needs evaluation data: pass calibration data (and optionally eval data).")
-        return {"min_sqnr_db": worst_sqnr, "value": worst_sqnr, "within": worst_sqnr >= self.min_sqnr,
-                "loss": None if not math.isfinite(worst_sqnr) else 10.0 ** (-worst_sqnr / 20.0)}
-
-    def miss(self, best: dict) -> str:
-        if self.kind == "metric":
-            return (f"best relative loss {best['loss']:.4%} (score {best['score']:.6g} vs float "
-                    f"{self.float_score:.6g}), {best['loss'] - self.max_loss:.4%} over the {self.max_loss:.4%} budget")
-        return (f"best worst-output SQNR {best['min_sqnr_db']:.2f} dB, "
-                f"{self.min_sqnr - best['min_sqnr_db']:.2f} dB short of the required {self.min_sqnr:.2f} dB")
 
 
 def _repeatable(data):
@@ -245,6 +133,7 @@ def compile_within_budget(
     eval_data: Any = None,
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
     show_progress: bool = False,
+    executor: Executor | None = None,
 ) -> tuple[CompileResult, dict[str, Any]]:
     """Compile ``model`` with the fewest accuracy measures that keep it within the budget.
 
@@ -256,11 +145,29 @@ def compile_within_budget(
     read into a list first. Returns ``(result, search)``; ``search`` is also in
     ``result.report.transformations["accuracy-search"]``. Raises ``AccuracyGateError`` with the
     best result (``.result``) and the search (``.search``) when the budget is never met.
+
+    ``executor`` (default: the config's, ``qcompile.executors``): with N workers, N candidates are
+    compiled and scored at once, in the order the sequential search would try them; results past
+    the first within budget (or, where candidates build on each other, past the first that fails
+    to compile) are dropped, so the search and its result are the same on every executor. The
+    best model so far stays here; a worker that dies loses only its candidate, which is retried.
     """
-    start = time.perf_counter()
     config = resolve_config(config, target=target)
-    if isinstance(metric, str):
-        metric = load_metric(metric)
+    own_executor = executor is None
+    if executor is None:
+        executor = make_executor(config.executor, workers=config.workers, address=config.ray_address)
+    try:
+        return _search(model, calibration_data, config, max_loss=max_loss, metric=metric, min_sqnr=min_sqnr,
+                       time_budget=time_budget, eval_data=eval_data, max_candidates=max_candidates,
+                       show_progress=show_progress, executor=executor)
+    finally:
+        if own_executor:
+            executor.close()
+
+
+def _search(model, calibration_data, config: CompileConfig, *, max_loss, metric, min_sqnr, time_budget, eval_data,
+            max_candidates, show_progress, executor: Executor) -> tuple[CompileResult, dict[str, Any]]:
+    start = time.perf_counter()
     if max_loss is not None:
         max_loss = parse_loss(max_loss)
     if min_sqnr is None and metric is None and max_loss is None:
@@ -275,11 +182,20 @@ def compile_within_budget(
     calibration_data, eval_data = _repeatable(calibration_data), _repeatable(eval_data)
     float_model = load_model(model)
     batches = _evaluation_batches(float_model, calibration_data, eval_data, config)
-    budget = _Budget(metric=metric, max_loss=max_loss, min_sqnr=min_sqnr, float_model=float_model,
-                     batches=batches, threads=config.threads)
+    budget = Budget(metric=metric, max_loss=max_loss, min_sqnr=min_sqnr, float_model=float_model,
+                    batches=batches, threads=config.threads)
+    # What every worker gets once: the model as the user gave it when it can travel (a path or a
+    # proto), else the loaded model as a proto.
+    source = model if isinstance(model, (str, Path, onnx.ModelProto)) else serialize_inline(float_model)
+    shared = {"model": source, "calibration_data": calibration_data, "eval_data": eval_data, "budget": budget,
+              "show_progress": show_progress}
+    wave_size = executor.workers if executor.parallel else 1
     steps: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
     state = {"stop": None}
+
+    def finished() -> bool:
+        return bool(best.get("within") or state["stop"])
 
     def out_of_time() -> bool:
         if time_budget is None or not steps:
@@ -291,76 +207,107 @@ def compile_within_budget(
             return True
         return False
 
-    def attempt(stage: str, change: str, candidate: CompileConfig) -> dict | None:
-        if best.get("within") or state["stop"]:
-            return None
-        if len(steps) >= max_candidates:
-            state["stop"] = f"{max_candidates} candidates tried"
-            return None
-        if out_of_time():
-            return None
-        step_start = time.perf_counter()
+    def record(stage: str, change: str, candidate: CompileConfig, outcome: Candidate) -> dict:
         step: dict[str, Any] = {"step": len(steps), "stage": stage, "change": change}
-        try:
-            result = compile_model(model, calibration_data, config=candidate, eval_data=eval_data,
-                                   show_progress=show_progress)
-            if result.report.plan and not result.report.plan.get("quantized_nodes"):
-                # A float model is no answer to a quantization budget.
-                step.update(error="no node is left quantized", within=False)
-                result = None
-            else:
-                step.update(budget.measure(result))
-        except AccuracyGateError:
-            raise
-        except QcompileError as error:
-            if not steps:
-                raise  # the plain compile must work: its error is the user's to see
-            step.update(error=detail(error), within=False)
-            result = None
-        step["seconds"] = round(time.perf_counter() - step_start, 3)
+        if outcome.error is not None:
+            step.update(error=outcome.error, within=False)
+        else:
+            step.update(outcome.measure)
+        step["seconds"] = round(outcome.seconds, 3)
         steps.append({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
                       for k, v in step.items() if k != "value"})
         logger.info("accuracy search step %d (%s): %s", step["step"], change,
                     "failed: " + step["error"] if "error" in step else
                     f"loss {step.get('loss')}, min SQNR {step.get('min_sqnr_db')} dB, within budget: {step['within']}")
-        if result is not None and (not best or step["value"] > best["value"] or step["within"]):
+        if outcome.result is not None and (not best or step["value"] > best["value"] or step["within"]):
             best.clear()
-            best.update(step, result=result, config=candidate)
+            best.update(step, result=outcome.result, config=candidate)
         return step
 
-    # 1. The plain compile.
-    attempt("plain", "the config as given", base)
+    def attempt_wave(wave: list[tuple[str, str, CompileConfig]], *, cumulative: bool) -> list[dict]:
+        """Compile and score ``wave`` at once; record the steps in order, up to the first within
+        budget (and, for ``cumulative`` candidates, each built on the one before, up to the first
+        failure: the later ones assumed it compiled)."""
+        if finished():
+            return []
+        room = max_candidates - len(steps)
+        if room <= 0:
+            state["stop"] = f"{max_candidates} candidates tried"
+            return []
+        if out_of_time():
+            return []
+        wave = wave[:room]
+        outcomes = run_candidates(executor, [candidate for _, _, candidate in wave],
+                                  {**shared, "raise_errors": not steps}, threads=config.threads,
+                                  what="accuracy-search candidate")
+        recorded = []
+        for (stage, change, candidate), outcome in zip(wave, outcomes):
+            recorded.append(record(stage, change, candidate, outcome))
+            if best.get("within") or (cumulative and outcome.error is not None):
+                break
+        return recorded
+
+    def accumulate(stage: str, groups: list, build, current: tuple) -> tuple:
+        """Steps 3 and 4: each candidate adds ``build(current, group)`` to the last one that compiled.
+        A wave speculates that all of its candidates compile; after one fails, the rest are built again."""
+        index = 0
+        while index < len(groups) and not finished():
+            wave, speculative, position = [], current, index
+            while position < len(groups) and len(wave) < wave_size:
+                built = build(speculative, groups[position])
+                position += 1
+                if built is not None:
+                    change, speculative = built
+                    wave.append((change, speculative, position))
+            if not wave:
+                break
+            recorded = attempt_wave([(stage, change, state_[0]) for change, state_, _ in wave], cumulative=True)
+            if not recorded:
+                break
+            for step, (_, built_state, after) in zip(recorded, wave):
+                index = after
+                if "error" not in step:
+                    current = built_state  # a candidate that failed to compile is dropped
+        return current
+
+    # 1. The plain compile (its errors are the user's to see).
+    attempt_wave([("plain", "the config as given", base)], cumulative=False)
     # 2. The accuracy passes: keep the best of them (or the plain compile).
-    for label, switches in PASS_CANDIDATES.items():
-        if all(getattr(base, k) for k in switches):
-            continue  # the config has them already
-        attempt("accuracy-passes", label, base.replace(**switches))
+    passes = [("accuracy-passes", label, base.replace(**switches)) for label, switches in PASS_CANDIDATES.items()
+              if not all(getattr(base, k) for k in switches)]  # the config has them already
+    while passes and not finished():
+        recorded = attempt_wave(passes[:wave_size], cumulative=False)
+        if not recorded:
+            break
+        passes = passes[len(recorded):]
     # 3. and 4. Promote the most sensitive activations: 16-bit, then float.
     promoted: dict[str, Any] = {}
-    if not best.get("within") and not state["stop"] and batches:
-        ranked = _rank(float_model, best["result"], batches, config, promoted)
+    if not finished() and batches:
+        ranked = _rank(float_model, best["result"], batches, config, promoted, executor)
         wide = _wide_type(base, target_spec)
-        current = best["config"]
+        current = (best["config"], list(best["config"].exclude_nodes))
         if wide is not None:
             names = [t.tensor for t in ranked if t.qtype is not None and quant_type(t.qtype).qmax - quant_type(t.qtype).qmin < 65535]
-            for group in _groups(names):
+
+            def promote(state_: tuple, group: list[str]):
+                config_, excluded = state_
                 # The new exact names come first: the first matching override wins.
-                overrides = {**{f"^{re.escape(name)}$": wide for name in group}, **current.activation_type_overrides}
-                candidate = current.replace(activation_type_overrides=overrides)
-                step = attempt("16-bit activations", f"{', '.join(group)} -> {wide}", candidate)
-                if step is not None and "error" not in step:
-                    current = candidate  # accumulate; a candidate that failed to compile is dropped
-        excluded = list(current.exclude_nodes)
-        consumers = [[c for c in t.consumers if c and c not in excluded] for t in ranked]
-        for group in _groups([i for i, c in enumerate(consumers) if c]):
+                overrides = {**{f"^{re.escape(name)}$": wide for name in group}, **config_.activation_type_overrides}
+                return f"{', '.join(group)} -> {wide}", (config_.replace(activation_type_overrides=overrides), excluded)
+
+            current = accumulate("16-bit activations", _groups(names), promote, current)
+        current = (current[0], list(current[0].exclude_nodes))
+        consumers = [[c for c in t.consumers if c and c not in current[1]] for t in ranked]
+
+        def keep_float(state_: tuple, group: list[int]):
+            config_, excluded = state_
             nodes = [node for i in group for node in consumers[i] if node not in excluded]
             if not nodes:
-                continue
-            candidate = current.replace(exclude_nodes=excluded + nodes)
-            step = attempt("float", f"nodes reading {', '.join(ranked[i].tensor for i in group)} kept float: "
-                           f"{', '.join(nodes)}", candidate)
-            if step is not None and "error" not in step:
-                current, excluded = candidate, excluded + nodes
+                return None
+            change = (f"nodes reading {', '.join(ranked[i].tensor for i in group)} kept float: {', '.join(nodes)}")
+            return change, (config_.replace(exclude_nodes=excluded + nodes), excluded + nodes)
+
+        accumulate("float", _groups([i for i, c in enumerate(consumers) if c]), keep_float, current)
     if not state["stop"] and not best.get("within"):
         state["stop"] = "no candidates left"
     met = bool(best.get("within"))
@@ -378,6 +325,7 @@ def compile_within_budget(
         "stopped": "budget met" if met else state["stop"],
         "time_budget_s": time_budget,
         "seconds": round(time.perf_counter() - start, 3),
+        "executor": executor.describe(),
         "sensitivity": promoted,
         "steps": steps,
     }
@@ -411,7 +359,8 @@ def _wide_type(config: CompileConfig, target) -> str | None:
     return None
 
 
-def _rank(float_model, result: CompileResult, batches: list[dict], config: CompileConfig, record: dict) -> list:
+def _rank(float_model, result: CompileResult, batches: list[dict], config: CompileConfig, record: dict,
+          executor: Executor) -> list:
     """The best candidate's quantized activations, most sensitive first.
 
     First ``qcompile.debug.activation_errors``' isolated SQNR (the float tensor rounded on its grid:
@@ -431,7 +380,11 @@ def _rank(float_model, result: CompileResult, batches: list[dict], config: Compi
     ranked = sorted((t for t in errors if t.qtype is not None), key=lambda t: (isolated(t), t.index))
     gains = {}
     if weight_bytes(result.model) <= LARGE_MODEL_BYTES:
-        gains = _output_sqnr_without(float_model, result, ranked[:OUTPUT_AWARE], batches, config.threads)
+        worst = {t.tensor: t.dequantized for t in ranked[:OUTPUT_AWARE]}
+        rows, _ = activation_sensitivity(float_model, result.model, batches, tensors=list(worst),
+                                         executor=executor, threads=config.threads)
+        gains = {r.tensor: r.output_sqnr_db_if_float for r in rows
+                 if r.output_sqnr_db_if_float is not None and worst.get(r.tensor) == r.dequantized}
         ranked = sorted(ranked, key=lambda t: (-gains.get(t.tensor, -math.inf), isolated(t), t.index))
     record.update(
         measure=(f"outputs' worst SQNR with only the tensor's rounding undone, highest first (the {OUTPUT_AWARE} "
@@ -442,39 +395,3 @@ def _rank(float_model, result: CompileResult, batches: list[dict], config: Compi
                   "consumers": t.consumers} for t in ranked[:20]],
     )
     return ranked
-
-
-def _output_sqnr_without(float_model, result: CompileResult, tensors: list, batches: list[dict],
-                         threads: int) -> dict[str, float]:
-    """{tensor: the worst output SQNR (dB) of the compiled model with that one activation left float}."""
-    import onnx
-
-    from qcompile.evaluate import compare_to_outputs
-
-    float_session = make_session(float_model, threads=threads, what="float model")
-    names = [o.name for o in float_session.get_outputs()]
-    expected = [float_session.run(names, batch) for batch in batches]
-    del float_session
-    proto = result.to_proto()
-    scores = {}
-    for tensor in tensors:
-        variant = onnx.ModelProto()
-        variant.CopyFrom(proto)
-        for node in variant.graph.node:
-            if node.op_type == "DequantizeLinear" and tensor.dequantized in node.output:
-                node.op_type, node.domain = "Identity", ""
-                del node.input[:]
-                node.input.append(tensor.tensor)
-                del node.attribute[:]
-                break
-        else:
-            continue
-        try:
-            session = make_session(variant, threads=threads, what=f"compiled model with {tensor.tensor} in float")
-        except QcompileError:
-            continue
-        outputs = compare_to_outputs(names, expected, session, batches)
-        values = [float(m["sqnr_db"]) for m in outputs.values()]
-        if values:
-            scores[tensor.tensor] = min(values)
-    return scores

@@ -25,6 +25,7 @@ from qcompile.context import CompileContext
 from qcompile.data import BatchSource, input_specs
 from qcompile.errors import AccuracyGateError, ConfigError, OutputError
 from qcompile.evaluate import compare_outputs, compare_to_outputs, measure_latency
+from qcompile.executors import Executor
 from qcompile.loader import describe_source, load_model
 from qcompile.log import Progress, TerminalProgress
 from qcompile.pipeline import format_pipeline, parse_pipeline, run_pipeline
@@ -211,6 +212,7 @@ def compile(  # the verb users expect: qcompile.compile
     dump_after: Sequence[str] = (),
     dump_dir: str | Path | None = None,
     show_progress: bool | Progress = False,
+    executor: Executor | None = None,
 ) -> CompileResult:
     """Compile ``model`` for ``target`` and evaluate it against the float model.
 
@@ -221,6 +223,9 @@ def compile(  # the verb users expect: qcompile.compile
     The input model is never modified. Raises ``AccuracyGateError`` (with ``.result``) when
     ``config.min_sqnr`` is set and an output falls below it. ``show_progress``: True shows
     calibration progress on stderr, or pass a ``qcompile.log.Progress`` callback to get it.
+    ``executor``: a ``qcompile.executors.Executor`` to run repeated work on (sharded calibration),
+    kept open for the caller; by default the config's (``executor``, ``workers``, ``ray_address``),
+    made for this call and closed after it.
     """
     config = resolve_config(config, target=target)
     target_spec = get_target(config.target)
@@ -245,15 +250,18 @@ def compile(  # the verb users expect: qcompile.compile
                         weight_bytes(float_model) / 1e9, workspace.path)
         progress = show_progress if callable(show_progress) else TerminalProgress() if show_progress else None
         context = CompileContext(config=config, target=target_spec, data=data, progress=progress,
-                                 workspace=workspace)
+                                 workspace=workspace, given_executor=executor)
         cache, cache_summary = _pass_cache(config, calibration_data, {
             "input_model": input_sha, "data": data_sha, "eval_data_given": eval_data is not None,
             "versions": versions, "code": code_digest(),
         })
         # The passes work on a clone that shares the weight tensors (never modified in place).
         working = float_model.clone()
-        compiled, timings = run_pipeline(working, specs, context, dump_after=dump_after, dump_dir=dump_dir,
-                                         cache=cache)
+        try:
+            compiled, timings = run_pipeline(working, specs, context, dump_after=dump_after, dump_dir=dump_dir,
+                                             cache=cache)
+        finally:
+            context.close()
         plan = context.analyses.get("plan")
         evaluation, latency, fusion = _evaluate(float_model, compiled, data, config, target_spec, plan, workspace)
         verification = _verify_on_target(compiled, data, config, target_spec)

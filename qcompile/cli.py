@@ -55,6 +55,9 @@ _CONFIG_FLAGS = {
     "cross_layer_equalization": "cross_layer_equalization",
     "bias_correction": "bias_correction",
     "adaround": "adaround",
+    "executor": "executor",
+    "workers": "workers",
+    "ray_address": "ray_address",
 }
 # Flags of `qcompile compile` that say what to run on and where to write, not how to compile.
 _RUN_FLAGS = {"model", "output", "calib", "eval_data", "config", "print_pipeline", "dump_after", "dump_dir",
@@ -132,6 +135,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache-dir", help="pass cache folder (default: $QCOMPILE_CACHE_DIR, else ~/.cache/qcompile)")
     c.add_argument("--cache-max-mb", type=int, metavar="MB",
                    help="delete least recently used cache entries beyond this size (default 10000)")
+    _add_executor_flags(c)
 
     v = sub.add_parser("verify", help="check a compiled model against its report.json; optionally compile it again")
     v.add_argument("model", help="the compiled model to check")
@@ -168,10 +172,40 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-batches", type=int, help="use only the first N batches")
     d.add_argument("--group-size", type=int, help="tensors exposed per ONNX Runtime session (memory bound; default 32)")
     d.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: ORT's)")
+    se = sub.add_parser("sensitivity", help="layer-wise sensitivity: compile with each quantized node kept float, "
+                        "measure the outputs (in parallel with --executor)")
+    se.add_argument("model", help="the float ONNX model")
+    se.add_argument("--calib", required=True, help="directory of .npz calibration batches (keys = input names)")
+    se.add_argument("--eval", dest="eval_data", help="directory of .npz evaluation batches (default: held-out calibration batches)")
+    se.add_argument("--config", help="qcompile.toml with CompileConfig keys")
+    se.add_argument("--target", help="target name (`qcompile targets`); default cpu")
+    se.add_argument("--metric", metavar="MODULE.py:FUNCTION", help="also score each candidate with this metric (higher is better)")
+    se.add_argument("--nodes", nargs="+", metavar="NAME", help="only these nodes (default: every node the compile quantizes)")
+    se.add_argument("--top", type=int, default=10, help="how many of the most sensitive nodes to print (default 10)")
+    se.add_argument("--json", metavar="JSON", dest="json_path", help="write every row and the summary as JSON")
+    _add_executor_flags(se)
+    b = sub.add_parser("build", help="compile every (model, target) a build file lists, each as its own task; "
+                       "one combined report (exit code: the worst entry's)")
+    b.add_argument("build_file", metavar="BUILD.toml", help="the build file: [defaults] and one [[model]] table per "
+                   "model (model, calib, eval, targets, config); see qcompile.build")
+    b.add_argument("-o", "--out-dir", metavar="OUTDIR",
+                   help="where models and reports go (default: the file's out_dir, else BUILD-build/ beside it)")
+    b.add_argument("--dry-run", action="store_true", help="check the build file, list its entries and exit")
+    _add_executor_flags(b)
     _add_logging_flags(parser, in_subcommand=False)
     for subparser in sub.choices.values():
         _add_logging_flags(subparser, in_subcommand=True)
     return parser
+
+
+def _add_executor_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=("inprocess", "local", "ray"),
+                        help="where repeated work runs: this process (default), --workers local processes, or Ray")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="worker processes (local; default one per core) or Ray tasks at once (default: the cluster's CPUs)")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="the Ray cluster to use: auto (the one `ray start` runs here), HOST:6379 or "
+                             "ray://HOST:10001 (default: start a local Ray)")
 
 
 def _add_logging_flags(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
@@ -468,6 +502,59 @@ def _cmd_debug(args) -> int:
     return 0
 
 
+def _cmd_sensitivity(args) -> int:
+    from qcompile.api import resolve_config, write_text_atomically
+    from qcompile.sensitivity import node_sensitivity
+
+    overrides = {k: v for k, v in (("target", args.target), ("executor", args.executor), ("workers", args.workers),
+                                   ("ray_address", args.ray_address)) if v is not None}
+    config = resolve_config(args.config, **overrides)
+    rows, summary = node_sensitivity(args.model, args.calib, config=config, eval_data=args.eval_data,
+                                     metric=args.metric, nodes=args.nodes)
+    if args.json_path:
+        write_text_atomically(Path(args.json_path), json.dumps({"summary": summary, "nodes": rows}, indent=2) + "\n")
+    if not args.quiet:
+        scored = args.metric is not None
+        print(f"compiled: worst output SQNR {_db(summary['compiled_min_sqnr_db'])}"
+              + (f", score {summary['compiled_score']:.6g} (float {summary['float_score']:.6g})" if scored else "")
+              + f"; {summary['nodes']} nodes, {summary['seconds']:.1f} s on {summary['executor']}"
+              + (f" ({summary['workers']} workers)" if summary["executor"] != "inprocess" else ""))
+        print(f"{'node':<40} {'op':<14} {'SQNR if float':>14} {'gain':>8}" + (f" {'score if float':>15}" if scored else ""))
+        for row in rows[: args.top]:
+            line = (f"{row['node'][:40]:<40} {row['op_type']:<14} {_db(row['min_sqnr_db_if_float']):>14} "
+                    f"{_db(row['gain_db']):>8}")
+            if scored:
+                line += f" {row['score_if_float']:>15.6g}" if row.get("score_if_float") is not None else f" {'-':>15}"
+            print(line + (f"  ({row['error']})" if "error" in row else ""))
+        if args.json_path:
+            print(f"wrote {args.json_path}")
+    return 0
+
+
+def _cmd_build(args) -> int:
+    """Exit code: the worst entry's, in order of severity 0 (ok) < 3 (accuracy gate failed) < 2 (bad
+    input) < 1 (a bug); a bad build file exits 2 before anything compiles."""
+    from qcompile.build import build, load_build_file
+
+    if args.dry_run:
+        plan = load_build_file(args.build_file, args.out_dir, cache=True)
+        for entry in plan.entries:
+            print(f"{entry.name}.{entry.target}: {entry.model} (calib {entry.calib}) -> {entry.output}")
+        print(f"{len(plan.entries)} entries; the build file is valid")
+        return 0
+    # The pass cache is on for the command line unless an entry's config turns it off.
+    report = build(args.build_file, args.out_dir, executor=args.executor, workers=args.workers or 0,
+                   ray_address=args.ray_address, cache=True)
+    if not args.quiet:
+        for line in report.lines():
+            print(line)
+    return report.exit_code
+
+
+def _db(value) -> str:
+    return "-" if value is None else f"{value:.2f} dB"
+
+
 def _cmd_inspect(args) -> int:
     from qcompile.backends import get_target
     from qcompile.config import CompileConfig
@@ -524,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("-v/--verbose and -q/--quiet contradict each other; give one of them.")
     setup_logging(verbosity=1 if args.verbose else -1 if args.quiet else 0, log_format=args.log_format)
     commands = {"compile": _cmd_compile, "run": _cmd_run, "passes": _cmd_passes, "config": _cmd_config, "targets": _cmd_targets,
-                "inspect": _cmd_inspect, "verify": _cmd_verify, "debug": _cmd_debug}
+                "inspect": _cmd_inspect, "verify": _cmd_verify, "debug": _cmd_debug,
+                "sensitivity": _cmd_sensitivity, "build": _cmd_build}
     try:
         return commands[args.command](args)
     except QcompileError as error:

@@ -89,6 +89,13 @@ class CompileConfig:
     cache: bool | None = None
     cache_dir: str | None = None
     cache_max_mb: int = 10_000
+    # Where repeated work runs (qcompile.executors): inprocess (default), local (workers processes on
+    # this machine; 0: one per core) or ray (a Ray cluster at ray_address, e.g. "auto" or
+    # "ray://head:10001"; none: a local Ray). Sharded calibration, the accuracy search's candidates
+    # and the sensitivity analysis use it; the compiled model is byte-identical on every executor.
+    executor: str = "inprocess"
+    workers: int = 0
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -121,6 +128,12 @@ class CompileConfig:
                 f"cache_max_mb = {self.cache_max_mb} must be at least 1; to turn the cache off, set "
                 "cache = false (--no-cache)."
             )
+        if self.executor not in ("inprocess", "local", "ray"):
+            raise ConfigError(f"executor = {self.executor!r}: choose inprocess, local or ray.")
+        if self.workers < 0:
+            raise ConfigError(f"workers = {self.workers} must be >= 0 (0: one per core, or the Ray cluster's CPUs).")
+        if self.ray_address is not None and self.executor != "ray":
+            raise ConfigError(f"ray_address = {self.ray_address!r} needs executor = 'ray' (--executor ray).")
         if self.threads < 0:
             raise ConfigError(f"threads = {self.threads} must be >= 0 (0: ONNX Runtime's default).")
 
@@ -179,11 +192,12 @@ class CompileConfig:
 
 # Keys that cannot change the compiled model: how it is evaluated, gated and cached, and which other
 # files are written. pipeline and recipe are replaced by the resolved pipeline text. Everything else
-# is part of a compile's identity: its config hash and its pass-cache keys (no pass may read these).
+# is part of a compile's identity: its config hash and its pass-cache keys (a pass may read these only
+# where its output does not depend on them: the executor changes where work runs, not its result).
 NON_BUILD_KEYS = frozenset({
     "pipeline", "recipe", "latency_runs", "measure_latency", "min_sqnr", "allow_fallback", "ep_context_path",
     "max_loss", "metric", "search", "time_budget",
-    "cache", "cache_dir", "cache_max_mb",
+    "cache", "cache_dir", "cache_max_mb", "executor", "workers", "ray_address",
 })
 
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from qcompile.backends.base import Target
     from qcompile.config import CompileConfig
     from qcompile.data import BatchSource
+    from qcompile.executors import Executor
     from qcompile.log import Progress
     from qcompile.workspace import Workspace
 
@@ -38,6 +39,27 @@ class CompileContext:
     progress: Progress | None = None
     # Large models only: where their weights live on disk during the compile (qcompile.workspace).
     workspace: Workspace | None = None
+    # Where repeated work runs (qcompile.executors): given by the caller, or made from the config on
+    # first use by ``executor()`` and closed by ``close()``.
+    given_executor: Executor | None = None
+    _own_executor: Executor | None = dataclasses.field(default=None, repr=False)
+
+    def executor(self) -> Executor:
+        """The run's executor; the config's (``executor``, ``workers``, ``ray_address``) unless one was given."""
+        if self.given_executor is not None:
+            return self.given_executor
+        if self._own_executor is None:
+            from qcompile.executors import make_executor
+
+            self._own_executor = make_executor(self.config.executor, workers=self.config.workers,
+                                               address=self.config.ray_address)
+        return self._own_executor
+
+    def close(self) -> None:
+        """Release what the context started (an executor it made)."""
+        if self._own_executor is not None:
+            self._own_executor.close()
+            self._own_executor = None
 
     def require_analysis(self, name: str, pass_name: str, produced_by: str) -> Any:
         if name not in self.analyses:

@@ -7,7 +7,7 @@ batch, except up to ``eval_batches`` held-out batches when the source can only b
 
 from __future__ import annotations
 
-__all__ = ["BatchSource", "InputSpec", "input_specs"]
+__all__ = ["BatchSource", "InputSpec", "input_specs", "read_items"]
 
 import dataclasses
 import logging
@@ -136,6 +136,8 @@ class BatchSource:
     ):
         self.specs = specs
         self.description, self._open = self._opener(source, "calibration data")
+        # What a worker can read by itself: the .npz paths of a directory, the batches of a list.
+        self._items = _shardable_items(source)
         # A directory or a list can be read by more than one pass; a one-shot iterator cannot.
         self.rereadable = isinstance(source, (str, Path, list, tuple))
         self._eval = None
@@ -214,6 +216,27 @@ class BatchSource:
         if count == 0:
             raise CalibrationDataError("calibration data has no batches: pass at least one {input_name: array} batch.")
 
+    def calibration_shards(self, count: int) -> list[list[Any]] | None:
+        """The calibration batches in ``count`` contiguous shards (fewer if there are fewer batches)
+        of items a worker reads with ``read_items``: .npz paths for a directory, the batches of a
+        list. Held-out batches are left out and kept for evaluation, as ``calibration()`` does.
+        None for a one-shot iterator, which only this process can read."""
+        if self._items is None:
+            return None
+        self._held_out, chosen = [], []
+        for index, item in enumerate(self._items):
+            if self._eval is None and self._is_held_out(index):
+                if len(self._held_out) < self.max_eval:
+                    self._held_out.extend(read_items([item], self.specs))
+                continue
+            chosen.append(item)
+        self.calibration_batches = len(chosen)
+        if not chosen:
+            raise CalibrationDataError("calibration data has no batches: pass at least one {input_name: array} batch.")
+        count = max(1, min(count, len(chosen)))
+        bounds = [round(i * len(chosen) / count) for i in range(count + 1)]
+        return [chosen[start:end] for start, end in zip(bounds, bounds[1:])]
+
     def _is_held_out(self, index: int) -> bool:
         return index % self.holdout_every == self.holdout_every - 1
 
@@ -239,6 +262,24 @@ class BatchSource:
         except CalibrationDataError:
             return "no evaluation data (the calibration iterator cannot be read twice)", []
         return f"{len(batches)} calibration batches (too few to hold any out)", batches
+
+
+def _shardable_items(source) -> list[Any] | None:
+    if isinstance(source, (str, Path)):
+        return sorted(p for p in Path(source).glob("*.npz") if p.is_file())
+    if isinstance(source, (list, tuple)):
+        return [(f"batch {i}", batch) for i, batch in enumerate(source)]
+    return None
+
+
+def read_items(items: list[Any], specs: list[InputSpec]) -> Iterator[Batch]:
+    """The validated batches of a shard from ``BatchSource.calibration_shards`` (in a worker)."""
+    for item in items:
+        if isinstance(item, Path):
+            (where, batch), = _read_npz_files([item])
+        else:
+            where, batch = item
+        yield validate_batch(batch, specs, f"calibration data, {where}")
 
 
 def _read_npz_files(files: list[Path]) -> Iterator[tuple[str, Batch]]:

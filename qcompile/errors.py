@@ -12,6 +12,7 @@ __all__ = [
     "AccuracyGateError",
     "ProviderError",
     "PlacementError",
+    "ExecutorError",
     "detail",
 ]
 
@@ -51,6 +52,10 @@ class ProviderError(QcompileError):
 
 class PlacementError(QcompileError):
     """Nodes of the model would not run on the target's provider."""
+
+
+class ExecutorError(QcompileError):
+    """A worker process or Ray task died, and kept dying when retried."""
 
 
 class AccuracyGateError(QcompileError):

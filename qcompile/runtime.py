@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["make_session", "model_bytes_or_path", "session_proto"]
+__all__ = ["make_session", "model_bytes_or_path", "session_proto", "session_source"]
 
 import contextlib
 import os
@@ -45,6 +45,20 @@ def session_proto(model: ir.Model, extra_outputs: Sequence[str] = ()) -> onnx.Mo
     return proto
 
 
+@contextlib.contextmanager
+def session_source(model: ir.Model, extra_outputs: Sequence[str] = (), workspace: Workspace | None = None
+                   ) -> Iterator[bytes | str]:
+    """What ``make_session`` loads for ``model`` with ``extra_outputs`` exposed, as a value another
+    process can load too: the serialized model, or (large models) the path of a model file whose
+    weights are in ``workspace``. The path is valid until the ``with`` block ends."""
+    if workspace is not None:
+        with workspace.session_model(model, extra_outputs) as path:
+            yield path
+    else:
+        with model_bytes_or_path(session_proto(model, extra_outputs)) as loadable:
+            yield loadable
+
+
 def make_session(
     model: onnx.ModelProto | ir.Model,
     *,
@@ -75,7 +89,11 @@ def make_session(
         options.intra_op_num_threads = threads
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
-    if workspace is not None and isinstance(model, ir.Model):
+    if isinstance(model, (bytes, str)):
+        source = contextlib.nullcontext(model)  # already what InferenceSession loads (session_source)
+        if low_memory and isinstance(model, str):
+            options.add_session_config_entry("session.disable_prepacking", "1")
+    elif workspace is not None and isinstance(model, ir.Model):
         if low_memory:
             # Calibration-type sessions map the weights; sessions that are timed keep ORT's prepacked
             # weights (one copy, the mapping released), so measured latency is what users get.

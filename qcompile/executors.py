@@ -1,0 +1,322 @@
+"""Where repeated work runs: in this process, in local worker processes, or on a Ray cluster.
+
+Passes and tools that run a model many times (sharded calibration, sensitivity analysis, the
+accuracy search, many-model builds) hand the work to an ``Executor`` as a module-level function and
+a list of items; they never import Ray or multiprocessing themselves. Every executor calls
+``function(item, shared, threads)`` once per item and returns the results in item order:
+
+- ``shared`` is sent to each worker once per call, not with every task: through a file each local
+  worker reads once, or Ray's object store (``ray.put``). Large models go as a path.
+- ``threads`` is the ONNX Runtime intra-op thread count the task should use, so that N workers
+  share the machine's cores instead of each taking all of them.
+- A worker that dies (killed, out of memory) loses only the tasks it was running: they are retried
+  up to ``retries`` times, then an ``ExecutorError`` names them. A ``QcompileError`` a task raises is
+  the user's to fix, is not retried, and is raised again, as itself, on the caller's side.
+"""
+
+from __future__ import annotations
+
+__all__ = ["EXECUTORS", "Executor", "InProcessExecutor", "LocalProcessExecutor", "RayExecutor", "make_executor"]
+
+import abc
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+from qcompile.errors import ConfigError, ExecutorError, QcompileError
+
+logger = logging.getLogger(__name__)
+
+EXECUTORS = ("inprocess", "local", "ray")
+DEFAULT_RETRIES = 2
+
+Task = Callable[[Any, Any, int], Any]
+
+
+def cpu_count() -> int:
+    """Cores this process may use (the affinity mask, as containers and taskset set it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Executor(abc.ABC):
+    """Runs ``function(item, shared, threads)`` for each item; results in item order."""
+
+    name: str
+    workers: int
+
+    @property
+    def parallel(self) -> bool:
+        """Whether work handed over runs beside other work (worth splitting it into shards)."""
+        return self.workers > 1 or self.name != "inprocess"
+
+    def threads_per_task(self, configured: int = 0) -> int:
+        """ORT intra-op threads for one task: the configured count, else the cores split among workers."""
+        if configured:
+            return configured
+        return max(1, cpu_count() // self.workers) if self.name != "inprocess" else 0
+
+    @abc.abstractmethod
+    def map(self, function: Task, items: Sequence[Any], *, shared: Any = None, threads: int = 0,
+            retries: int = DEFAULT_RETRIES, what: str = "task") -> list[Any]:
+        """``[function(item, shared, threads) for item in items]``, run by this executor's workers."""
+
+    def close(self) -> None:
+        """Release the workers (a Ray connection this executor opened is closed)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"executor": self.name, "workers": self.workers}
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class InProcessExecutor(Executor):
+    """The default: every task runs here, one after the other."""
+
+    name = "inprocess"
+
+    def __init__(self) -> None:
+        self.workers = 1
+
+    def map(self, function, items, *, shared=None, threads=0, retries=DEFAULT_RETRIES, what="task"):
+        return [function(item, shared, threads) for item in items]
+
+
+# ----- local processes -----
+
+# In a worker process: the shared value of the map call it last ran a task of, loaded once.
+_worker_state: dict[str, Any] = {"key": None, "shared": None}
+
+
+def _init_worker(running_dir: str) -> None:
+    _worker_state["running_dir"] = running_dir
+
+
+def _run_in_worker(function: Task, index: int, item: Any, shared_path: str | None, threads: int):
+    # A marker names the task this process is running, so that if the process dies the driver
+    # knows which task to charge the retry to.
+    marker = Path(_worker_state["running_dir"]) / str(os.getpid())
+    marker.write_text(str(index))
+    try:
+        if _worker_state["key"] != shared_path:
+            shared = None
+            if shared_path is not None:
+                with open(shared_path, "rb") as f:
+                    shared = pickle.load(f)
+            _worker_state.update(key=shared_path, shared=shared)
+        return _outcome(function, item, _worker_state["shared"], threads)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _outcome(function: Task, item: Any, shared: Any, threads: int) -> tuple[str, Any]:
+    """("ok", result) or ("error", a QcompileError): the user's errors travel back as values."""
+    try:
+        return "ok", function(item, shared, threads)
+    except QcompileError as error:
+        return "error", error
+
+
+def _result(outcome: tuple[str, Any]) -> Any:
+    kind, value = outcome
+    if kind == "error":
+        raise value
+    return value
+
+
+class LocalProcessExecutor(Executor):
+    """``workers`` processes on this machine (spawned, not forked: ONNX Runtime's threads do not
+    survive a fork). The pool starts on first use and is kept for later ``map`` calls."""
+
+    name = "local"
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ConfigError(f"workers = {workers}: give at least 1 worker process.")
+        self.workers = workers
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._maps = 0
+        self._running = tempfile.TemporaryDirectory(prefix="qcompile-workers-")
+
+    def _pool_now(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(self._running.name,),
+            )
+        return self._pool
+
+    def map(self, function, items, *, shared=None, threads=0, retries=DEFAULT_RETRIES, what="task"):
+        items = list(items)
+        results: dict[int, Any] = {}
+        attempts = [0] * len(items)
+        pending = set(range(len(items)))
+        # The shared value is pickled once, to a file each worker reads once (the pool outlives the call).
+        shared_path = None
+        if shared is not None:
+            self._maps += 1
+            shared_path = os.path.join(self._running.name, f"shared-{self._maps}.pickle")
+            with open(shared_path, "wb") as f:
+                pickle.dump(shared, f, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            while pending:
+                pool = self._pool_now()
+                futures = {pool.submit(_run_in_worker, function, index, items[index], shared_path, threads): index
+                           for index in sorted(pending)}
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        index = futures[future]
+                        results[index] = _result(future.result())
+                        pending.discard(index)
+                except BrokenProcessPool:
+                    lost = self._lost_tasks() or set(pending)
+                    self._shutdown()
+                    for index in sorted(lost & pending):
+                        attempts[index] += 1
+                        if attempts[index] > retries:
+                            raise ExecutorError(
+                                f"A worker process died {attempts[index]} times running {what} {index} "
+                                f"({retries} retries). Out of memory? Give fewer --workers, or run with "
+                                "--executor inprocess to see the error. From a Python script, call qcompile "
+                                "under `if __name__ == '__main__':` (workers are spawned and import the script)."
+                            ) from None
+                    logger.warning("a worker process died running %s %s: retrying it on a new worker",
+                                   what, ", ".join(str(i) for i in sorted(lost & pending)))
+                except BaseException:
+                    self._shutdown()
+                    raise
+        finally:
+            if shared_path is not None:
+                os.unlink(shared_path)
+        return [results[index] for index in range(len(items))]
+
+    def _lost_tasks(self) -> set[int]:
+        """The tasks whose markers a dead pool left: those its processes were running."""
+        lost = set()
+        for marker in Path(self._running.name).iterdir():
+            if not marker.name.isdigit():
+                continue  # a shared-value file, not a marker
+            try:
+                lost.add(int(marker.read_text()))
+            except (OSError, ValueError):
+                pass
+            marker.unlink(missing_ok=True)
+        return lost
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def close(self) -> None:
+        self._shutdown()
+        self._running.cleanup()
+
+
+# ----- Ray -----
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "--executor ray needs Ray, which is not installed here: pip install 'qcompile[ray]' "
+            "(or use --executor local --workers N for processes on this machine)."
+        ) from None
+    return ray
+
+
+def _ray_task(function: Task, item: Any, shared: Any, threads: int):
+    return _outcome(function, item, shared, threads)
+
+
+class RayExecutor(Executor):
+    """Tasks on a Ray cluster: ``address`` as ``ray.init`` takes it ("auto" finds the running
+    cluster, "ray://host:10001" a remote one); None starts a local Ray with ``workers`` CPUs.
+    A Ray already initialised in this process (``ray.init`` by the caller) is used as it is.
+
+    The shared value goes to the object store once; each task asks Ray for ``threads`` CPUs, so
+    Ray runs no more tasks on a node than its cores allow. Ray retries tasks whose worker died.
+    """
+
+    name = "ray"
+
+    def __init__(self, workers: int = 0, address: str | None = None) -> None:
+        ray = _import_ray()
+        self._ray = ray
+        self._started = False
+        if not ray.is_initialized():
+            options: dict[str, Any] = {"address": address, "include_dashboard": False,
+                                       "log_to_driver": False, "configure_logging": False}
+            if address is None:
+                # A Ray of our own, on this machine only: its processes talk over the loopback.
+                options.update(num_cpus=workers or cpu_count(), _node_ip_address="127.0.0.1")
+            try:
+                ray.init(**options)
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                raise ConfigError(
+                    f"Cannot connect to the Ray cluster at {address!r}: {error}. Start one with `ray start "
+                    "--head`, give its address (--ray-address HOST:6379, or auto), or leave the address out "
+                    "for a local Ray."
+                ) from None
+            self._started = True
+        self.address = address
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.workers = workers or cpus
+
+    def threads_per_task(self, configured: int = 0) -> int:
+        if configured:
+            return configured
+        cpus = int(self._ray.cluster_resources().get("CPU", 1))
+        return max(1, cpus // self.workers)
+
+    def map(self, function, items, *, shared=None, threads=0, retries=DEFAULT_RETRIES, what="task"):
+        ray = self._ray
+        threads = threads or self.threads_per_task()
+        remote = ray.remote(_ray_task).options(num_cpus=threads, max_retries=retries)
+        shared_ref = ray.put(shared)  # once; tasks get it from the object store
+        refs = [remote.remote(function, item, shared_ref, threads) for item in items]
+        try:
+            return [_result(outcome) for outcome in ray.get(refs)]
+        except ray.exceptions.WorkerCrashedError:
+            raise ExecutorError(
+                f"A Ray worker died running a {what} ({retries} retries). Out of memory? Give fewer "
+                "workers, or run with --executor inprocess to see the error."
+            ) from None
+        except ray.exceptions.RayTaskError as error:
+            raise ExecutorError(f"A {what} failed on a Ray worker: {error}") from None
+
+    def describe(self) -> dict[str, Any]:
+        return {"executor": self.name, "workers": self.workers, "address": self.address,
+                "cluster_cpus": int(self._ray.cluster_resources().get("CPU", 0))}
+
+    def close(self) -> None:
+        if self._started:
+            self._ray.shutdown()
+            self._started = False
+
+
+def make_executor(name: str = "inprocess", *, workers: int = 0, address: str | None = None) -> Executor:
+    """The executor a config names: ``inprocess`` (default), ``local`` (``workers`` processes, default
+    the number of cores) or ``ray`` (``address``; None: a local Ray)."""
+    if name == "inprocess":
+        return InProcessExecutor()
+    if name == "local":
+        return LocalProcessExecutor(workers or cpu_count())
+    if name == "ray":
+        return RayExecutor(workers, address)
+    raise ConfigError(f"Unknown executor {name!r}: choose one of {', '.join(EXECUTORS)}.")
+
