@@ -471,6 +471,15 @@ def _build_once(
                 activations.setdefault(out.name, _set_fixed(ActivationQuant(out.name, qtype, symmetric, fixed=fixed)))
     for name in wanted:
         activations.setdefault(name, ActivationQuant(name, type_of(name), symmetric))
+    if target.quantize_all:
+        # An NPU's kernels read integers, so an absorbed clamp keeps the Q before it too, with the
+        # clamp's output parameters: the producer's requantization saturates once (QNN fuses
+        # Conv + Relu into one rounding with these parameters) and the clamp is exact on the grid,
+        # where two encodings would round twice and differ from the fused kernel by a step.
+        for node in nodes:
+            if node in quantized and node.name in plan.absorbed:
+                source, out = node.inputs[0].name, node.outputs[0].name
+                activations[source] = ActivationQuant(source, type_of(source), symmetric, shares=out)
     for quant in activations.values():
         if quant.shares is not None and quant.shares in activations:
             root = quant
