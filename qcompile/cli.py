@@ -545,9 +545,13 @@ def _cmd_build(args) -> int:
     # The pass cache is on for the command line unless an entry's config turns it off.
     report = build(args.build_file, args.out_dir, executor=args.executor, workers=args.workers or 0,
                    ray_address=args.ray_address, cache=True)
+    lines = report.lines()
     if not args.quiet:
-        for line in report.lines():
-            print(line)
+        print("\n".join(lines))
+    else:  # -q: errors only, the entries that failed
+        for entry, line in zip(report.entries, lines):
+            if entry["exit_code"]:
+                print(f"qcompile: {line}", file=sys.stderr)
     return report.exit_code
 
 
