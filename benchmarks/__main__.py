@@ -31,6 +31,7 @@ CASES = {
     "minilm": "benchmarks.minilm:run",
     "calibration": "benchmarks.calibration:run",
     "smollm2": "benchmarks.smollm2:run",
+    "executors": "benchmarks.executors:run",
 }
 logger = logging.getLogger("benchmarks")
 

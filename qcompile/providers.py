@@ -349,7 +349,9 @@ def verify_on_target(
         "provider_package": provider_status(provider).how,
         "provider_options": target.provider_options() if target.provider_options is not None else {},
         "placement": placement_summary(rows, provider),
-        "float_compute_nodes": float_compute_nodes(compiled_proto),
+        # Only where the target promises integer kernels everywhere (an NPU): elsewhere a provider
+        # fuses a Conv with the float Relu after it, and a float bias is what it expects.
+        **({"float_compute_nodes": float_compute_nodes(compiled_proto)} if target.quantize_all else {}),
     }
     if ep_context_path is not None:
         result["ep_context"] = write_ep_context(compiled_proto, target, ep_context_path, allow_fallback=allow_fallback)
