@@ -21,10 +21,12 @@ __all__ = ["EXECUTORS", "Executor", "InProcessExecutor", "LocalProcessExecutor",
 import abc
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
 import pickle
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -123,8 +125,29 @@ class InProcessExecutor(Executor):
 _worker_state: dict[str, Any] = {"key": None, "shared": None}
 
 
-def _init_worker(running_dir: str) -> None:
+def _init_worker(running_dir: str, threads: int) -> None:
     _worker_state["running_dir"] = running_dir
+    _limit_blas_threads(threads)
+
+
+def _limit_blas_threads(threads: int) -> None:
+    """Resize the OpenBLAS pool numpy loaded (a forked worker inherits the parent's, sized for the
+    whole machine, before any variable could say otherwise): what threadpoolctl does, for OpenBLAS."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.split()[-1].lower() and ".so" in line}
+    except OSError:
+        return
+    for path in paths:
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            setter = getattr(library, symbol, None)
+            if setter is not None:
+                setter(ctypes.c_int(threads))
+                break
 
 
 def _run_in_worker(function: Task, index: int, item: Any, shared_path: str | None, threads: int):
@@ -159,9 +182,17 @@ def _result(outcome: tuple[str, Any]) -> Any:
     return value
 
 
+# How local workers start. Forked on Linux: a worker is ready in milliseconds with qcompile and
+# ONNX Runtime already imported (spawning one costs about a second of imports, more than a small
+# model's whole sensitivity analysis), and it does not import the caller's script again. The pool
+# starts at the first ``map``, and qcompile holds no ONNX Runtime session across that call, so no
+# runtime thread is copied mid-work. Elsewhere (no fork on Windows; macOS frameworks forbid it) spawned.
+START_METHOD = "fork" if sys.platform == "linux" else "spawn"
+
+
 class LocalProcessExecutor(Executor):
-    """``workers`` processes on this machine (spawned, not forked: ONNX Runtime's threads do not
-    survive a fork). The pool starts on first use and is kept for later ``map`` calls."""
+    """``workers`` processes on this machine (``START_METHOD``). The pool starts on first use and
+    is kept for later ``map`` calls; its workers keep the thread count of that first call."""
 
     name = "local"
 
@@ -173,11 +204,11 @@ class LocalProcessExecutor(Executor):
         self._maps = 0
         self._running = tempfile.TemporaryDirectory(prefix="qcompile-workers-")
 
-    def _pool_now(self) -> concurrent.futures.ProcessPoolExecutor:
+    def _pool_now(self, threads: int) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(self._running.name,),
+                max_workers=self.workers, mp_context=multiprocessing.get_context(START_METHOD),
+                initializer=_init_worker, initargs=(self._running.name, threads),
             )
         return self._pool
 
@@ -197,7 +228,7 @@ class LocalProcessExecutor(Executor):
             while pending:
                 # Workers start on submit: they inherit the thread-pool sizes of a task.
                 with _thread_env(threads or self.threads_per_task()):
-                    pool = self._pool_now()
+                    pool = self._pool_now(threads or self.threads_per_task())
                     futures = {pool.submit(_run_in_worker, function, index, items[index], shared_path, threads): index
                                for index in sorted(pending)}
                 try:
@@ -214,8 +245,9 @@ class LocalProcessExecutor(Executor):
                             raise ExecutorError(
                                 f"A worker process died {attempts[index]} times running {what} {index} "
                                 f"({retries} retries). Out of memory? Give fewer --workers, or run with "
-                                "--executor inprocess to see the error. From a Python script, call qcompile "
-                                "under `if __name__ == '__main__':` (workers are spawned and import the script)."
+                                "--executor inprocess to see the error."
+                                + ("" if START_METHOD == "fork" else " From a Python script, call qcompile under "
+                                   "`if __name__ == '__main__':` (workers are spawned and import the script).")
                             ) from None
                     logger.warning("a worker process died running %s %s: retrying it on a new worker",
                                    what, ", ".join(str(i) for i in sorted(lost & pending)))
