@@ -54,13 +54,13 @@ import math
 import os
 import re
 import time
-import tomllib
 import traceback
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from qcompile.config import read_toml
 from qcompile.errors import AccuracyGateError, ConfigError, OutputError, QcompileError, detail
 from qcompile.executors import Executor, make_executor
 
@@ -176,7 +176,7 @@ def load_build_file(build_file: str | Path, out_dir: str | Path | None = None, *
     pass cache setting of entries whose config leaves ``cache`` unset (the CLI gives True, as for
     ``qcompile compile``; None leaves them as the Python API's default, off)."""
     path = Path(build_file)
-    values = _read_toml(path, "Build file")
+    values = read_toml(path, "Build file")
     base = path.parent
     _check_keys(values, TOP_KEYS, f"build file {str(path)!r}")
     if out_dir is not None:
@@ -213,22 +213,6 @@ def load_build_file(build_file: str | Path, out_dir: str | Path | None = None, *
     return BuildPlan(build_file=path.absolute(), out_dir=out, entries=entries)
 
 
-def _read_toml(path: Path, what: str) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {str(path)!r} does not exist.") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{what} {str(path)!r} is a directory; give the .toml file in it.") from None
-    except OSError as error:
-        raise ConfigError(f"Cannot read {what.lower()} {str(path)!r}: {error.strerror or error}.") from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text: {error}.") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {error}.") from None
-
-
 def _check_keys(values: Mapping, known: tuple[str, ...], where: str) -> None:
     for key in values:
         if key not in known:
@@ -251,7 +235,7 @@ def _config_values(value: Any, base: Path, where: str, key: str) -> dict[str, An
     if isinstance(value, str):
         config_path = _resolve(base, value)
         load_config(config_path)  # its own errors name the file
-        values = _read_toml(config_path, "Config file")
+        values = read_toml(config_path, "Config file")
         base, where = config_path.parent, f"config file {str(config_path)!r}"
     elif isinstance(value, dict):
         values = dict(value)

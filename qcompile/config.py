@@ -6,7 +6,7 @@ valid one, never a warning.
 
 from __future__ import annotations
 
-__all__ = ["NON_BUILD_KEYS", "CompileConfig", "load_config"]
+__all__ = ["NON_BUILD_KEYS", "CompileConfig", "load_config", "read_toml"]
 
 import dataclasses
 import difflib
@@ -237,18 +237,21 @@ def _check_type(key: str, value: Any, annotation: str, source: str) -> None:
 
 def load_config(path: str | Path) -> CompileConfig:
     """Read a ``qcompile.toml``: top-level keys are CompileConfig fields."""
-    path = Path(path)
+    return CompileConfig.from_dict(read_toml(Path(path), "Config file"), source=str(path))
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file's table, or a ConfigError that says what is wrong with ``what`` (e.g. "Build file")."""
     try:
         with path.open("rb") as f:
-            values = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"Config file {str(path)!r} does not exist.") from None
+        raise ConfigError(f"{what} {str(path)!r} does not exist.") from None
     except IsADirectoryError:
-        raise ConfigError(f"Config file {str(path)!r} is a directory; pass the qcompile.toml inside it.") from None
+        raise ConfigError(f"{what} {str(path)!r} is a directory; give the .toml file in it.") from None
     except OSError as error:
-        raise ConfigError(f"Cannot read config file {str(path)!r}: {error.strerror or error}.") from None
+        raise ConfigError(f"Cannot read {what.lower()} {str(path)!r}: {error.strerror or error}.") from None
     except UnicodeDecodeError as error:
-        raise ConfigError(f"Config file {str(path)!r} is not UTF-8 text: {error}.") from None
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text: {error}.") from None
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"Config file {str(path)!r} is not valid TOML: {error}.") from None
-    return CompileConfig.from_dict(values, source=str(path))
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {error}.") from None
