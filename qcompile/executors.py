@@ -324,7 +324,7 @@ class RayExecutor(Executor):
                 ray.init(**options)
             except (ConnectionError, RuntimeError, ValueError) as error:
                 raise ConfigError(
-                    f"Cannot connect to the Ray cluster at {address!r}: {error}. Start one with `ray start "
+                    f"Cannot connect to the Ray cluster at {address!r}: {str(error).rstrip('.')}. Start one with `ray start "
                     "--head`, give its address (--ray-address HOST:6379, or auto), or leave the address out "
                     "for a local Ray."
                 ) from None
@@ -356,6 +356,11 @@ class RayExecutor(Executor):
             ) from None
         except ray.exceptions.RayTaskError as error:
             raise ExecutorError(f"A {what} failed on a Ray worker: {error}") from None
+        except ray.exceptions.RayError as error:  # the cluster itself: a dead raylet, a lost node
+            raise ExecutorError(
+                f"The Ray cluster failed while running a {what}: {type(error).__name__}: {error} Check it "
+                f"(`ray status`), restart it, or run with --executor local."
+            ) from None
 
     def describe(self) -> dict[str, Any]:
         return {"executor": self.name, "workers": self.workers, "address": self.address,
