@@ -18,6 +18,13 @@ ships (an x86-64 simulator of the NPU; QNN SDK 2.51) with CPU fallback disabled:
   within 1 step of HTP instead of 99.96 %);
 * Erf is not supported: GELU must be the Gelu op (opset 20), see the ``fuse-gelu`` pass;
 * dynamic dimensions make QNN reject the whole graph: ``fix-shapes`` makes them static.
+
+The reference HTP is compared with is the CPU provider running the same QDQ model as written
+(``qcompile.providers.reference_session``: MatMulNBits' accuracy level 0). What HTP itself
+computes differently (measured op by op on MiniLM, uint16): a MatMul requantizes with a multiplier (input scale x weight scale / output scale) rounded to fp16 -- 10-20 % of
+outputs within 1 step, up to ~25 steps, exact when the multiplier is fp16-exact --, activation x
+activation MatMuls are further off (up to ~270 steps), Gelu (up to ~20 steps) and Softmax (up to
+~40 steps) are approximations; LayerNormalization, Add, Mul, Where and Gather agree within 1 step.
 """
 
 from __future__ import annotations

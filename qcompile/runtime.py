@@ -7,7 +7,7 @@ __all__ = ["make_session", "model_bytes_or_path", "session_proto", "session_sour
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import onnx
 import onnx_ir as ir
@@ -70,13 +70,15 @@ def make_session(
     optimized_model_path: str | None = None,
     what: str = "model",
     low_memory: bool = False,
+    config_entries: Mapping[str, str] | None = None,
 ) -> ort.InferenceSession:
     """A session on ``model`` (a proto, or an onnx-ir model with ``extra_outputs`` exposed too).
 
     With a ``workspace`` (large models), the session loads a model file whose weights are
     references into the workspace's files, and rewritten weights are spilled there first: no
     protobuf of the whole model is built, and ONNX Runtime maps the weights rather than copying
-    them (with ``low_memory``, prepacking, which copies every MatMul weight, is off). ``low_memory`` trades a little
+    them (with ``low_memory``, prepacking, which copies every MatMul weight, is off). ``config_entries``
+    are ONNX Runtime session config entries. ``low_memory`` trades a little
     speed for returning memory after each run (no arena, no memory pattern): for calibration,
     whose runs fetch many large tensors."""
     options = ort.SessionOptions()
@@ -89,6 +91,8 @@ def make_session(
         options.intra_op_num_threads = threads
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
+    for key, value in (config_entries or {}).items():
+        options.add_session_config_entry(key, value)
     if isinstance(model, (bytes, str)):
         source = contextlib.nullcontext(model)  # already what InferenceSession loads (session_source)
         if low_memory and isinstance(model, str):

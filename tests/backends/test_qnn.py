@@ -20,7 +20,7 @@ import qcompile  # noqa: E402
 from qcompile.backends import get_target  # noqa: E402
 from qcompile.cli import main  # noqa: E402
 from qcompile.errors import PlacementError, ProviderError  # noqa: E402
-from qcompile.providers import open_session, placement, provider_status  # noqa: E402
+from qcompile.providers import open_session, output_steps, placement, provider_status, reference_session  # noqa: E402
 
 QNN = "QNNExecutionProvider"
 CONFIG = {"measure_latency": False}
@@ -104,6 +104,38 @@ def test_relu_input_has_the_relu_output_encoding_so_htp_and_cpu_round_once():
     fidelity = result.report.verification["fidelity"]["outputs"]["y"]
     assert result.report.verification["float_compute_nodes"] == []
     assert fidelity["within_1_step"] >= 0.9995 and fidelity["max_diff_steps"] <= 2
+
+
+def _matmul_model():
+    """x @ W (int8 per-channel weight): with uint16 activations ORT's CPU provider rewrites it."""
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.05, (96, 96)).astype(np.float32), "w")
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 96])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 96])], [w],
+    )
+
+
+def test_cpu_reference_computes_uint16_matmuls_as_written():
+    """ORT rewrites DQ(int8 weight) -> MatMul into MatMulNBits, whose default accuracy level 4
+    quantizes the uint16 activations to int8 blocks: the CPU "reference" was then tens of steps off
+    the QDQ model's own arithmetic (float32 DQ -> MatMul -> Q, what ORT runs with no rewrites).
+    The reference qnn-htp's verification uses computes it as written."""
+    data = [{"x": np.random.default_rng(i).normal(size=(1, 64, 96)).astype(np.float32)} for i in range(4)]
+    result = qcompile.compile(_matmul_model(), data, target="qnn-htp",
+                              config={**CONFIG, "activation_type": "uint16"})
+    proto = result.to_proto()
+    step = output_steps(proto)["y"]
+    batch = {"x": np.random.default_rng(9).normal(size=(1, 64, 96)).astype(np.float32)}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_written = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    expected = as_written.run(None, batch)[0]
+    default = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, batch)[0]
+    ours = reference_session(proto).run(None, batch)[0]
+    assert np.abs(ours - expected).max() <= step * 1.001
+    assert np.abs(default - expected).max() > 5 * step  # before: the rewrite's int8 activations
+    assert "accuracy_level = 0" in result.report.verification["fidelity"]["reference"]
 
 
 def test_transformer_block_runs_entirely_on_qnn(transformer_result):
