@@ -48,7 +48,7 @@ import onnx
 
 from qcompile.api import CompileResult, resolve_config
 from qcompile.backends import get_target
-from qcompile.candidates import Budget, Candidate, Metric, load_metric, run_candidates
+from qcompile.candidates import Budget, Candidate, Metric, check_parallel_size, load_metric, run_candidates
 from qcompile.config import CompileConfig
 from qcompile.data import BatchSource, input_specs
 from qcompile.errors import AccuracyGateError, ConfigError
@@ -149,13 +149,15 @@ def compile_within_budget(
     ``executor`` (default: the config's, ``qcompile.executors``): with N workers, N candidates are
     compiled and scored at once, in the order the sequential search would try them; results past
     the first within budget (or, where candidates build on each other, past the first that fails
-    to compile) are dropped, so the search and its result are the same on every executor. The
-    best model so far stays here; a worker that dies loses only its candidate, which is retried.
+    to compile) are dropped, so the search and its result are the same on every executor, except
+    under ``time_budget``, which is checked before each wave: up to N - 1 more candidates may run.
+    The best model so far stays here; a candidate whose worker dies is retried.
     """
     config = resolve_config(config, target=target)
     own_executor = executor is None
     if executor is None:
-        executor = make_executor(config.executor, workers=config.workers, address=config.ray_address)
+        executor = make_executor(config.executor, workers=config.workers, address=config.ray_address,
+                                 threads=config.threads)
     try:
         return _search(model, calibration_data, config, max_loss=max_loss, metric=metric, min_sqnr=min_sqnr,
                        time_budget=time_budget, eval_data=eval_data, max_candidates=max_candidates,
@@ -181,6 +183,7 @@ def _search(model, calibration_data, config: CompileConfig, *, max_loss, metric,
     base = config.replace(min_sqnr=None)
     calibration_data, eval_data = _repeatable(calibration_data), _repeatable(eval_data)
     float_model = load_model(model)
+    check_parallel_size(executor, float_model)
     batches = _evaluation_batches(float_model, calibration_data, eval_data, config)
     budget = Budget(metric=metric, max_loss=max_loss, min_sqnr=min_sqnr, float_model=float_model,
                     batches=batches, threads=config.threads)

@@ -257,7 +257,14 @@ class PipelineCache:
                     model = ir.external_data.load_to_model(model)
                 context.analyses = state["analyses"]
                 context.records = state["records"]
-                context.config = state["config"]
+                # The config as the stored passes left it (calibrate's options), but this run's
+                # non-build keys: where work runs and how it is gated are this run's choice.
+                context.config = state["config"].replace(
+                    **{k: v for k, v in context.config.to_dict().items() if k in NON_BUILD_KEYS})
+                if "calibrate" in context.records:
+                    # How the stored run calibrated (executor, shards, seconds) is not how this one did.
+                    context.records = {**context.records,
+                                       "calibrate": {**context.records["calibrate"], "restored_from_cache": True}}
                 if state["data_read"] and context.data is not None and not context.data.calibration_batches:
                     # The run that stored this had read the data by now; read it again (without
                     # running the model) so the held-out batches and counts are the same.

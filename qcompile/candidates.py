@@ -10,7 +10,7 @@ once per worker as the executor's shared value, not with each candidate.
 
 from __future__ import annotations
 
-__all__ = ["Budget", "Candidate", "compile_candidate", "load_metric", "run_candidates"]
+__all__ = ["Budget", "Candidate", "check_parallel_size", "compile_candidate", "load_metric", "run_candidates"]
 
 import dataclasses
 import importlib
@@ -32,6 +32,7 @@ from qcompile.config import CompileConfig
 from qcompile.errors import AccuracyGateError, ConfigError, QcompileError, detail
 from qcompile.executors import Executor
 from qcompile.runtime import make_session
+from qcompile.workspace import LARGE_MODEL_BYTES, weight_bytes
 
 Metric = Callable[[Callable[[dict], list], list[dict]], float]
 
@@ -176,8 +177,8 @@ class Candidate:
 
 def compile_candidate(config: CompileConfig, shared: dict, threads: int) -> dict[str, Any]:
     """Compile ``shared["model"]`` with ``config`` on ``shared``'s data and measure it with
-    ``shared["budget"]``. Run in a worker, so it returns plain data: the model's bytes, the report,
-    the measure, or the error (a candidate that fails to compile is a finding, not a crash). The
+    ``shared["budget"]``. In a worker it returns plain data: the model's bytes (in this process, the
+    ``CompileResult`` itself), the report, the measure, or the error (a candidate that fails to compile is a finding, not a crash). The
     worker compiles in its own process only (no nested executor), with ``threads`` ORT threads."""
     start = time.perf_counter()
     config = config.replace(executor="inprocess", workers=0, ray_address=None, threads=config.threads or threads)
@@ -199,7 +200,8 @@ def compile_candidate(config: CompileConfig, shared: dict, threads: int) -> dict
 
 def _measure(result: CompileResult, budget: Budget | None) -> dict[str, Any]:
     if result.report.plan and not result.report.plan.get("quantized_nodes"):
-        raise ConfigError("no node is left quantized")  # a float model is no answer to a quantization budget
+        # A float model is no answer to a quantization budget.
+        raise ConfigError("no node is left quantized: the candidate keeps every node float. Exclude fewer nodes.")
     return budget.measure(result) if budget is not None else {}
 
 
@@ -221,6 +223,16 @@ def run_candidates(executor: Executor, configs: list[CompileConfig], shared: dic
             result = CompileResult(ir.from_proto(onnx.load_from_string(result)), outcome["report"])
         candidates.append(Candidate(outcome["measure"], None, outcome["seconds"], result))
     return candidates
+
+
+def check_parallel_size(executor: Executor, float_model: ir.Model) -> None:
+    """A ConfigError if ``float_model`` is too large for candidates compiled in workers: they send
+    each compiled candidate back whole, and a protobuf holds 2 GB at most."""
+    if executor.parallel and weight_bytes(float_model) > LARGE_MODEL_BYTES:
+        raise ConfigError(
+            f"The model has over {LARGE_MODEL_BYTES / 2**30:.1f} GiB of weights: compile its candidates with "
+            "executor = 'inprocess' (--executor inprocess); workers send each compiled model back whole."
+        )
 
 
 def _check_picklable(shared: dict) -> None:

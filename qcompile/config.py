@@ -6,7 +6,7 @@ valid one, never a warning.
 
 from __future__ import annotations
 
-__all__ = ["NON_BUILD_KEYS", "CompileConfig", "load_config", "read_toml"]
+__all__ = ["NON_BUILD_KEYS", "RUN_KEYS", "CompileConfig", "load_config", "read_toml"]
 
 import dataclasses
 import difflib
@@ -193,12 +193,15 @@ class CompileConfig:
 # Keys that cannot change the compiled model: how it is evaluated, gated and cached, and which other
 # files are written. pipeline and recipe are replaced by the resolved pipeline text. Everything else
 # is part of a compile's identity: its config hash and its pass-cache keys (a pass may read these only
-# where its output does not depend on them: the executor changes where work runs, not its result).
+# where its output does not depend on them: the executor and the thread count change where and how
+# fast work runs, not its result; tests/test_executors.py checks the bytes).
 NON_BUILD_KEYS = frozenset({
     "pipeline", "recipe", "latency_runs", "measure_latency", "min_sqnr", "allow_fallback", "ep_context_path",
     "max_loss", "metric", "search", "time_budget",
-    "cache", "cache_dir", "cache_max_mb", "executor", "workers", "ray_address",
+    "cache", "cache_dir", "cache_max_mb", "executor", "workers", "ray_address", "threads",
 })
+# The non-build keys a pass may read: how and where its work runs, never what it computes.
+RUN_KEYS = frozenset({"executor", "workers", "ray_address", "threads"})
 
 
 _TYPE_CHECKS = {

@@ -51,7 +51,7 @@ class CompileContext:
         if self._own_executor is None:
             from qcompile.executors import make_executor
 
-            self._own_executor = make_executor(self.config.executor, workers=self.config.workers,
+            self._own_executor = make_executor(self.config.executor, workers=self.config.workers, threads=self.config.threads,
                                                address=self.config.ray_address)
         return self._own_executor
 

@@ -9,8 +9,9 @@ a list of items; they never import Ray or multiprocessing themselves. Every exec
   worker reads once, or Ray's object store (``ray.put``). Large models go as a path.
 - ``threads`` is the ONNX Runtime intra-op thread count the task should use, so that N workers
   share the machine's cores instead of each taking all of them.
-- A worker that dies (killed, out of memory) loses only the tasks it was running: they are retried
-  up to ``retries`` times, then an ``ExecutorError`` names them. A ``QcompileError`` a task raises is
+- A worker that dies (killed, out of memory) costs only the tasks in flight, never the results
+  already in: they are retried on new workers, each up to ``retries`` times (a local pool restarts
+  whole, so every task it was running is charged), then an ``ExecutorError`` names the task. A ``QcompileError`` a task raises is
   the user's to fix, is not retried, and is raised again, as itself, on the caller's side.
 """
 
@@ -28,6 +29,7 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -78,16 +80,11 @@ class Executor(abc.ABC):
     name: str
     workers: int
 
-    @property
-    def parallel(self) -> bool:
-        """Whether work handed over runs beside other work (worth splitting it into shards)."""
-        return self.workers > 1 or self.name != "inprocess"
+    parallel = True  # work handed over runs beside other work: worth cutting into shards
 
     def threads_per_task(self, configured: int = 0) -> int:
         """ORT intra-op threads for one task: the configured count, else the cores split among workers."""
-        if configured:
-            return configured
-        return max(1, cpu_count() // self.workers) if self.name != "inprocess" else 0
+        return configured or max(1, cpu_count() // self.workers)
 
     @abc.abstractmethod
     def map(self, function: Task, items: Sequence[Any], *, shared: Any = None, threads: int = 0,
@@ -111,9 +108,13 @@ class InProcessExecutor(Executor):
     """The default: every task runs here, one after the other."""
 
     name = "inprocess"
+    parallel = False
 
     def __init__(self) -> None:
         self.workers = 1
+
+    def threads_per_task(self, configured: int = 0) -> int:
+        return configured  # 0: ONNX Runtime's default, all cores
 
     def map(self, function, items, *, shared=None, threads=0, retries=DEFAULT_RETRIES, what="task"):
         return [function(item, shared, threads) for item in items]
@@ -128,6 +129,14 @@ _worker_state: dict[str, Any] = {"key": None, "shared": None}
 def _init_worker(running_dir: str, threads: int) -> None:
     _worker_state["running_dir"] = running_dir
     _limit_blas_threads(threads)
+
+
+def _arrive(parties: int) -> None:
+    """Warm-up task: wait until every worker has started, so that the pool forks them all at once."""
+    try:
+        _worker_state["barrier"].wait(timeout=10)
+    except threading.BrokenBarrierError:
+        pass
 
 
 def _limit_blas_threads(threads: int) -> None:
@@ -182,35 +191,51 @@ def _result(outcome: tuple[str, Any]) -> Any:
     return value
 
 
-# How local workers start. Forked on Linux: a worker is ready in milliseconds with qcompile and
-# ONNX Runtime already imported (spawning one costs about a second of imports, more than a small
-# model's whole sensitivity analysis), and it does not import the caller's script again. The pool
-# starts at the first ``map``, and qcompile holds no ONNX Runtime session across that call, so no
-# runtime thread is copied mid-work. Elsewhere (no fork on Windows; macOS frameworks forbid it) spawned.
-START_METHOD = "fork" if sys.platform == "linux" else "spawn"
+# How local workers start. On Linux all of them are forked when the executor is made, before
+# the run's work (a user's metric, ONNX Runtime sessions) has started threads that a fork would
+# copy mid-work (an OpenMP pool, as torch's, hangs a forked child): ready in milliseconds with
+# qcompile and ONNX Runtime already imported, where spawning costs about a second of imports per
+# worker, more than a small model's whole sensitivity analysis. Workers that replace dead ones are
+# started by a fork server, which never runs user code. Elsewhere (no fork on Windows; macOS
+# frameworks forbid it) they are spawned.
+FIRST_START = "fork" if sys.platform == "linux" else "spawn"
+RESTART = "forkserver" if sys.platform == "linux" else "spawn"
+_PRELOAD = ["qcompile.candidates", "qcompile.passes.calibration", "qcompile.sensitivity", "qcompile.build"]
 
 
 class LocalProcessExecutor(Executor):
-    """``workers`` processes on this machine (``START_METHOD``). The pool starts on first use and
-    is kept for later ``map`` calls; its workers keep the thread count of that first call."""
+    """``workers`` processes on this machine, started when it is made (``FIRST_START``) and kept for
+    every ``map`` call; each runs ``threads`` ONNX Runtime and BLAS threads (default: its share of
+    the cores)."""
 
     name = "local"
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, *, threads: int = 0) -> None:
         if workers < 1:
             raise ConfigError(f"workers = {workers}: give at least 1 worker process.")
         self.workers = workers
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self.threads = self.threads_per_task(threads)
         self._maps = 0
         self._running = tempfile.TemporaryDirectory(prefix="qcompile-workers-")
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._start(FIRST_START)
 
-    def _pool_now(self, threads: int) -> concurrent.futures.ProcessPoolExecutor:
-        if self._pool is None:
+    def _start(self, method: str) -> None:
+        context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            context.set_forkserver_preload(_PRELOAD)
+        # Workers inherit the thread-pool sizes of a task (spawned ones read them at import).
+        with _thread_env(self.threads):
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=multiprocessing.get_context(START_METHOD),
-                initializer=_init_worker, initargs=(self._running.name, threads),
+                max_workers=self.workers, mp_context=context,
+                initializer=_init_worker, initargs=(self._running.name, self.threads),
             )
-        return self._pool
+            if method == "fork":
+                # A submit forks a worker when none is idle; warm-up tasks that wait for each other
+                # keep all busy, so every worker is forked now, from this still-quiet process.
+                _worker_state["barrier"] = context.Barrier(self.workers)
+                warmups = [self._pool.submit(_arrive, self.workers) for _ in range(self.workers)]
+                concurrent.futures.wait(warmups)
 
     def map(self, function, items, *, shared=None, threads=0, retries=DEFAULT_RETRIES, what="task"):
         items = list(items)
@@ -226,10 +251,11 @@ class LocalProcessExecutor(Executor):
                 pickle.dump(shared, f, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             while pending:
-                # Workers start on submit: they inherit the thread-pool sizes of a task.
-                with _thread_env(threads or self.threads_per_task()):
-                    pool = self._pool_now(threads or self.threads_per_task())
-                    futures = {pool.submit(_run_in_worker, function, index, items[index], shared_path, threads): index
+                if self._pool is None:
+                    self._start(RESTART)
+                with _thread_env(self.threads):
+                    futures = {self._pool.submit(_run_in_worker, function, index, items[index], shared_path,
+                                                 threads or self.threads): index
                                for index in sorted(pending)}
                 try:
                     for future in concurrent.futures.as_completed(futures):
@@ -245,9 +271,8 @@ class LocalProcessExecutor(Executor):
                             raise ExecutorError(
                                 f"A worker process died {attempts[index]} times running {what} {index} "
                                 f"({retries} retries). Out of memory? Give fewer --workers, or run with "
-                                "--executor inprocess to see the error."
-                                + ("" if START_METHOD == "fork" else " From a Python script, call qcompile under "
-                                   "`if __name__ == '__main__':` (workers are spawned and import the script).")
+                                "--executor inprocess to see the error. From a Python script, call qcompile "
+                                "under `if __name__ == '__main__':` (replacement workers import the script)."
                             ) from None
                     logger.warning("a worker process died running %s %s: retrying it on a new worker",
                                    what, ", ".join(str(i) for i in sorted(lost & pending)))
@@ -304,8 +329,9 @@ class RayExecutor(Executor):
     cluster, "ray://host:10001" a remote one); None starts a local Ray with ``workers`` CPUs.
     A Ray already initialised in this process (``ray.init`` by the caller) is used as it is.
 
-    The shared value goes to the object store once; each task asks Ray for ``threads`` CPUs, so
-    Ray runs no more tasks on a node than its cores allow. Ray retries tasks whose worker died.
+    The shared value goes to the object store once. At most ``workers`` tasks run at once (a
+    window over the items); each asks Ray for ``threads`` CPUs, at most the largest node's, so Ray
+    runs no more tasks on a node than its cores allow. Ray retries tasks whose worker died.
     """
 
     name = "ray"
@@ -333,25 +359,53 @@ class RayExecutor(Executor):
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = workers or cpus
 
+    def _largest_node_cpus(self) -> int:
+        nodes = [n for n in self._ray.nodes() if n.get("Alive")]
+        return max((int(n.get("Resources", {}).get("CPU", 0)) for n in nodes), default=1) or 1
+
     def threads_per_task(self, configured: int = 0) -> int:
-        if configured:
-            return configured
+        # A task asking for more CPUs than any node has would wait forever.
         cpus = int(self._ray.cluster_resources().get("CPU", 1))
-        return max(1, cpus // self.workers)
+        return max(1, min(configured or cpus // self.workers, self._largest_node_cpus()))
 
     def map(self, function, items, *, shared=None, threads=0, retries=DEFAULT_RETRIES, what="task"):
         ray = self._ray
-        threads = threads or self.threads_per_task()
+        threads = min(threads, self._largest_node_cpus()) if threads else self.threads_per_task()
         remote = ray.remote(_ray_task).options(
             num_cpus=threads, max_retries=retries,
             runtime_env={"env_vars": {name: str(threads) for name in THREAD_ENV}})
         shared_ref = ray.put(shared)  # once; tasks get it from the object store
-        refs = [remote.remote(function, item, shared_ref, threads) for item in items]
+        items = list(items)
+        refs: dict[Any, int] = {}
+        outcomes: dict[int, Any] = {}
         try:
-            return [_result(outcome) for outcome in ray.get(refs)]
+            for index, item in enumerate(items):
+                if len(refs) >= self.workers:  # a window of ``workers`` tasks in flight
+                    self._collect(refs, outcomes, 1, what)
+                refs[remote.remote(function, item, shared_ref, threads)] = index
+            self._collect(refs, outcomes, len(refs), what)
+            return [outcomes[index] for index in range(len(items))]
+        except BaseException:
+            for ref in refs:
+                ray.cancel(ref, force=True)  # the rest of the map is lost anyway: free the cluster
+            raise
+
+    def _collect(self, refs: dict, outcomes: dict, wait_for: int, what: str) -> None:
+        """Wait for ``wait_for`` of the tasks in ``refs``; move their results to ``outcomes``."""
+        ray = self._ray
+        if not refs:
+            return
+        done, _ = ray.wait(list(refs), num_returns=wait_for)
+        for ref in done:
+            outcomes[refs.pop(ref)] = self._get(ref, what)
+
+    def _get(self, ref, what: str):
+        ray = self._ray
+        try:
+            return _result(ray.get(ref))
         except ray.exceptions.WorkerCrashedError:
             raise ExecutorError(
-                f"A Ray worker died running a {what} ({retries} retries). Out of memory? Give fewer "
+                f"A Ray worker died running a {what}, and again when retried. Out of memory? Give fewer "
                 "workers, or run with --executor inprocess to see the error."
             ) from None
         except ray.exceptions.RayTaskError as error:
@@ -372,14 +426,15 @@ class RayExecutor(Executor):
             self._started = False
 
 
-def make_executor(name: str = "inprocess", *, workers: int = 0, address: str | None = None) -> Executor:
+def make_executor(name: str = "inprocess", *, workers: int = 0, address: str | None = None,
+                  threads: int = 0) -> Executor:
     """The executor a config names: ``inprocess`` (default), ``local`` (``workers`` processes, default
-    the number of cores) or ``ray`` (``address``; None: a local Ray)."""
+    the number of cores) or ``ray`` (``address``; None: a local Ray). ``threads``: per task (0: the
+    cores divided among the workers)."""
     if name == "inprocess":
         return InProcessExecutor()
     if name == "local":
-        return LocalProcessExecutor(workers or cpu_count())
+        return LocalProcessExecutor(workers or cpu_count(), threads=threads)
     if name == "ray":
         return RayExecutor(workers, address)
     raise ConfigError(f"Unknown executor {name!r}: choose one of {', '.join(EXECUTORS)}.")
-

@@ -7,6 +7,10 @@ the worst output's SQNR then, against the compiled model's own. The tensor whose
 comes first: the first candidate for 16-bit activations or for float. One model variant and one
 pass over the data per tensor, so it is the repeated work an executor spreads over workers: each
 task scores one tensor, the compiled model and the reference outputs go to each worker once.
+
+``node_sensitivity`` is the layer-wise analysis ``qcompile sensitivity`` runs: one whole compile per
+quantized node with that node kept float (``exclude_nodes``), scored by the outputs' worst SQNR (and
+a metric), each compile a task on the executor (``qcompile.candidates``).
 """
 
 from __future__ import annotations
@@ -180,7 +184,7 @@ def node_sensitivity(
     Each node is one candidate compile: ``executor`` (default: the config's) compiles them at once on
     its workers. The rows do not depend on the executor."""
     from qcompile.api import resolve_config
-    from qcompile.candidates import Budget, run_candidates
+    from qcompile.candidates import Budget, check_parallel_size, run_candidates
     from qcompile.debug import _load
     from qcompile.executors import make_executor
 
@@ -188,9 +192,11 @@ def node_sensitivity(
     config = resolve_config(config, target=target).replace(min_sqnr=None, measure_latency=False)
     own_executor = executor is None
     if executor is None:
-        executor = make_executor(config.executor, workers=config.workers, address=config.ray_address)
+        executor = make_executor(config.executor, workers=config.workers, address=config.ray_address,
+                                 threads=config.threads)
     try:
         float_ir = _load(model, "model")
+        check_parallel_size(executor, float_ir)
         source = model if isinstance(model, (str, onnx.ModelProto)) or hasattr(model, "__fspath__") else serialize_inline(float_ir)
         calibration_data = list(calibration_data) if _one_shot(calibration_data) else calibration_data
         eval_data = list(eval_data) if _one_shot(eval_data) else eval_data
