@@ -212,10 +212,13 @@ class Calibrate(ir.passes.InPlacePass):
                 model, plan.calibrate, shards, executor, specs=data.specs, threads=config.threads,
                 histograms=histograms, chunk=self.chunk, workspace=self.context.workspace,
             )
+            seconds = time.perf_counter() - start
             self.context.records["calibrate"] = {
                 **executor.describe(), "shards": len(shards), "batches_per_shard": [len(s) for s in shards],
-                "seconds": round(time.perf_counter() - start, 3),
+                "seconds": round(seconds, 3),
             }
+            if self.context.progress is not None:  # the shards report nothing while they run
+                self.context.progress("calibrating", table.batches, seconds, True)
         else:
             if executor.parallel:
                 logger.info("calibration data is a one-shot iterator: calibrating in this process, not sharded")

@@ -132,6 +132,8 @@ class CompileConfig:
             raise ConfigError(f"executor = {self.executor!r}: choose inprocess, local or ray.")
         if self.workers < 0:
             raise ConfigError(f"workers = {self.workers} must be >= 0 (0: one per core, or the Ray cluster's CPUs).")
+        if self.workers and self.executor == "inprocess":
+            raise ConfigError(f"workers = {self.workers} needs executor = 'local' or 'ray' (--executor local).")
         if self.ray_address is not None and self.executor != "ray":
             raise ConfigError(f"ray_address = {self.ray_address!r} needs executor = 'ray' (--executor ray).")
         if self.threads < 0:

@@ -226,8 +226,10 @@ class BatchSource:
         self._held_out, chosen = [], []
         for index, item in enumerate(self._items):
             if self._eval is None and self._is_held_out(index):
+                # Read and checked here, as calibration() does, even past max_eval: bad data fails alike.
+                batches = list(read_items([item], self.specs))
                 if len(self._held_out) < self.max_eval:
-                    self._held_out.extend(read_items([item], self.specs))
+                    self._held_out.extend(batches)
                 continue
             chosen.append(item)
         self.calibration_batches = len(chosen)

@@ -130,6 +130,8 @@ def test_config_names_the_executor_and_refuses_nonsense():
         CompileConfig(executor="threads")
     with pytest.raises(ConfigError, match="needs executor = 'ray'"):
         CompileConfig(ray_address="auto")
+    with pytest.raises(ConfigError, match="needs executor = 'local' or 'ray'"):
+        CompileConfig(workers=2)
     with pytest.raises(ConfigError, match="at least 1 worker"):
         LocalProcessExecutor(0)
 
@@ -215,8 +217,9 @@ def test_cli_compile_on_local_workers_writes_the_same_model(tmp_path, cnn_calib)
     outputs = {}
     for executor in ("inprocess", "local"):
         out = tmp_path / f"{executor}.onnx"
+        workers = ["--workers", "2"] if executor == "local" else []
         assert main(["compile", str(model), "--calib", str(cnn_calib), "-o", str(out), "--no-latency", "-q",
-                     "--executor", executor, "--workers", "2"]) == 0
+                     "--executor", executor, *workers]) == 0
         outputs[executor] = out.read_bytes()
     assert outputs["local"] == outputs["inprocess"]
 
