@@ -127,6 +127,13 @@ class Target:
     verify: Callable[..., dict] | None = None
     # Inspects the provider-optimized model and says which quantized groups became integer kernels.
     fusion_report: Callable[..., dict] | None = None
+    # How many significant bits the provider keeps of a weighted op's requantization multiplier,
+    # input scale x weight scale / output scale (QNN HTP: fp16's 11); None: enough (float32).
+    # Where that rounding can move an output code by a step or more (2**bits < the activation
+    # type's span: 16-bit activations, not 8-bit ones) the planner makes the multiplier exact on
+    # this grid: weight scales rounded up to ``bits`` significant bits, and the output scale the
+    # input scale x a power of two (rounded up, so the calibrated range still fits).
+    requantization_significand_bits: int | None = None
 
     def rule(self, op_type: str) -> OpRule | None:
         return self.rules.get(op_type)

@@ -154,4 +154,8 @@ TARGET = Target(
     provider_options=_htp_provider_options,
     evaluation_providers=("CPUExecutionProvider",),
     verify=_verify,
+    # HTP requantizes a Conv/Gemm/MatMul with its multiplier rounded to fp16: at uint16, 10-20 % of
+    # a MatMul's outputs were within 1 step of the CPU reference (up to ~25 steps off), 100 % once
+    # the multiplier is fp16-exact. 8-bit outputs move by at most 255 x 2^-12 of a step: unchanged.
+    requantization_significand_bits=11,
 )

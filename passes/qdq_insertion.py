@@ -101,15 +101,16 @@ class _Rewriter:
         out.dtype, out.shape = ir.DataType.FLOAT, shape
         return node, out
 
-    def quantize_weight(self, node: ir.Node, index: int, axis: int | None, qtype, symmetric: bool = True) -> np.ndarray:
+    def quantize_weight(self, node: ir.Node, index: int, axis: int | None, qtype, symmetric: bool = True,
+                        significand_bits: int | None = None) -> np.ndarray:
         """Replace a float weight input by DQ(int weight); return the weight scales."""
         value = node.inputs[index]
         # One stored copy per format: two consumers may want the same constant in different types.
-        key = (value.name, axis, qtype.name, symmetric)
+        key = (value.name, axis, qtype.name, symmetric, significand_bits)
         if key not in self.weight_cache:
             weight = value.const_value.numpy().astype(np.float32)
             release_tensor(value.const_value)  # a large model's float weight: unmap it, the copy is enough
-            scale, zero_point = constant_qparams(weight, axis, qtype, symmetric)
+            scale, zero_point = constant_qparams(weight, axis, qtype, symmetric, significand_bits)
             q = quantize(weight, scale, zero_point, qtype, axis)
             if axis is None:
                 scale, zero_point = scale.reshape(()), zero_point.reshape(())
@@ -222,7 +223,7 @@ class _Rewriter:
                 self.quantize_lookup(node, w.qtype)
                 continue
             weight_scales[(w.node, w.input_index)] = self.quantize_weight(
-                node, w.input_index, w.axis, w.qtype, w.symmetric
+                node, w.input_index, w.axis, w.qtype, w.symmetric, w.significand_bits
             )
         for b in self.plan.biases:
             self.quantize_bias(self.nodes[b.node], b.input_index, b.activation, weight_scales[(b.node, b.weight_index)])

@@ -27,7 +27,14 @@ from qcompile.backends.base import ConstantFormat, InputRole, OutputRole, Target
 from qcompile.config import CompileConfig
 from qcompile.errors import ConfigError
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import QuantType, activation_qparams, constant_qparams, quant_type
+from qcompile.qparams import (
+    QuantType,
+    activation_qparams,
+    activation_zero_point,
+    constant_qparams,
+    power_of_two_multiple,
+    quant_type,
+)
 from qcompile.statistics import CalibrationTable
 from qcompile.workspace import release_tensor
 
@@ -62,6 +69,8 @@ class WeightQuant:
     axis: int | None
     qtype: QuantType
     symmetric: bool = True
+    # Scales rounded up to this many significant bits (the target's requantization precision).
+    significand_bits: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +96,8 @@ class QuantizationPlan:
     calibrate: list[str] = dataclasses.field(default_factory=list)  # tensors calibration observes
     # calibration_method = "auto": tensor -> the method chosen for it.
     calibration_methods: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Target.requantization_significand_bits: node -> its output scale, calibrated and as chosen.
+    exact_requantization: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict:
         op_counts: dict[str, int] = {}
@@ -103,6 +114,11 @@ class QuantizationPlan:
             **({"calibration_methods": {m: sorted(t for t, c in self.calibration_methods.items() if c == m)
                                         for m in sorted(set(self.calibration_methods.values()))}}
                if self.calibration_methods else {}),
+            **({"exact_requantization": {
+                "nodes": len(self.exact_requantization),
+                # Output resolution given up: log2(chosen / calibrated scale), in [0, 1) bit each.
+                "mean_bits_lost": round(float(np.mean([e["bits_lost"] for e in self.exact_requantization.values()])), 3),
+            }} if self.exact_requantization else {}),
         }
 
 
@@ -563,6 +579,8 @@ def build_plan(
                 )
             quant.rmin, quant.rmax = table[quant.tensor].range(method, levels, config.percentile, qtype=quant.qtype)
             quant.scale, quant.zero_point = activation_qparams(quant.rmin, quant.rmax, quant.qtype, quant.symmetric)
+        if target.requantization_significand_bits is not None:
+            _exact_requantization(graph, plan, target)
         for quant in plan.activations.values():
             root = _root(plan, quant.tensor)
             quant.rmin, quant.rmax, quant.scale, quant.zero_point = root.rmin, root.rmax, root.scale, root.zero_point
@@ -571,6 +589,54 @@ def build_plan(
             unabsorbable |= broken
             continue
         return plan
+
+
+def _exact_requantization(graph: ir.Graph, plan: QuantizationPlan, target: Target) -> None:
+    """Make each weighted op's requantization multiplier exact on the target's grid of
+    ``target.requantization_significand_bits`` significant bits, where the output type is wide
+    enough for that rounding to matter.
+
+    multiplier = input scale x weight scale / output scale. With weight scales of ``bits``
+    significant bits and output scale = input scale x 2**k, it is a weight scale times a power of
+    two: exact. The output scale is rounded up (``power_of_two_multiple``) so the calibrated range
+    still fits, at the cost of up to 1 bit of output resolution; the zero point follows the new
+    scale. Graph order: an op's input scale is final (its producer came earlier) when it is read.
+    """
+    bits = target.requantization_significand_bits
+    weights_of: dict[str, list[int]] = {}
+    for i, w in enumerate(plan.weights):
+        weights_of.setdefault(w.node, []).append(i)
+    clamps = {node.outputs[0].name: node for node in graph if node.name in plan.absorbed}
+    for node in graph:
+        rule = target.rule(node.op_type)
+        if node.name not in plan.anchors or rule is None or not rule.anchor:
+            continue
+        weights = [
+            i for i in weights_of.get(node.name, [])
+            if rule.role(plan.weights[i].input_index) is InputRole.WEIGHT and not plan.weights[i].qtype.is_float
+        ]
+        inputs = [
+            v.name for index, v in enumerate(node.inputs)
+            if v is not None and rule.role(index) is InputRole.ACTIVATION and v.name in plan.activations
+        ]
+        if not weights or len(inputs) != 1 or node.outputs[0].name not in plan.activations:
+            continue
+        out = _root(plan, node.outputs[0].name)
+        # 2**bits levels or fewer: the multiplier's rounding moves a code by under a step.
+        if out.fixed is not None or (out.qtype.qmax - out.qtype.qmin) < 2**bits or out.qtype.is_float:
+            continue
+        clamp = clamps.get(out.tensor)
+        if clamp is not None and np.isfinite(target.rule(clamp.op_type).clamp(clamp)[1]):
+            continue  # a wider range would no longer perform the clamp's upper bound (Clip(0, 6))
+        for i in weights:
+            plan.weights[i] = dataclasses.replace(plan.weights[i], significand_bits=bits)
+        calibrated = out.scale
+        out.scale = power_of_two_multiple(calibrated, _root(plan, inputs[0]).scale)
+        out.zero_point = activation_zero_point(out.rmin, out.scale, out.qtype, out.symmetric)
+        plan.exact_requantization[node.name] = {
+            "tensor": out.tensor, "calibrated_scale": float(calibrated), "scale": float(out.scale),
+            "bits_lost": round(float(np.log2(out.scale / calibrated)), 4),
+        }
 
 
 def _clamp_implied(graph: ir.Graph, node_name: str, plan: QuantizationPlan, target: Target) -> bool:

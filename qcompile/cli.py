@@ -150,6 +150,9 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--inputs", help=".npz with one array per model input (default: random data of the model's static shapes)")
     r.add_argument("--allow-fallback", action="store_true", help="let nodes the provider refuses run on the CPU provider")
     r.add_argument("--nodes", action="store_true", help="list every node with its provider")
+    r.add_argument("--per-op", action="store_true",
+                   help="a QDQ model: run every quantized node unit alone on the CPU reference's input codes "
+                        "and print how the provider agrees with the reference, op by op")
 
     sub.add_parser("passes", help="list the passes a pipeline can use")
     g = sub.add_parser("config", help="the config's reference: keys, types, defaults, flags; or check a qcompile.toml")
@@ -444,7 +447,30 @@ def _cmd_run(args) -> int:
         stats = (f", min {value.min():.6g}, max {value.max():.6g}, mean {value.mean():.6g}"
                  if value.size and np.issubdtype(value.dtype, np.number) else "")
         print(f"  output {meta.name}: {value.dtype} {list(value.shape)}{stats}")
+    if args.per_op:
+        _print_op_fidelity(args, target, feed)
     return 0
+
+
+def _print_op_fidelity(args, target, feed) -> None:
+    import onnx
+
+    from qcompile.op_fidelity import op_fidelity
+
+    result = op_fidelity(onnx.load(args.model), target, [feed], allow_fallback=args.allow_fallback)
+    print(f"per op: each QDQ node unit alone on the CPU reference's input codes, {result['provider']} vs "
+          "the CPU provider running the QDQ model as written; output codes within 1 step")
+    print(f"  {'op type':34s} {'units':>5s} {'mean':>8s} {'worst':>8s} {'max steps':>9s}")
+    for op_type, entry in result["by_op_type"].items():
+        print(f"  {op_type:34s} {entry['units']:5d} {entry['mean_within_1_step']:8.2%} "
+              f"{entry['worst_within_1_step']:8.2%} {entry['max_steps']:9.0f}")
+    print(f"  {'op type':20s} {'within 1':>8s} {'max steps':>9s} {'end to end':>10s}  node")
+    for row in result["units"]:
+        print(f"  {row['op_type']:20s} {row['within_1_step']:8.2%} {row['max_steps']:9.0f} "
+              f"{row['coupled_within_1_step']:10.2%}  {row['node']}")
+    for model, off in result["placement"]["off_provider"].items():
+        if off:
+            print(f"  ({model} analysis model: {len(off)} node(s) off {result['provider']})")
 
 
 def _run_inputs(path: str | None, session, np) -> dict:

@@ -14,6 +14,9 @@ __all__ = [
     "activation_qparams",
     "weight_qparams",
     "constant_qparams",
+    "round_up_significand",
+    "power_of_two_multiple",
+    "activation_zero_point",
     "quantize",
     "dequantize",
 ]
@@ -109,8 +112,38 @@ def activation_qparams(
         zero_point = 0 if qtype.signed else (qtype.qmin + qtype.qmax + 1) // 2
         return scale, zero_point
     scale = np.float32(max((rmax - rmin) / span, _MIN_SCALE))
-    zero_point = int(np.clip(round(qtype.qmin - rmin / float(scale)), qtype.qmin, qtype.qmax))
-    return scale, zero_point
+    return scale, activation_zero_point(rmin, scale, qtype, symmetric)
+
+
+def activation_zero_point(rmin: float, scale: np.float32, qtype: QuantType, symmetric: bool) -> int:
+    """The zero point ``activation_qparams`` gives a range starting at ``rmin`` (widened to 0) on
+    grid ``scale``: round(qmin - rmin / scale), clipped to the type; for symmetric and FP8
+    formats the fixed one (0, or the middle of an unsigned type)."""
+    if symmetric or qtype.is_float:
+        return 0 if qtype.signed else (qtype.qmin + qtype.qmax + 1) // 2
+    rmin = min(float(rmin), 0.0)
+    return int(np.clip(round(qtype.qmin - rmin / float(scale)), qtype.qmin, qtype.qmax))
+
+
+def round_up_significand(x: np.ndarray, bits: int) -> np.ndarray:
+    """The smallest float32 values >= ``x`` (positive) with at most ``bits`` significant bits
+    (11: what fp16 keeps, without fp16's exponent range): x = m * 2**e with m in [0.5, 1),
+    m' = ceil(m * 2**bits) / 2**bits. Rounding up keeps max|w| / scale <= qmax for a weight scale."""
+    mantissa, exponent = np.frexp(np.asarray(x, dtype=np.float64))
+    return np.ldexp(np.ceil(mantissa * 2.0**bits) / 2.0**bits, exponent).astype(np.float32)
+
+
+def power_of_two_multiple(scale: float, base: float) -> np.float32:
+    """The smallest ``base * 2**k`` (k an integer, maybe negative) that is >= ``scale``: an output
+    scale whose ratio to the input scale ``base`` is a power of two, at most twice ``scale``."""
+    base = np.float32(base)
+    k = int(np.ceil(np.log2(float(scale) / float(base))))
+    # log2 rounds: settle k on the exact float32 products (a power of two times base is exact).
+    while np.float32(np.ldexp(base, k)) < np.float32(scale):
+        k += 1
+    while np.float32(np.ldexp(base, k - 1)) >= np.float32(scale):
+        k -= 1
+    return np.float32(np.ldexp(base, k))
 
 
 def weight_qparams(
@@ -134,14 +167,19 @@ def weight_qparams(
 
 
 def constant_qparams(
-    weight: np.ndarray, axis: int | None, qtype: QuantType, symmetric: bool
+    weight: np.ndarray, axis: int | None, qtype: QuantType, symmetric: bool, significand_bits: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scales and zero points of a stored constant: ``weight_qparams`` when symmetric; otherwise
     one asymmetric scale over the whole tensor, with the activation formula (``activation_qparams``
     on [min(w), max(w)]), for constants that meet activations (an Add's bias, a LayerNorm scale
-    stored as uint8, a lookup table whose output keeps the table's parameters)."""
+    stored as uint8, a lookup table whose output keeps the table's parameters).
+    ``significand_bits``: symmetric scales rounded up to that many significant bits
+    (``round_up_significand``), for a provider that rounds its requantization multiplier so."""
     if symmetric or qtype.is_float:  # FP8 zero points are 0: FP8 constants are symmetric
-        return weight_qparams(weight, axis, qtype)
+        scale, zero_point = weight_qparams(weight, axis, qtype)
+        if significand_bits is not None:
+            scale = round_up_significand(scale, significand_bits)
+        return scale, zero_point
     if axis is not None:
         raise ConfigError("Asymmetric constants are quantized per tensor; a per-channel axis was given.")
     w = np.asarray(weight, dtype=np.float32)

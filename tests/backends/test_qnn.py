@@ -20,6 +20,7 @@ import qcompile  # noqa: E402
 from qcompile.backends import get_target  # noqa: E402
 from qcompile.cli import main  # noqa: E402
 from qcompile.errors import PlacementError, ProviderError  # noqa: E402
+from qcompile.op_fidelity import op_fidelity  # noqa: E402
 from qcompile.providers import open_session, output_steps, placement, provider_status, reference_session  # noqa: E402
 
 QNN = "QNNExecutionProvider"
@@ -106,6 +107,56 @@ def test_relu_input_has_the_relu_output_encoding_so_htp_and_cpu_round_once():
     assert fidelity["within_1_step"] >= 0.9995 and fidelity["max_diff_steps"] <= 2
 
 
+def test_op_fidelity_reports_each_quantized_node_unit():
+    """Conv -> Relu: the input's QuantizeLinear, the Conv and the Relu are one row each, in graph
+    order; each alone agrees with the CPU reference within a step."""
+    data = [{"x": np.random.default_rng(i).normal(size=(8, 4, 8, 8)).astype(np.float32)} for i in range(2)]
+    proto = qcompile.compile(_conv_relu_model(), data, target="qnn-htp", config=CONFIG).to_proto()
+    result = op_fidelity(proto, get_target("qnn-htp"), data[:1])
+    assert [(row["op_type"], row["node"]) for row in result["units"]] == [
+        ("QuantizeLinear", "x_QuantizeLinear"), ("Conv", "conv"), ("Relu", "relu")]
+    for row in result["units"]:
+        assert 0 <= row["within_1_step"] <= 1 and 0 <= row["coupled_within_1_step"] <= 1
+        assert row["elements"] == (8 * 4 * 8 * 8 if row["op_type"] == "QuantizeLinear" else 8 * 16 * 8 * 8)
+    assert result["units"][1]["reads_constant"] and not result["units"][2]["reads_constant"]
+    assert set(result["by_op_type"]) == {"QuantizeLinear", "Conv x constant", "Relu"}
+    assert all(entry["units"] == 1 and entry["worst_within_1_step"] >= 0.999 for entry in result["by_op_type"].values())
+    assert result["placement"]["off_provider"] == {"coupled": [], "decoupled": []}
+
+
+def _matmul_mul_model():
+    """x @ W, then a multiplication by a constant: at uint16 HTP's MatMul is steps off, its Mul is not."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.05, (96, 96)).astype(np.float32), "w")
+    c = numpy_helper.from_array(np.array(0.37, np.float32), "c")
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Mul", ["h", "c"], ["y"], name="scale")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 96])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 96])], [w, c],
+    )
+
+
+def test_op_fidelity_decoupled_share_is_the_ops_own_disagreement(tmp_path, capsys, monkeypatch):
+    """End to end, the Mul inherits the MatMul's disagreement (uint16, before the multiplier is made
+    fp16-exact); run alone on the reference's codes, the Mul agrees within a step. The CLI prints it."""
+    data = [{"x": np.random.default_rng(i).normal(size=(1, 64, 96)).astype(np.float32)} for i in range(2)]
+    target = dataclasses.replace(get_target("qnn-htp"), requantization_significand_bits=None)
+    monkeypatch.setitem(qcompile.backends._TARGETS, "qnn-htp", target)
+    config = {**CONFIG, "activation_type": "uint16"}
+    proto = qcompile.compile(_matmul_mul_model(), data, target="qnn-htp", config=config).to_proto()
+    result = op_fidelity(proto, target, data[:1])
+    rows = {row["node"]: row for row in result["units"]}
+    assert rows["scale"]["within_1_step"] >= 0.999
+    assert rows["scale"]["coupled_within_1_step"] < 0.9
+    assert rows["mm"]["within_1_step"] == rows["mm"]["coupled_within_1_step"]  # it reads the graph input
+    model, sample = tmp_path / "model.onnx", tmp_path / "sample.npz"
+    onnx.save(proto, str(model))
+    np.savez(sample, **data[0])
+    assert main(["run", str(model), "--target", "qnn-htp", "--inputs", str(sample), "--per-op"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"Mul x constant\s+1\s+100\.00%", out) and re.search(r"\n  Mul\s+100\.00%\s+\d+\s+[\d.]+%\s+scale\n", out)
+
+
 def _matmul_model():
     """x @ W (int8 per-channel weight): with uint16 activations ORT's CPU provider rewrites it."""
     w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.05, (96, 96)).astype(np.float32), "w")
@@ -161,6 +212,41 @@ def test_transformer_block_on_qnn_is_as_close_to_float_as_the_cpu_reference(tran
     for batch in batches:
         expected = float_session.run(None, batch)[0]
         assert _sqnr(expected, qnn.run(None, batch)[0]) > _sqnr(expected, cpu.run(None, batch)[0]) - 1.5
+
+
+def test_uint16_matmul_requantization_is_fp16_exact_on_htp(monkeypatch):
+    """HTP requantizes a MatMul with input scale x weight scale / output scale rounded to fp16. With
+    calibrated scales that moves uint16 outputs by up to ~25 steps; with weight scales of 11
+    significant bits and output scale = input scale x 2^k the multiplier is exact and HTP agrees
+    with the CPU reference within a step."""
+    data = [{"x": np.random.default_rng(i).normal(size=(1, 64, 96)).astype(np.float32)} for i in range(4)]
+    config = {**CONFIG, "activation_type": "uint16"}
+    target = get_target("qnn-htp")
+    with monkeypatch.context() as patch:
+        patch.setitem(qcompile.backends._TARGETS, "qnn-htp",
+                      dataclasses.replace(target, requantization_significand_bits=None))
+        before = qcompile.compile(_matmul_model(), data, target="qnn-htp", config=config)
+    after = qcompile.compile(_matmul_model(), data, target="qnn-htp", config=config)
+    assert before.report.verification["fidelity"]["outputs"]["y"]["within_1_step"] < 0.5
+    fidelity = after.report.verification["fidelity"]["outputs"]["y"]
+    assert fidelity["within_1_step"] >= 0.99 and fidelity["max_diff_steps"] <= 2
+    # The scales: fp16-exact weight scales, a power of two between the MatMul's input and output.
+    proto = after.to_proto()
+    constants = _constants(proto)
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    matmul = next(n for n in proto.graph.node if n.op_type == "MatMul")
+    x_scale = constants[producers[matmul.input[0]].input[1]]
+    w_scale = constants[producers[matmul.input[1]].input[1]]
+    y_scale = constants["y_scale"]
+    np.testing.assert_array_equal(w_scale.astype(np.float16).astype(np.float32), w_scale)
+    ratio = float(y_scale) / float(x_scale)
+    assert ratio == 2.0 ** round(np.log2(ratio))
+    calibrated = float(_constants(before.to_proto())["y_scale"])
+    assert calibrated <= float(y_scale) < 2 * calibrated  # rounded up: at most 1 bit of resolution
+
+
+def _constants(proto):
+    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
 
 
 def _erf_model():
