@@ -40,7 +40,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +48,17 @@ import onnx
 
 from qcompile.api import CompileResult, resolve_config
 from qcompile.backends import get_target
-from qcompile.candidates import Budget, Candidate, Metric, check_parallel_size, load_metric, run_candidates
+from qcompile.candidates import (
+    Budget,
+    Candidate,
+    Metric,
+    check_parallel_size,
+    evaluation_batches,
+    load_metric,
+    repeatable,
+    run_candidates,
+)
 from qcompile.config import CompileConfig
-from qcompile.data import BatchSource, input_specs
 from qcompile.errors import AccuracyGateError, ConfigError
 from qcompile.executors import Executor, make_executor
 from qcompile.loader import load_model
@@ -86,27 +94,6 @@ def parse_loss(text: str | float) -> float:
     if not (math.isfinite(value) and 0.0 <= value < 1.0):
         raise ConfigError(f"max loss {text!r} must be at least 0 and below 100% (e.g. 1% or 0.01).")
     return value
-
-
-def _repeatable(data):
-    """Calibration or evaluation data the search can read more than once."""
-    if data is None or isinstance(data, (str, Path, list, tuple)):
-        return data
-    if isinstance(data, Mapping):
-        return data  # BatchSource says what is wrong with it
-    if isinstance(data, Iterable):
-        return list(data)  # every candidate calibrates again: keep the batches
-    return data
-
-
-def _evaluation_batches(float_model, calibration_data, eval_data, config: CompileConfig) -> list[dict]:
-    if calibration_data is None:
-        return []
-    source = BatchSource(calibration_data, input_specs(float_model), eval_source=eval_data, max_eval=config.eval_batches)
-    if eval_data is None:
-        for _ in source.calibration():  # fills the held-out batches, as compile's own run does
-            pass
-    return source.evaluation()[1]
 
 
 def _groups(names: list[str]) -> list[list[str]]:
@@ -181,10 +168,10 @@ def _search(model, calibration_data, config: CompileConfig, *, max_loss, metric,
     target_spec = get_target(config.target)
     # The search gates itself: each candidate compiles without the config's gate.
     base = config.replace(min_sqnr=None)
-    calibration_data, eval_data = _repeatable(calibration_data), _repeatable(eval_data)
+    calibration_data, eval_data = repeatable(calibration_data), repeatable(eval_data)
     float_model = load_model(model)
     check_parallel_size(executor, float_model)
-    batches = _evaluation_batches(float_model, calibration_data, eval_data, config)
+    batches = evaluation_batches(float_model, calibration_data, eval_data, config)
     budget = Budget(metric=metric, max_loss=max_loss, min_sqnr=min_sqnr, float_model=float_model,
                     batches=batches, threads=config.threads)
     # What every worker gets once: the model as the user gave it when it can travel (a path or a

@@ -10,7 +10,10 @@ once per worker as the executor's shared value, not with each candidate.
 
 from __future__ import annotations
 
-__all__ = ["Budget", "Candidate", "check_parallel_size", "compile_candidate", "load_metric", "run_candidates"]
+__all__ = [
+    "Budget", "Candidate", "check_parallel_size", "compile_candidate", "evaluation_batches", "load_metric",
+    "repeatable", "run_candidates",
+]
 
 import dataclasses
 import importlib
@@ -19,7 +22,7 @@ import math
 import pickle
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ import onnx_ir as ir
 from qcompile.api import CompileResult
 from qcompile.api import compile as compile_model
 from qcompile.config import CompileConfig
+from qcompile.data import BatchSource, input_specs
 from qcompile.errors import AccuracyGateError, ConfigError, QcompileError, detail
 from qcompile.executors import Executor
 from qcompile.runtime import make_session
@@ -233,6 +237,30 @@ def check_parallel_size(executor: Executor, float_model: ir.Model) -> None:
             f"The model has over {LARGE_MODEL_BYTES / 2**30:.1f} GiB of weights: compile its candidates with "
             "executor = 'inprocess' (--executor inprocess); workers send each compiled model back whole."
         )
+
+
+def repeatable(data):
+    """Calibration or evaluation data that every candidate can read again (a one-shot iterator is
+    read into a list)."""
+    if data is None or isinstance(data, (str, Path, list, tuple)):
+        return data
+    if isinstance(data, Mapping):
+        return data  # BatchSource says what is wrong with it
+    if isinstance(data, Iterable):
+        return list(data)  # every candidate calibrates again: keep the batches
+    return data
+
+
+def evaluation_batches(float_model, calibration_data, eval_data, config: CompileConfig) -> list[dict]:
+    """The batches candidates are scored on: ``eval_data``'s, else the held-out calibration batches,
+    as a compile of the same data picks them."""
+    if calibration_data is None:
+        return []
+    source = BatchSource(calibration_data, input_specs(float_model), eval_source=eval_data, max_eval=config.eval_batches)
+    if eval_data is None:
+        for _ in source.calibration():  # fills the held-out batches, as compile's own run does
+            pass
+    return source.evaluation()[1]
 
 
 def _check_picklable(shared: dict) -> None:

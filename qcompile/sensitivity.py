@@ -184,7 +184,7 @@ def node_sensitivity(
     Each node is one candidate compile: ``executor`` (default: the config's) compiles them at once on
     its workers. The rows do not depend on the executor."""
     from qcompile.api import resolve_config
-    from qcompile.candidates import Budget, check_parallel_size, run_candidates
+    from qcompile.candidates import Budget, check_parallel_size, evaluation_batches, repeatable, run_candidates
     from qcompile.debug import _load
     from qcompile.executors import make_executor
 
@@ -198,11 +198,8 @@ def node_sensitivity(
         float_ir = _load(model, "model")
         check_parallel_size(executor, float_ir)
         source = model if isinstance(model, (str, onnx.ModelProto)) or hasattr(model, "__fspath__") else serialize_inline(float_ir)
-        calibration_data = list(calibration_data) if _one_shot(calibration_data) else calibration_data
-        eval_data = list(eval_data) if _one_shot(eval_data) else eval_data
-        from qcompile.accuracy_search import _evaluation_batches
-
-        batches = _evaluation_batches(float_ir, calibration_data, eval_data, config) if metric is not None else []
+        calibration_data, eval_data = repeatable(calibration_data), repeatable(eval_data)
+        batches = evaluation_batches(float_ir, calibration_data, eval_data, config) if metric is not None else []
         budget = Budget(metric=metric, max_loss=1.0 if metric is not None else None,
                         min_sqnr=None if metric is not None else -math.inf, float_model=float_ir, batches=batches,
                         threads=config.threads)
@@ -238,9 +235,3 @@ def node_sensitivity(
                "seconds": round(time.perf_counter() - start, 3)}
     return rows, summary
 
-
-def _one_shot(data: Any) -> bool:
-    from collections.abc import Iterable, Mapping
-    from pathlib import Path
-
-    return isinstance(data, Iterable) and not isinstance(data, (str, Path, list, tuple, Mapping))
