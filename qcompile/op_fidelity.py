@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qcompile.providers import EXACT_REFERENCE_CONFIG, open_session, placement
+from qcompile.providers import open_session, placement, reference_session
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +36,6 @@ def _code_type(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> 
         if attribute.name == "output_dtype" and attribute.i:
             return attribute.i
     return onnx.TensorProto.UINT8  # QuantizeLinear's default without a zero point
-
-
-def _reference(proto: onnx.ModelProto):
-    from qcompile.runtime import make_session
-
-    return make_session(proto, what="op fidelity model (CPU reference)", config_entries=EXACT_REFERENCE_CONFIG)
 
 
 def _off(session, provider: str) -> list[dict[str, str]]:
@@ -104,7 +98,7 @@ def op_fidelity(
     coupled.graph.output.extend(
         helper.make_tensor_value_info(t, code_types[t], None) for t in tensors if t not in existing
     )
-    reference = _reference(coupled)
+    reference = reference_session(coupled)
     candidate = open_session(coupled, target, allow_fallback=allow_fallback)
     off = {"coupled": _off(candidate, provider)}
     coupled_totals = defaultdict(lambda: [0, 0])
@@ -136,7 +130,7 @@ def op_fidelity(
                 shape = list(codes[0][source].shape)
                 decoupled.graph.input.append(helper.make_tensor_value_info(name, code_types[source], shape))
             node.input[0] = fed[source]
-    reference = _reference(decoupled)
+    reference = reference_session(decoupled)
     candidate = open_session(decoupled, target, allow_fallback=allow_fallback)
     off["decoupled"] = _off(candidate, provider)
     input_names = {i.name for i in reference.get_inputs()}
