@@ -250,7 +250,8 @@ def ray_cluster():
         pytest.skip("Ray is not installed: pip install 'qcompile[ray]'")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 _node_ip_address="127.0.0.1")
     yield ray
     if started:
         ray.shutdown()

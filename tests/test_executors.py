@@ -1,14 +1,14 @@
 """Executors (qcompile.executors) and the work they run: results in order, a killed worker's task
 retried, the user's errors raised as themselves; sharded calibration equal to a single-process run
 (bit for bit, histograms included, in any shard order); the accuracy search and the sensitivity
-analysis giving the same answer on every executor. Ray runs locally (``ray.init(num_cpus=2)``)."""
+analysis giving the same answer on every executor. The tests taking ``parallel`` run on local
+processes here and on a local Ray in tests/test_executors_ray.py."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from qcompile.cli import main
 from qcompile.config import CompileConfig
 from qcompile.data import BatchSource, input_specs
 from qcompile.errors import CalibrationDataError, ConfigError, ExecutorError
-from qcompile.executors import InProcessExecutor, LocalProcessExecutor, make_executor
+from qcompile.executors import InProcessExecutor, LocalProcessExecutor
 from qcompile.passes.calibration import collect_statistics, sharded_statistics
 from qcompile.passes.quantization_plan import build_plan
 from qcompile.sensitivity import activation_sensitivity, node_sensitivity
@@ -57,29 +57,17 @@ def bad_data(item, shared, threads):
 # ----- fixtures -----
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'qcompile[ray]'")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _node_ip_address="127.0.0.1")
-    # This test module is not importable by name in Ray's workers: send its tasks by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def local_pool():
     executor = LocalProcessExecutor(2)
     yield executor
     executor.close()
 
 
-@pytest.fixture(params=["local", "ray"])
-def parallel(request, local_pool):
-    if request.param == "local":
-        return local_pool
-    request.getfixturevalue("ray_local")
-    return make_executor("ray", workers=2)
+@pytest.fixture
+def parallel(local_pool):
+    """The parallel executor the shared tests run on: local processes here, Ray in
+    tests/test_executors_ray.py (which runs these same tests), so that Ray is up only there."""
+    return local_pool
 
 
 @pytest.fixture
