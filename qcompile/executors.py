@@ -276,6 +276,13 @@ class LocalProcessExecutor(Executor):
                             ) from None
                     logger.warning("a worker process died running %s %s: retrying it on a new worker",
                                    what, ", ".join(str(i) for i in sorted(lost & pending)))
+                except QcompileError:
+                    # The user's error: the workers are fine. Tasks not started are dropped, running
+                    # ones finish, and the pool stays for the next call.
+                    for future in futures:
+                        future.cancel()
+                    concurrent.futures.wait(futures)
+                    raise
                 except BaseException:
                     self._shutdown()
                     raise

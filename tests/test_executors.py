@@ -110,6 +110,10 @@ def test_a_task_that_always_kills_its_worker_is_named(local_pool):
 def test_the_users_error_comes_back_as_itself(parallel):
     with pytest.raises(CalibrationDataError, match="batch 7 is bad: give a good one"):
         parallel.map(bad_data, [7])
+    if parallel.name == "local":  # the workers were fine: the same pool serves the next call
+        pool = parallel._pool
+        assert parallel.map(square_plus, [3], shared={"add": 0}, threads=1) == [(9, 1)]
+        assert parallel._pool is pool
 
 
 def test_config_names_the_executor_and_refuses_nonsense():
