@@ -35,7 +35,7 @@ import time
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.errors import CalibrationDataError, ConfigError
+from qcompile.errors import ConfigError
 from qcompile.passes.calibration import DEFAULT_CHUNK
 from qcompile.passes.layer_statistics import linear_layer, observe_layers
 from qcompile.passes.qdq_insertion import add_initializer
@@ -156,12 +156,8 @@ class AdaRound(ir.passes.InPlacePass):
 
     def requires(self, model: ir.Model) -> None:
         self.context.require_analysis("plan", "adaround", "plan-quantization")
-        if self.context.data is None or not self.context.data.rereadable:
-            raise CalibrationDataError(
-                "adaround learns each layer's rounding from its inputs on the calibration data after "
-                "'calibrate' has read it, so the data must be readable again: pass a directory of .npz "
-                "batches or a list, or turn adaround off."
-            )
+        self.context.require_rereadable_data("adaround", "learns each layer's rounding from its inputs",
+                                             "turn adaround off")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         plan = self.context.analyses["plan"]

@@ -18,7 +18,6 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.errors import CalibrationDataError
 from qcompile.passes.calibration import DEFAULT_CHUNK
 from qcompile.passes.channel_scaling import Group, apply_channel_scale, matmul_input_groups, observe_groups
 from qcompile.passes.registry import register_pass
@@ -59,11 +58,8 @@ class AWQScale(ir.passes.InPlacePass):
         self.batches, self.chunk = batches, chunk
 
     def requires(self, model: ir.Model) -> None:
-        if self.context.data is None or not self.context.data.rereadable:
-            raise CalibrationDataError(
-                "awq-scale needs calibration data it can read (a directory of .npz batches or a list). "
-                "Pass --calib DIR, or remove awq-scale from the pipeline."
-            )
+        self.context.require_rereadable_data("awq-scale", "measures each MatMul's input channels",
+                                             "remove awq-scale from the pipeline")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         groups = matmul_input_groups(model.graph)

@@ -23,7 +23,6 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.errors import CalibrationDataError
 from qcompile.passes.calibration import DEFAULT_CHUNK
 from qcompile.passes.layer_statistics import Layer, linear_layer, observe_layers
 from qcompile.passes.qdq_insertion import add_initializer
@@ -88,12 +87,8 @@ class BiasCorrection(ir.passes.InPlacePass):
 
     def requires(self, model: ir.Model) -> None:
         self.context.require_analysis("plan", "bias-correction", "plan-quantization")
-        if self.context.data is None or not self.context.data.rereadable:
-            raise CalibrationDataError(
-                "bias-correction measures each layer's mean input on the calibration data after "
-                "'calibrate' has read it, so the data must be readable again: pass a directory of .npz "
-                "batches or a list, or turn bias_correction off."
-            )
+        self.context.require_rereadable_data("bias-correction", "measures each layer's mean input",
+                                             "turn bias_correction off")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         plan = self.context.analyses["plan"]

@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.errors import CalibrationDataError, ConfigError
+from qcompile.errors import ConfigError
 from qcompile.passes.calibration import DEFAULT_CHUNK, ChunkedRunner
 from qcompile.passes.qdq_insertion import Namer, add_initializer, dequantize_after_lookup
 from qcompile.passes.registry import register_pass
@@ -251,11 +251,9 @@ class QuantizeWeights(ir.passes.InPlacePass):
         self.head_bits, self.embedding_bits = head_bits, embedding_bits
 
     def requires(self, model: ir.Model) -> None:
-        if self.method == "gptq" and (self.context.data is None or not self.context.data.rereadable):
-            raise CalibrationDataError(
-                "quantize-weights(method=gptq) needs calibration data it can read (a directory of .npz "
-                "batches or a list) to measure each layer's inputs. Pass --calib DIR, or use method=rtn."
-            )
+        if self.method == "gptq":
+            self.context.require_rereadable_data("quantize-weights(method=gptq)", "measures each layer's inputs",
+                                                 "use method=rtn")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         weights = matmul_weights(model.graph)

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from qcompile.errors import PipelineError
+from qcompile.errors import CalibrationDataError, PipelineError
 
 if TYPE_CHECKING:
     from qcompile.backends.base import Target
@@ -54,6 +54,16 @@ class CompileContext:
             self._own_executor = make_executor(self.config.executor, workers=self.config.workers, threads=self.config.threads,
                                                address=self.config.ray_address)
         return self._own_executor
+
+    def require_rereadable_data(self, pass_name: str, reads: str, fix: str) -> None:
+        """For passes that run the model on the calibration data besides ``calibrate``: a
+        CalibrationDataError unless that data can be read again (a directory or a list, not a
+        one-shot iterator). ``reads`` says what the pass measures, ``fix`` the alternative."""
+        if self.data is None or not self.data.rereadable:
+            raise CalibrationDataError(
+                f"{pass_name} {reads} on the calibration data, so the data must be readable again: "
+                f"pass a directory of .npz batches (--calib DIR) or a list, or {fix}."
+            )
 
     def close(self) -> None:
         """Release what the context started (an executor it made)."""
