@@ -230,12 +230,12 @@ def _resolve(base: Path, value: str) -> Path:
 def _config_values(value: Any, base: Path, where: str, key: str) -> dict[str, Any]:
     """The CompileConfig keys a table gives, or a qcompile.toml path names, checked on their own
     (so an unknown key is reported where it is written) and with their paths resolved."""
-    from qcompile.config import CompileConfig, load_config
+    from qcompile.config import CompileConfig
 
     if isinstance(value, str):
         config_path = _resolve(base, value)
-        load_config(config_path)  # its own errors name the file
         values = read_toml(config_path, "Config file")
+        CompileConfig.from_dict(values, source=str(config_path))  # as load_config checks it: errors name the file
         base, where = config_path.parent, f"config file {str(config_path)!r}"
     elif isinstance(value, dict):
         values = dict(value)
