@@ -55,7 +55,7 @@ class ChunkedRunner:
         self.session, self.names, self.graph_outputs, self.chunk = session, names, graph_outputs, chunk
         self.independent: bool | None = None if chunk > 0 else False
         # An input with a fixed first dimension takes whole batches only: a chunk would not fit it.
-        if any(arg.shape and isinstance(arg.shape[0], int) for arg in session.get_inputs()):
+        if any(arg.shape and isinstance(arg.shape[0], int) and arg.shape[0] > 0 for arg in session.get_inputs()):
             self.independent = False
 
     def runs(self, batch: dict[str, np.ndarray], where: str) -> Iterator[list[np.ndarray]]:

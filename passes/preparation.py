@@ -187,16 +187,31 @@ class RemoveIdentity(ir.passes.InPlacePass):
 
 
 class _IdentityElimination(common_passes.IdentityEliminationPass):
-    """onnx-ir's pass, except that ``y = Identity(x)`` stays when ``x`` and ``y`` are both outputs of
-    its graph: removing it would list one value twice among the outputs (a Scan body's state and
-    scan output), and ONNX Runtime's Scan then returns garbage for both."""
+    """onnx-ir's pass, except that ``y = Identity(x)`` stays when ``y`` is an output of its graph and
+    removing the node would make that output invalid:
+
+    - ``x`` is also an output of the graph: one value would be listed twice (a Scan body's state
+      and scan output), and ONNX Runtime's Scan then returns garbage for both;
+    - ``x`` comes from outside the graph (an If/Loop/Scan body returning an outer-scope value):
+      ONNX Runtime refuses a subgraph output that is an outer-scope value, and onnx-ir would also
+      rename the outer value to the subgraph output's name.
+    """
 
     def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
         if node.op_type == "Identity" and len(node.inputs) == 1 and len(node.outputs) == 1:
-            source = node.inputs[0]
-            if source is not None and source.is_graph_output() and node.outputs[0].is_graph_output():
-                return False
+            source, output = node.inputs[0], node.outputs[0]
+            if source is not None and output.is_graph_output():
+                if source.is_graph_output() or not _defined_in(source, node.graph):
+                    return False
         return super()._try_eliminate_identity_node(node)
+
+
+def _defined_in(value: ir.Value, graph) -> bool:
+    """Whether ``value`` is produced by a node of ``graph`` or is one of its inputs or initializers."""
+    producer = value.producer()
+    if producer is not None:
+        return producer.graph is graph
+    return value in graph.inputs or graph.initializers.get(value.name) is value
 
 
 @register_pass("remove-unused")

@@ -43,9 +43,17 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else None
         shape = None
         if value.shape is not None:
-            shape = tuple(d if isinstance(d, int) else (str(d) if d is not None and str(d) else None) for d in value.shape)
+            shape = tuple(_declared_dim(d) for d in value.shape)
         specs.append(InputSpec(value.name, dtype, shape))
     return specs
+
+
+def _declared_dim(dim) -> int | str | None:
+    """A declared input dimension: a positive int is fixed; a dim_param is named and dynamic; -1, 0
+    (some exporters write these for "dynamic") and an absent dim are dynamic."""
+    if isinstance(dim, int):
+        return dim if dim > 0 else None
+    return str(dim) if dim is not None and str(dim) else None
 
 
 def _describe(shape) -> str:

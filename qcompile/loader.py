@@ -189,12 +189,12 @@ def _check_supported(model: ir.Model, where: str) -> ir.Model:
     for value in model.graph.inputs:
         if value.name in model.graph.initializers or value.shape is None:
             continue
-        if any(isinstance(d, int) and d == 0 for d in value.shape):
-            raise ModelError(
-                f"{where}: input {value.name!r} has a dimension of size 0 (shape "
-                f"{[d if isinstance(d, int) else str(d) for d in value.shape]}), so it holds no data "
-                "to calibrate on. Export the model with that dimension dynamic or non-zero."
-            )
+        if any(isinstance(d, int) and d <= 0 for d in value.shape):
+            # Some exporters write -1 or 0 for "dynamic". ONNX Runtime treats -1 as dynamic but
+            # refuses any data for a 0, so both become dynamic here, in the output model too.
+            declared = [d if isinstance(d, int) else str(d) for d in value.shape]
+            value.shape = ir.Shape([None if isinstance(d, int) and d <= 0 else d for d in value.shape])
+            logger.info("Input %r declares shape %s: its -1/0 dimensions are read as dynamic", value.name, declared)
     functions = {(domain, name) for domain, name, *_ in model.functions}
     custom = {}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):

@@ -262,7 +262,6 @@ MODEL_CASES = [
     Case("op-custom-domain", model_case(_custom_op()), ModelError, "com.acme::FancyOp (node 'fancy')"),
     Case("dynamic-shape-for-static-target", model_case(mlp(), data=None, api={"target": "qnn-htp"}, cli=["--target", "qnn-htp"]),
          ConfigError, "needs static shapes, but input 'x' has shape ['N', 4]"),
-    Case("input-zero-size", model_case(mlp(batch=0)), ModelError, "input 'x' has a dimension of size 0"),
     Case("no-outputs", model_case(_model_with(MM, RELU, outputs=[])), ModelError, "has no graph outputs"),
     Case("duplicate-value-names", model_case(_model_with(MM, helper.make_node("Relu", ["x"], ["y"], name="relu"), outputs=[tensor("y")])),
          ModelError, "'y' has been used as output names multiple times"),
@@ -586,6 +585,47 @@ def _scan_model() -> tuple[onnx.ModelProto, list[dict]]:
     return model, batches()
 
 
+def _if_returning_outer_value_model() -> tuple[onnx.ModelProto, list[dict]]:
+    """An If whose then-branch returns the outer MatMul's output through an Identity (as silero-vad
+    does): removing that Identity makes an outer-scope value a subgraph output, which ONNX Runtime
+    refuses. The else-branch holds a nested If whose branches do the same one level deeper."""
+    inner_then = helper.make_graph([helper.make_node("Identity", ["y"], ["it"])], "inner_then", [], [tensor("it")])
+    inner_else = helper.make_graph([helper.make_node("Identity", ["x"], ["ie"])], "inner_else", [], [tensor("ie")])
+    then_branch = helper.make_graph([helper.make_node("Identity", ["y"], ["t"])], "then", [], [tensor("t")])
+    else_branch = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["e"], name="inner_if", then_branch=inner_then, else_branch=inner_else)],
+        "else", [], [tensor("e")])
+    model = _model_with(
+        MM, helper.make_node("If", ["cond"], ["z"], name="if", then_branch=then_branch, else_branch=else_branch),
+        inputs=[tensor("x"), tensor("cond", TensorProto.BOOL, [])],
+    )
+    return model, [{**b, "cond": np.array(i % 2 == 0)} for i, b in enumerate(batches(4))]
+
+
+def _loop_reading_outer_values_model() -> tuple[onnx.ModelProto, list[dict]]:
+    """A Loop body that returns a loop-carried input and an outer value through Identities beside
+    its own MatMul on an outer weight."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["v_in", "w"], ["v_out"], name="body_mm"),
+         helper.make_node("Identity", ["y"], ["scan_y"])],
+        "body",
+        [tensor("i", TensorProto.INT64, []), tensor("cond_in", TensorProto.BOOL, []), tensor("v_in")],
+        [tensor("cond_out", TensorProto.BOOL, []), tensor("v_out"), tensor("scan_y")],
+    )
+    trip = numpy_helper.from_array(np.array(2, np.int64), "trip")
+    model = _model_with(MM, helper.make_node("Loop", ["trip", "", "y"], ["z", "ys"], name="loop", body=body),
+                        outputs=[tensor("z"), tensor("ys", shape=[2, "N", 4])],
+                        initializers=[numpy_helper.from_array(WEIGHT, "w"), trip])
+    return model, batches()
+
+
+def _declared_dim_model(dim: int) -> tuple[onnx.ModelProto, list[dict]]:
+    """An input whose batch axis is declared as ``dim_value: dim`` (-1 or 0), which some exporters
+    write for "dynamic"."""
+    return mlp(batch=dim), batches()
+
+
 def _bool_model() -> tuple[onnx.ModelProto, list[dict]]:
     """A bool input selects between the MatMul's output and a bool-masked copy of x."""
     mask = numpy_helper.from_array(np.array([True, False, True, False]), "column_mask")
@@ -631,6 +671,10 @@ ACCEPTED = {
     "if-subgraph": (_if_model, {"If"}, 30.0),
     "loop-subgraph": (_loop_model, {"Loop"}, 20.0),
     "scan-subgraph": (_scan_model, {"Scan"}, 30.0),
+    "if-returning-outer-values": (_if_returning_outer_value_model, {"If"}, 30.0),
+    "loop-returning-outer-values": (_loop_reading_outer_values_model, {"Loop"}, 20.0),
+    "declared-dim-minus-one": (lambda: _declared_dim_model(-1), set(), 30.0),
+    "declared-dim-zero": (lambda: _declared_dim_model(0), set(), 30.0),
     "bool-input-and-initializer": (_bool_model, {"Where"}, 30.0),
     "string-input-and-initializer": (_string_model, set(), 30.0),
     "zero-size-weight": (_zero_size_weight_model, set(), 30.0),
