@@ -179,6 +179,7 @@ TARGET = Target(
         "lift-constants",
         "fold-constants",
         "fold-batchnorm",
+        "deduplicate-initializers",
         "remove-identity",
         "remove-unused",
         "upgrade-opset",

@@ -128,6 +128,7 @@ TARGET = Target(
         "lift-constants",
         "fold-constants",
         "fold-batchnorm",
+        "deduplicate-initializers",
         "remove-identity",
         "lower-gathernd",
         "clamp-mask-fill",

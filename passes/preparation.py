@@ -11,6 +11,7 @@ __all__ = [
     "LiftConstants",
     "FoldConstants",
     "FoldBatchNorm",
+    "DeduplicateInitializers",
     "RemoveIdentity",
     "RemoveUnused",
     "TopologicalSort",
@@ -19,6 +20,7 @@ __all__ = [
     "CheckModel",
 ]
 
+import hashlib
 import logging
 
 import onnx
@@ -173,6 +175,52 @@ class FoldBatchNorm(ir.passes.InPlacePass):
 
 def _count_op(model: ir.Model, op_type: str) -> int:
     return sum(1 for node in model.graph if node.op_type == op_type)
+
+
+@register_pass("deduplicate-initializers")
+class DeduplicateInitializers(ir.passes.InPlacePass):
+    """Merge initializers of equal type, shape and content into one, in each graph.
+
+    Guarantees: no two initializers of a graph hold the same tensor, so a weight read by several
+    nodes is stored, and quantized, once. Constant folding gives every reader of a shared weight
+    its own copy (an unrolled GRU's ``Transpose(W)`` at every time step: a CRNN's 4.8 M weight
+    elements became 68.8 M); run this after folding. Graph inputs and outputs keep their own.
+    Only tensors that share dtype and shape with another are hashed.
+    """
+
+    def __init__(self, context):
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for graph in model.graphs():
+            groups: dict[tuple, list[ir.Value]] = {}
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None or value.is_graph_input() or value.is_graph_output() or tensor.dtype == ir.DataType.STRING:
+                    continue
+                groups.setdefault((tensor.dtype, tuple(tensor.shape.numpy())), []).append(value)
+            for candidates in groups.values():
+                if len(candidates) > 1:
+                    modified |= _merge_equal(graph, candidates)
+        return ir.passes.PassResult(model, modified)
+
+
+def _merge_equal(graph: ir.Graph, candidates: list[ir.Value]) -> bool:
+    kept: dict[bytes, ir.Value] = {}
+    merged = False
+    for value in candidates:
+        data = value.const_value.tobytes()
+        digest = hashlib.sha256(data).digest()
+        first = kept.get(digest)
+        if first is None:
+            kept[digest] = value
+        elif first.const_value.tobytes() == data:
+            value.replace_all_uses_with(first)
+            graph.initializers.pop(value.name)
+            logger.debug("Merged initializer %r into its equal %r", value.name, first.name)
+            merged = True
+    return merged
 
 
 @register_pass("remove-identity")

@@ -11,7 +11,8 @@ __all__ = ["ACCURACY_PASSES", "RECIPES", "pipeline_for"]
 from qcompile.backends.base import Target
 from qcompile.errors import ConfigError
 
-_PREPARE = ("fix-names", "shape-inference", "lift-constants", "fold-constants", "remove-identity",
+_PREPARE = ("fix-names", "shape-inference", "lift-constants", "fold-constants",
+            "deduplicate-initializers", "remove-identity",
             "remove-unused", "topological-sort")
 _FINISH = ("remove-unused", "strip-metadata", "check-model")
 

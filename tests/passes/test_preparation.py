@@ -86,3 +86,55 @@ def test_strip_metadata_drops_node_metadata_and_keeps_the_computation():
     first = next(iter(model.graph))
     assert first.metadata_props == {} and not first.doc_string
     assert [n.op_type for n in model.graph] == [n.op_type for n in proto.graph.node]
+
+
+def _shared_weight_chain(steps: int = 6, hidden: int = 64) -> "onnx.ModelProto":
+    """An unrolled recurrence: every step reads ``Transpose(W)`` of the same W (as an exported GRU
+    does), which constant folding turns into one copy per step."""
+    rng = np.random.default_rng(0)
+    nodes, previous = [], "x"
+    for step in range(steps):
+        nodes += [helper.make_node("Transpose", ["W"], [f"wt{step}"], perm=[1, 0]),
+                  helper.make_node("MatMul", [previous, f"wt{step}"], [f"m{step}"]),
+                  helper.make_node("Tanh", [f"m{step}"], [f"h{step}"])]
+        previous = f"h{step}"
+    weight = numpy_helper.from_array(rng.normal(0, hidden ** -0.5, (hidden, hidden)).astype(np.float32), "W")
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", hidden])],
+                      [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["N", hidden])], [weight])
+
+
+def test_deduplicate_initializers_merges_the_copies_folding_made():
+    model, _ = run_passes(_shared_weight_chain(), "fold-constants,remove-unused")
+    assert len(model.graph.initializers) == 6  # folding: one transposed copy per reader
+    model, _ = run_passes(_shared_weight_chain(), "fold-constants,deduplicate-initializers,remove-unused")
+    (weight,) = model.graph.initializers.values()
+    assert sum(1 for node in model.graph if weight in node.inputs) == 6
+
+
+def test_deduplicate_initializers_keeps_different_tensors_and_graph_outputs():
+    same = np.ones((3, 3), np.float32)
+    proto = make_model(
+        [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Add", ["s", "c"], ["t"]),
+         helper.make_node("Add", ["t", "d"], ["y"])],
+        [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 3])],
+        [numpy_helper.from_array(same, "a"), numpy_helper.from_array(same.copy(), "b"),
+         numpy_helper.from_array(same * 2, "c"), numpy_helper.from_array(same.copy(), "d")],
+    )
+    model, _ = run_passes(proto, "deduplicate-initializers")
+    # a, b and d are equal: one remains of them; c differs.
+    assert sorted(model.graph.initializers) == ["a", "c"]
+    assert [n.inputs[0].name for n in model.graph][0] == "a"
+
+
+def test_a_shared_weight_is_quantized_once_and_the_output_is_smaller(tmp_path):
+    import qcompile
+
+    proto = _shared_weight_chain()
+    rng = np.random.default_rng(1)
+    data = [{"x": rng.normal(0, 1, (4, 64)).astype(np.float32)} for _ in range(4)]
+    result = qcompile.compile(proto, data, config={"measure_latency": False})
+    result.save(tmp_path / "q.onnx")
+    compiled = result.to_proto()
+    weights = [i for i in compiled.graph.initializer if len(i.dims) == 2]
+    assert len(weights) == 1 and weights[0].data_type == TensorProto.INT8
+    assert (tmp_path / "q.onnx").stat().st_size < proto.ByteSize()
