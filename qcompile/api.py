@@ -26,7 +26,7 @@ from qcompile.data import BatchSource, input_specs
 from qcompile.errors import AccuracyGateError, ConfigError, OutputError
 from qcompile.evaluate import compare_outputs, compare_to_outputs, measure_latency
 from qcompile.executors import Executor
-from qcompile.loader import describe_source, load_model
+from qcompile.loader import describe_source, load_model, refuse_quantized
 from qcompile.log import Progress, TerminalProgress
 from qcompile.pipeline import format_pipeline, parse_pipeline, run_pipeline
 from qcompile.recipes import pipeline_for
@@ -230,6 +230,7 @@ def compile(  # the verb users expect: qcompile.compile
     config = resolve_config(config, target=target)
     target_spec = get_target(config.target)
     float_model = load_model(model, example_inputs, dynamic_shapes)
+    refuse_quantized(float_model, repr(str(model)) if isinstance(model, (str, Path)) else "The model")
     specs = parse_pipeline(pipeline_for(config.pipeline, config.recipe, target_spec, config))
     inputs = input_specs(float_model)
     if isinstance(calibration_data, Iterable) and not isinstance(calibration_data, (str, Path, list, tuple, Mapping)):

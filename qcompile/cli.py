@@ -590,10 +590,11 @@ def _cmd_inspect(args) -> int:
     from qcompile.config import CompileConfig
     from qcompile.context import CompileContext
     from qcompile.data import input_specs
-    from qcompile.loader import load_model
+    from qcompile.loader import load_model, refuse_quantized
     from qcompile.pipeline import parse_pipeline, run_pipeline
 
     model = load_model(args.model)
+    refuse_quantized(model, repr(str(args.model)))
     target = get_target(args.target)
     info = {
         "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape or [])} for s in input_specs(model)],

@@ -5,7 +5,7 @@ The caller's model is never modified: files are read, in-memory models are copie
 
 from __future__ import annotations
 
-__all__ = ["describe_source", "load_model"]
+__all__ = ["describe_source", "load_model", "refuse_quantized"]
 
 import logging
 from collections import Counter
@@ -249,3 +249,34 @@ def _export_torch(module, example_inputs: tuple | None, dynamic_shapes: Any) -> 
     finally:
         module.train(was_training)
     return program.model
+
+
+# Ops that only a quantized model contains: (domain, op_type). Any QLinear*/QOrdered* op also counts.
+_QUANTIZED_OPS = {
+    ("", "QuantizeLinear"), ("", "DequantizeLinear"), ("", "DynamicQuantizeLinear"),
+    ("", "ConvInteger"), ("", "MatMulInteger"),
+    ("com.microsoft", "QuantizeLinear"), ("com.microsoft", "DequantizeLinear"),
+    ("com.microsoft", "MatMulNBits"), ("com.microsoft", "MatMulIntegerToFloat"), ("com.microsoft", "QGemm"),
+    ("com.microsoft", "QAttention"), ("com.microsoft", "DynamicQuantizeMatMul"),
+    ("com.microsoft", "DynamicQuantizeLSTM"), ("com.microsoft", "GatherBlockQuantized"),
+    ("com.microsoft", "MatMulBnb4"), ("com.microsoft", "QEmbedLayerNormalization"),
+}
+
+
+def refuse_quantized(model: ir.Model, where: str) -> None:
+    """Refuse a model that is already quantized: quantizing it again would stack a second
+    quantization on the first (and ORT's fused integer ops cannot be requantized at all)."""
+    found: Counter = Counter()
+    first: dict[str, str] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        if (domain, node.op_type) in _QUANTIZED_OPS or node.op_type.startswith(("QLinear", "QOrdered")):
+            found[node.op_type] += 1
+            first.setdefault(node.op_type, node.name or "(unnamed)")
+    if found:
+        listed = ", ".join(f"{op} x{count} (e.g. node {first[op]!r})" for op, count in found.most_common())
+        raise ModelError(
+            f"{where} is already quantized: it contains {listed}. qcompile quantizes float models; "
+            "compile the float model this one was made from (or deploy this one as it is)."
+        )
+

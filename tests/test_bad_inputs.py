@@ -236,6 +236,28 @@ MM = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
 RELU = helper.make_node("Relu", ["y"], ["z"], name="relu")
 
 
+def _already_quantized(kind: str) -> onnx.ModelProto:
+    """mlp() as a quantizer would have left it: QDQ around the MatMul, ORT's integer MatMul, or
+    4-bit MatMulNBits weights."""
+    if kind == "qdq":
+        scale, zero = numpy_helper.from_array(np.array(0.01, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "zp")
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q"),
+                 helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="dq"),
+                 helper.make_node("MatMul", ["xd", "w"], ["z"], name="mm")]
+        return graph_model(nodes, [tensor("x")], [tensor("z")], [numpy_helper.from_array(WEIGHT, "w"), scale, zero])
+    if kind == "integer":
+        weight = numpy_helper.from_array(np.ones((4, 4), np.int8), "wq")
+        nodes = [helper.make_node("Cast", ["x"], ["xi"], to=TensorProto.INT8, name="cast"),
+                 helper.make_node("MatMulInteger", ["xi", "wq"], ["zi"], name="mmi"),
+                 helper.make_node("Cast", ["zi"], ["z"], to=TensorProto.FLOAT, name="back")]
+        return graph_model(nodes, [tensor("x")], [tensor("z")], [weight])
+    packed = numpy_helper.from_array(np.zeros((4, 1, 16), np.uint8), "wq")
+    scales = numpy_helper.from_array(np.ones((4,), np.float32), "ws")
+    node = helper.make_node("MatMulNBits", ["x", "wq", "ws"], ["z"], domain="com.microsoft", name="nbits",
+                            K=4, N=4, bits=4, block_size=32)
+    return graph_model([node], [tensor("x")], [tensor("z")], [packed, scales], domains=("com.microsoft",))
+
+
 def _ir_version(version: int) -> onnx.ModelProto:
     model = mlp()
     model.ir_version = version
@@ -243,6 +265,12 @@ def _ir_version(version: int) -> onnx.ModelProto:
 
 
 MODEL_CASES = [
+    Case("already-quantized-qdq", model_case(_already_quantized("qdq")), ModelError,
+         "already quantized: it contains QuantizeLinear x1 (e.g. node 'q'), DequantizeLinear x1"),
+    Case("already-quantized-integer", model_case(_already_quantized("integer")), ModelError,
+         "already quantized: it contains MatMulInteger"),
+    Case("already-quantized-nbits", model_case(_already_quantized("nbits")), ModelError,
+         "already quantized: it contains MatMulNBits"),
     Case("model-missing", model_case(lambda folder: folder / "no_such_model.onnx"), ModelError, "does not exist"),
     Case("model-is-a-directory", model_case(directory("model.onnx")), ModelError, "is a directory"),
     Case("model-empty-file", model_case(b""), ModelError, "is empty (0 bytes)"),
