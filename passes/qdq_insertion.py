@@ -13,7 +13,7 @@ import onnx_ir as ir
 from qcompile.errors import PipelineError
 from qcompile.passes.quantization_plan import QuantizationPlan
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import QUANT_TYPES, constant_qparams, quantize
+from qcompile.qparams import QUANT_TYPES, bias_safe_weight_scale, constant_qparams, quantize, round_up_significand
 from qcompile.workspace import release_tensor
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,9 @@ class _Rewriter:
         return node, out
 
     def quantize_weight(self, node: ir.Node, index: int, axis: int | None, qtype, symmetric: bool = True,
-                        significand_bits: int | None = None) -> np.ndarray:
-        """Replace a float weight input by DQ(int weight); return the weight scales."""
+                        significand_bits: int | None = None, min_scale: np.ndarray | None = None) -> np.ndarray:
+        """Replace a float weight input by DQ(int weight); return the weight scales. ``min_scale``:
+        a floor per channel (so that the biases added to this weight's products fit int32)."""
         value = node.inputs[index]
         # One stored copy per format: two consumers may want the same constant in different types.
         key = (value.name, axis, qtype.name, symmetric, significand_bits)
@@ -111,6 +112,13 @@ class _Rewriter:
             weight = value.const_value.numpy().astype(np.float32)
             release_tensor(value.const_value)  # a large model's float weight: unmap it, the copy is enough
             scale, zero_point = constant_qparams(weight, axis, qtype, symmetric, significand_bits)
+            if min_scale is not None and symmetric and not qtype.is_float and np.any(min_scale > scale):
+                raised = int(np.count_nonzero(min_scale > scale))
+                logger.warning("Weight %r: raised the scale of %d of its %d channel(s) so that the bias "
+                               "fits int32 (near-zero weights beside a bias)", value.name, raised, scale.size)
+                scale = np.maximum(scale, min_scale).astype(np.float32)
+                if significand_bits is not None:
+                    scale = round_up_significand(scale, significand_bits)
             q = quantize(weight, scale, zero_point, qtype, axis)
             if axis is None:
                 scale, zero_point = scale.reshape(()), zero_point.reshape(())
@@ -215,15 +223,34 @@ class _Rewriter:
             return self.values[name]
         raise PipelineError(f"insert-qdq: planned tensor {name!r} is not in the graph; re-run plan-quantization.")
 
+    def _bias_floors(self) -> dict[str, np.ndarray]:
+        """Weight name -> the smallest scale per channel at which every bias added to its products
+        fits int32 (``bias_safe_weight_scale``), over all the nodes that read the weight."""
+        weights = {(w.node, w.input_index): w for w in self.plan.weights}
+        floors: dict[str, np.ndarray] = {}
+        for b in self.plan.biases:
+            w = weights.get((b.node, b.weight_index))
+            node = self.nodes[b.node]
+            weight, bias = node.inputs[b.weight_index], node.inputs[b.input_index]
+            if w is None or weight.const_value is None or bias.const_value is None:
+                continue
+            channels = weight.const_value.shape[w.axis] if w.axis is not None else None
+            floor = bias_safe_weight_scale(bias.const_value.numpy(), self.plan.activations[b.activation].scale, channels)
+            previous = floors.get(weight.name)
+            floors[weight.name] = floor if previous is None or previous.shape != floor.shape else np.maximum(previous, floor)
+        return floors
+
     def run(self) -> None:
         weight_scales: dict[tuple[str, int], np.ndarray] = {}
+        floors = self._bias_floors()
         for w in self.plan.weights:
             node = self.nodes[w.node]
             if self._is_row_lookup(node, w):
                 self.quantize_lookup(node, w.qtype)
                 continue
             weight_scales[(w.node, w.input_index)] = self.quantize_weight(
-                node, w.input_index, w.axis, w.qtype, w.symmetric, w.significand_bits
+                node, w.input_index, w.axis, w.qtype, w.symmetric, w.significand_bits,
+                floors.get(node.inputs[w.input_index].name),
             )
         for b in self.plan.biases:
             self.quantize_bias(self.nodes[b.node], b.input_index, b.activation, weight_scales[(b.node, b.weight_index)])

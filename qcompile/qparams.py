@@ -14,6 +14,7 @@ __all__ = [
     "activation_qparams",
     "weight_qparams",
     "constant_qparams",
+    "bias_safe_weight_scale",
     "round_up_significand",
     "power_of_two_multiple",
     "activation_zero_point",
@@ -185,6 +186,23 @@ def constant_qparams(
     w = np.asarray(weight, dtype=np.float32)
     scale, zero_point = activation_qparams(float(w.min(initial=0.0)), float(w.max(initial=0.0)), qtype, False)
     return np.asarray([scale], dtype=np.float32), np.asarray([zero_point], dtype=qtype.numpy_dtype)
+
+
+def bias_safe_weight_scale(bias: np.ndarray, input_scale: float, channels: int | None) -> np.ndarray:
+    """The smallest weight scale (one per output channel, or one when ``channels`` is None) at which
+    ``bias`` fits the int32 grid ``input_scale * weight_scale``.
+
+    Integer kernels add the bias to the int32 accumulator, so a bias is stored on that grid; a
+    channel whose weights are near zero (a pruned or dead channel) gets a tiny weight scale, and its
+    bias would overflow int32 and be clipped to nothing. Raising that channel's weight scale instead
+    (ONNX Runtime's quantizer does the same) keeps the bias exact at the cost of a coarser grid for
+    weights that hardly matter. Leaves a margin of 2x below int32's limit.
+    """
+    limit = np.float64(QUANT_TYPES["int32"].qmax) / 2.0
+    need = np.abs(np.asarray(bias, dtype=np.float64)).reshape(-1) / (np.float64(input_scale) * limit)
+    if channels is None or need.size != channels:
+        need = need.max(initial=0.0).reshape(1)
+    return need.astype(np.float32)
 
 
 def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:

@@ -109,3 +109,29 @@ def test_embedding_read_by_a_matmul_is_quantized_after_its_row_lookup():
     proto = ir.serde.serialize_model(model)
     onnx.checker.check_model(proto)
     ort.InferenceSession(proto.SerializeToString()).run(None, data[0])
+
+
+def test_a_bias_beside_near_zero_weights_raises_the_weight_scale_instead_of_saturating():
+    """A pruned channel (weights 0 or 1e-9) with a bias of 3: its int32 bias at scale
+    x_scale * 1e-12 would saturate and the channel would output ~0 instead of 3."""
+    from onnx import TensorProto, helper, numpy_helper
+    from tiny_models import make_model
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    weight[1] = 0.0
+    weight[2] = 1e-9
+    bias = np.array([0.1, 3.0, -2.0, 0.0], np.float32)
+    proto = make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    data = [{"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    model, _ = run_passes(proto, CPU, data=data)
+    out = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, data[0])[0]
+    np.testing.assert_allclose(out[:, 1], 3.0, atol=0.01)
+    np.testing.assert_allclose(out[:, 2], -2.0, atol=0.01)
+    stored = _initializer(model, "b_quantized").astype(np.int64)
+    assert np.abs(stored).max() < 2**31 - 1  # nothing clipped at the int32 limit
