@@ -32,6 +32,7 @@ CASES = {
     "calibration": "benchmarks.calibration:run",
     "smollm2": "benchmarks.smollm2:run",
     "executors": "benchmarks.executors:run",
+    "real_models": "benchmarks.real_models:run",
 }
 logger = logging.getLogger("benchmarks")
 
