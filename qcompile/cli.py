@@ -63,7 +63,7 @@ _CONFIG_FLAGS = {
 _RUN_FLAGS = {"model", "output", "calib", "eval_data", "config", "print_pipeline", "dump_after", "dump_dir",
               "report", "quiet", "verbose", "log_format", "help"}
 # Flags that set a key in their own way (a different shape of value).
-_SHAPED_FLAGS = {"no_latency": "measure_latency", "shape": "input_shapes"}
+_SHAPED_FLAGS = {"no_latency": "measure_latency", "no_recover": "recover", "shape": "input_shapes"}
 
 
 def compile_flag_keys() -> dict[str, str | None]:
@@ -117,6 +117,9 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--metric", metavar="MODULE.py:FUNCTION",
                    help="score(run, batches) -> float, higher is better; run(batch) returns the outputs of the model scored")
     c.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop the accuracy search after about SECONDS")
+    c.add_argument("--no-recover", action="store_true",
+                   help="ship the plain compile even when its worst output SQNR is below the recovery floor "
+                        "(default: search for accuracy measures, see recover_min_sqnr, and exit 3 if still below)")
     for name, what in (("cross-layer-equalization", "cross-layer equalization"), ("bias-correction", "bias correction"),
                        ("adaround", "AdaRound")):
         c.add_argument(f"--{name}", action="store_true", default=None, help=f"add the {what} pass to the pipeline")
@@ -242,6 +245,8 @@ def _config_from_args(args):
         overrides["pipeline"] = [args.pipeline]
     if args.no_latency:
         overrides["measure_latency"] = False
+    if args.no_recover:
+        overrides["recover"] = False
     if args.shape:
         overrides["input_shapes"] = dict(_parse_shape(text) for text in args.shape)
     config = resolve_config(args.config, **overrides)
@@ -289,13 +294,28 @@ def _cmd_compile(args) -> int:
     dump_dir = args.dump_dir or (str(output) + ".dumps" if args.dump_after else None)
     if config.search or config.max_loss is not None or config.metric or config.time_budget is not None:
         return _compile_search(args, config, model_path, output, report_path)
+    # Recovery (the default) writes the best model it found even when it misses its floor, and
+    # exits 3; the accuracy gate (--min-sqnr) writes no model when it fails.
+    recovering = config.recover and config.min_sqnr is None and args.calib is not None and not args.dump_after
     try:
-        result = qcompile.compile(
-            str(model_path), args.calib, config=config, eval_data=args.eval_data,
-            dump_after=args.dump_after, dump_dir=dump_dir,
-            show_progress=_progress(args),
-        )
+        if recovering:
+            from qcompile.accuracy_search import compile_or_recover
+
+            result = compile_or_recover(str(model_path), args.calib, config=config, eval_data=args.eval_data,
+                                        show_progress=_progress(args))
+        else:
+            result = qcompile.compile(
+                str(model_path), args.calib, config=config, eval_data=args.eval_data,
+                dump_after=args.dump_after, dump_dir=dump_dir,
+                show_progress=_progress(args),
+            )
     except AccuracyGateError as error:
+        if recovering and getattr(error, "result", None) is not None:
+            error.result.save(output, report_path=report_path)
+            if not args.quiet:
+                print(error.result.report)
+                print(f"wrote {output} and {report_path} (the best found; the recovery floor was not met)")
+            raise
         # The report says how far it missed; the model is not written, so no build step can ship it.
         if getattr(error, "result", None) is not None:
             write_text_atomically(report_path, error.result.report.to_json())

@@ -70,6 +70,14 @@ class CompileConfig:
     metric: str | None = None
     search: bool = False
     time_budget: float | None = None
+    # Recovery, the command line's default (qcompile.accuracy_search.compile_or_recover): when the
+    # plain compile's worst output SQNR on the evaluation batches is below recover_min_sqnr dB, the
+    # accuracy search runs for it (as --search would) within recover_time_budget seconds, and the
+    # compile exits 3 if the floor is still missed. recover = false (--no-recover): ship the plain
+    # compile whatever its accuracy. Off when min_sqnr, search or max_loss say otherwise.
+    recover: bool = True
+    recover_min_sqnr: float = 20.0
+    recover_time_budget: float = 100.0
     # Intra-op threads for ONNX Runtime sessions qcompile creates (0: ORT's default).
     threads: int = 0
     # Static input shapes for targets that need them (fix-shapes), e.g. {"x": [1, 3, 224, 224]};
@@ -136,6 +144,8 @@ class CompileConfig:
             raise ConfigError(f"workers = {self.workers} needs executor = 'local' or 'ray' (--executor local).")
         if self.ray_address is not None and self.executor != "ray":
             raise ConfigError(f"ray_address = {self.ray_address!r} needs executor = 'ray' (--executor ray).")
+        if self.recover_time_budget <= 0:
+            raise ConfigError(f"recover_time_budget = {self.recover_time_budget} must be a positive number of seconds.")
         if self.threads < 0:
             raise ConfigError(f"threads = {self.threads} must be >= 0 (0: ONNX Runtime's default).")
 
@@ -199,7 +209,7 @@ class CompileConfig:
 # fast work runs, not its result; tests/test_executors.py checks the bytes).
 NON_BUILD_KEYS = frozenset({
     "pipeline", "recipe", "latency_runs", "measure_latency", "min_sqnr", "allow_fallback", "ep_context_path",
-    "max_loss", "metric", "search", "time_budget",
+    "max_loss", "metric", "search", "time_budget", "recover", "recover_min_sqnr", "recover_time_budget",
     "cache", "cache_dir", "cache_max_mb", "executor", "workers", "ray_address", "threads",
 })
 # The non-build keys a pass may read: how and where its work runs, never what it computes.

@@ -175,3 +175,61 @@ def test_metric_errors_are_config_errors():
         compile_within_budget(spiky_model(), spiky_batches(), config=CONFIG, metric=broken, max_loss=0.01)
     with pytest.raises(ConfigError, match="must return a number"):
         compile_within_budget(spiky_model(), spiky_batches(), config=CONFIG, metric=lambda r, b: "x", max_loss=0.01)
+
+
+def _spiky_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    model_path = tmp_path / "spiky.onnx"
+    onnx.save(spiky_model(), str(model_path))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, batch in enumerate(spiky_batches()):
+        np.savez(calib / f"b{i:02d}.npz", **batch)
+    config = tmp_path / "qcompile.toml"
+    config.write_text("pipeline = [" + ", ".join(f'"{p}"' for p in NO_SMOOTHING) + "]\n")
+    return model_path, calib, config
+
+
+def test_default_compile_recovers_a_collapsed_model_and_says_what_it_changed(tmp_path, capsys):
+    """The plain compile is far below 20 dB: the command line escalates on its own (float for the
+    Gemm reading the spiky tensor) and reports the change; --no-recover ships the plain compile."""
+    model_path, calib, config = _spiky_files(tmp_path)
+    out = tmp_path / "out.onnx"
+    code = main(["compile", str(model_path), "--calib", str(calib), "--config", str(config), "--no-latency",
+                 "--no-cache", "-o", str(out)])
+    assert code == 0
+    assert "below the 20 dB floor" in capsys.readouterr().err
+    report = json.loads((tmp_path / "report.json").read_text())
+    recovery = report["transformations"]["recovery"]
+    assert recovery["met"] and recovery["plain_min_sqnr_db"] < 10 <= 20 <= recovery["final_min_sqnr_db"]
+    assert recovery["stage"] == "float" and "mm2" in recovery["changed"], recovery
+    assert report["evaluation"]["outputs"]["y"]["sqnr_db"] >= 20.0
+
+    plain_out = tmp_path / "plain" / "out.onnx"
+    plain_out.parent.mkdir()
+    code = main(["compile", str(model_path), "--calib", str(calib), "--config", str(config), "--no-latency",
+                 "--no-cache", "-o", str(plain_out), "--no-recover"])
+    assert code == 0
+    plain = json.loads((plain_out.parent / "report.json").read_text())
+    assert "recovery" not in plain["transformations"] and plain["evaluation"]["outputs"]["y"]["sqnr_db"] < 10
+
+
+def test_recovery_that_misses_its_floor_writes_the_best_model_and_exits_3(tmp_path, capsys):
+    model_path, calib, config = _spiky_files(tmp_path)
+    with open(config, "a") as f:
+        f.write("recover_min_sqnr = 200.0\nrecover_time_budget = 60.0\n")
+    out = tmp_path / "out.onnx"
+    code = main(["compile", str(model_path), "--calib", str(calib), "--config", str(config), "--no-latency",
+                 "--no-cache", "-o", str(out)])
+    assert code == 3
+    assert "recovery from the plain compile's" in capsys.readouterr().err
+    assert out.is_file()
+    recovery = json.loads((tmp_path / "report.json").read_text())["transformations"]["recovery"]
+    assert recovery["met"] is False and recovery["final_min_sqnr_db"] >= recovery["plain_min_sqnr_db"]
+
+
+def test_a_model_above_the_floor_is_compiled_once(tmp_path):
+    from qcompile.accuracy_search import compile_or_recover
+    from tiny_models import cnn_batches, tiny_cnn
+
+    result = compile_or_recover(tiny_cnn(), cnn_batches(4), config={"measure_latency": False})
+    assert "recovery" not in result.report.transformations and "accuracy-search" not in result.report.transformations
