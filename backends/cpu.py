@@ -188,6 +188,7 @@ TARGET = Target(
         "plan-quantization",
         "calibrate",
         "insert-qdq",
+        "dynamic-quantize-lstm",
         "remove-unused",
         "strip-metadata",
         "check-model",

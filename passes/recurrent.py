@@ -1,0 +1,90 @@
+"""Recurrent layers: ONNX LSTM nodes as ONNX Runtime's integer LSTM kernel."""
+
+from __future__ import annotations
+
+__all__ = ["DynamicQuantizeLSTM"]
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.passes.quantization_plan import _Exclusions
+from qcompile.passes.registry import register_pass
+from qcompile.qparams import QUANT_TYPES, quantize, weight_qparams
+
+logger = logging.getLogger(__name__)
+
+
+@register_pass("dynamic-quantize-lstm")
+class DynamicQuantizeLSTM(ir.passes.InPlacePass):
+    """Replace each LSTM with constant weights by ``com.microsoft.DynamicQuantizeLSTM``: int8 W and R,
+    symmetric, one scale per gate row and direction; the input and hidden state are quantized by
+    the kernel at run time, so no calibration is needed.
+
+    Requires: the CPU target (ONNX Runtime's CPU provider implements the op); LSTM nodes of layout 0
+    (the contrib op has no layout attribute). Guarantees: the LSTM's float W and R no longer ship
+    (a CRNN recognizer's LSTM held most of its 54 MB); nodes the config excludes stay float, and
+    so does an LSTM whose weights are not constants. GRU and RNN have no such kernel and stay float.
+    """
+
+    def __init__(self, context):
+        super().__init__()
+        self.exclusions = _Exclusions(context.config)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, modified = model.graph, False
+        int8 = QUANT_TYPES["int8"]
+        for node in list(graph):
+            if node.op_type != "LSTM" or node.domain not in ("", "ai.onnx") or self.exclusions.reason(node):
+                continue
+            if "layout" in node.attributes and node.attributes["layout"].value != 0:
+                continue
+            inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
+            w, r = inputs[1], inputs[2]
+            if w is None or r is None or w.const_value is None or r.const_value is None:
+                continue
+            quantized = []
+            for value in (w, r):
+                array = value.const_value.numpy().astype(np.float32)  # [directions, 4 * hidden, columns]
+                directions, rows, columns = array.shape
+                flat = array.reshape(directions * rows, columns)
+                scale, zero_point = weight_qparams(flat, 0, int8)
+                codes = quantize(flat, scale, zero_point, int8, 0).reshape(directions, rows, columns)
+                # The kernel reads W and R transposed: [directions, columns, 4 * hidden].
+                codes = np.ascontiguousarray(codes.transpose(0, 2, 1))
+                base = value.name or node.name
+                quantized += [
+                    _initializer(graph, f"{base}_quantized", codes),
+                    _initializer(graph, f"{base}_scale", scale.reshape(directions, rows)),
+                    _initializer(graph, f"{base}_zero_point", zero_point.reshape(directions, rows)),
+                ]
+            (wq, ws, wz), (rq, rs, rz) = quantized[:3], quantized[3:]
+            attributes = {k: a for k, a in node.attributes.items() if k != "layout"}
+            replacement = ir.node(
+                "DynamicQuantizeLSTM", [inputs[0], wq, rq, *inputs[3:8], ws, wz, rs, rz],
+                attributes=attributes, domain="com.microsoft", name=f"{node.name}_quant" if node.name else None,
+                num_outputs=len(node.outputs),
+            )
+            graph.insert_before(node, replacement)
+            for old, new in zip(node.outputs, replacement.outputs):
+                new.dtype, new.shape = old.dtype, old.shape
+                name = old.name
+                ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+                old.name, new.name = None, name
+            graph.remove(node, safe=True)
+            modified = True
+            logger.info("LSTM %r -> DynamicQuantizeLSTM (int8 weights)", node.name)
+        if modified and "com.microsoft" not in model.opset_imports:
+            model.opset_imports["com.microsoft"] = 1
+        return ir.passes.PassResult(model, modified)
+
+
+def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    name, index = base, 1
+    while name in graph.initializers:
+        name, index = f"{base}_{index}", index + 1
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.dtype, value.shape = value.const_value.dtype, value.const_value.shape
+    graph.register_initializer(value)
+    return value
