@@ -285,8 +285,15 @@ def _search(model, calibration_data, config: CompileConfig, *, max_loss, metric,
         passes = passes[len(recorded):]
     # 3. and 4. Promote the most sensitive activations: 16-bit, then float.
     promoted: dict[str, Any] = {}
+    ranked = None
     if not finished() and batches:
-        ranked = _rank(float_model, best["result"], steps_results["plain"], batches, config, promoted, executor)
+        try:
+            ranked = _rank(float_model, best["result"], steps_results["plain"], batches, config, promoted, executor)
+        except ModelError as error:
+            # Without a ranking there is nothing to promote; the best candidate so far still ships.
+            logger.warning("accuracy search: no sensitivity ranking, so no promotions: %s", error)
+            state["stop"] = f"no sensitivity ranking ({error})"
+    if ranked is not None:
         wide = _wide_type(base, target_spec) if promote_16bit else None
         current = (best["config"], list(best["config"].exclude_nodes))
         if wide is not None:

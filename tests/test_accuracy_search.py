@@ -233,3 +233,23 @@ def test_a_model_above_the_floor_is_compiled_once(tmp_path):
 
     result = compile_or_recover(tiny_cnn(), cnn_batches(4), config={"measure_latency": False})
     assert "recovery" not in result.report.transformations and "accuracy-search" not in result.report.transformations
+
+
+def test_a_search_whose_ranking_fails_still_writes_its_best_model(tmp_path, capsys, monkeypatch):
+    """PP-OCR's direction classifier: the sensitivity ranking refused the plain compile (its
+    reference did not compute the float function) and recovery ended in exit 2 with nothing
+    written. Whatever the ranking raises, the best candidate so far ships (exit 3 below the floor)."""
+    import qcompile.accuracy_search as search
+    from qcompile.errors import ModelError
+
+    def refuse(*args, **kwargs):
+        raise ModelError("QUANT does not look like a quantization of FLOAT (simulated)")
+
+    monkeypatch.setattr(search, "_rank", refuse)
+    model_path, calib, config = _spiky_files(tmp_path)
+    out = tmp_path / "out.onnx"
+    code = main(["compile", str(model_path), "--calib", str(calib), "--config", str(config), "--no-latency",
+                 "--no-cache", "-o", str(out)])
+    assert code == 3 and out.is_file()
+    recovery = json.loads((tmp_path / "report.json").read_text())["transformations"]["recovery"]
+    assert recovery["met"] is False and "no sensitivity ranking" in recovery["stopped"]
