@@ -1,4 +1,4 @@
-"""If/Loop subgraphs: the passes reach into them and keep them valid.
+"""If/Loop subgraphs: planned, calibrated and quantized inside If branches; kept valid everywhere.
 
 The model of most tests is silero-vad's shape in miniature: an If on an int64 input (the sample
 rate) whose branches run MatMuls and an LSTM on the float inputs, read from the outer scope.
@@ -12,6 +12,9 @@ from conftest import run_passes
 from onnx import TensorProto, helper, numpy_helper
 from tiny_models import make_model
 
+import qcompile
+from qcompile.passes.calibration import collect_statistics
+from qcompile.passes.quantization_plan import plan_nodes
 
 PREP = "fix-names,shape-inference,remove-identity,remove-unused"
 RNG = np.random.default_rng(0)
@@ -66,6 +69,62 @@ def batches(count: int = 8, rate: int = 16000) -> list[dict]:
 
 def _sqnr(a, b) -> float:
     return float(10 * np.log10(np.sum(a ** 2) / np.sum((a - b) ** 2)))
+
+
+def test_plan_reaches_into_if_branches_and_does_not_call_their_outputs_masks():
+    """silero-vad: every Conv sits in an If on the int64 sample rate; the plan called the If's
+    outputs masks (computed only from an integer input) and quantized nothing."""
+    _, context = run_passes(if_model(), PREP + ",plan-quantization")
+    plan = context.analyses["plan"]
+    assert {"then_mm1", "then_mm2", "else_mm1", "else_mm2"} <= plan.anchors
+    assert "y" not in plan.float_tensors
+    assert not any("mask" in why for why in plan.float_tensors.values())
+
+
+def test_plan_leaves_loop_bodies_float():
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["v_in", "w"], ["v_out"], name="body_mm")],
+        "body", [_tensor("i", TensorProto.INT64, []), _tensor("cond_in", TensorProto.BOOL, []), _tensor("v_in")],
+        [_tensor("cond_out", TensorProto.BOOL, []), _tensor("v_out")])
+    proto = make_model([helper.make_node("Loop", ["trips", "", "x"], ["y"], name="loop", body=body)],
+                       [_tensor("x")], [_tensor("y")],
+                       [numpy_helper.from_array(W1, "w"), numpy_helper.from_array(np.array(2, np.int64), "trips")])
+    model, context = run_passes(proto, PREP + ",plan-quantization")
+    assert "body_mm" not in context.analyses["plan"].nodes
+    assert "body_mm" not in {n.name for n in plan_nodes(model.graph)}
+
+
+def test_calibration_observes_values_inside_nested_if_branches():
+    """ONNX Runtime cannot fetch a subgraph's values: the session's copy carries them out of each
+    enclosing If. The branch not taken contributes nothing; the model itself is unchanged."""
+    model = ir.serde.deserialize_model(if_model(nested=True))
+    before = onnx.printer.to_text(ir.serde.serialize_model(model))
+    data = batches(4)
+    table = collect_statistics(model, ["then_a", "inner_t", "else_a"], data, histograms=False)
+    expected = np.concatenate([d["x"] @ W1 for d in data])
+    assert np.isclose(table["then_a"].min, expected.min()) and np.isclose(table["then_a"].max, expected.max())
+    taken = [d for d in data if d["x"].mean() > 0]
+    inner = np.concatenate([2 * (np.maximum(d["x"] @ W1, 0) @ W1) for d in taken])
+    assert np.isclose(table["inner_t"].max, inner.max(), rtol=1e-5)
+    assert "else_a" not in table.tensors or table["else_a"].is_empty  # the 8 kHz branch never ran
+    assert onnx.printer.to_text(ir.serde.serialize_model(model)) == before
+
+
+def test_compile_quantizes_the_branch_calibration_took_and_keeps_the_other_float():
+    proto = if_model(nested=True)
+    result = qcompile.compile(proto, batches(), config={"measure_latency": False})
+    compiled = result.to_proto()
+    onnx.checker.check_model(compiled, full_check=True)
+    branches = {a.name: a.g for a in next(n for n in compiled.graph.node if n.op_type == "If").attribute}
+    assert "DequantizeLinear" in {n.op_type for n in branches["then_branch"].node}
+    # The 8 kHz branch never ran in calibration: no statistics, so float, and still valid.
+    assert "QuantizeLinear" not in {n.op_type for n in branches["else_branch"].node}
+    float_session = ort.InferenceSession(proto.SerializeToString())
+    quant_session = ort.InferenceSession(compiled.SerializeToString())
+    for rate in (16000, 8000):
+        feed = batches(1, rate)[0]
+        assert _sqnr(float_session.run(None, feed)[0], quant_session.run(None, feed)[0]) > 25.0
 
 
 def test_remove_unused_drops_branch_initializers_nothing_reads():
