@@ -9,7 +9,8 @@ the Sigmoid of one), a second graph input, weights shared by two consumers, stat
 batch, and intermediate tensors as extra graph outputs; and control flow: If on a condition computed
 from the data, whose branches run grammar ops on outer-scope tensors and weights and return their
 own tensors or outer-scope ones (graph inputs included) through an Identity; Loop with a
-loop-carried value and a scan output; an If or Loop nested in a branch or body. Weights are scaled by 1/sqrt(fan-in) and
+loop-carried value and a scan output; Scan over a sequence's steps with a state; an If, Loop or
+Scan nested in a branch or body. Weights are scaled by 1/sqrt(fan-in) and
 inputs are N(0, 1), so values stay well scaled. Each graph is calibrated on 256 random samples
 and compiled for the CPU target (mostly the default configuration, else another activation type,
 calibration method, per-tensor weights or symmetric activations), and must:
@@ -422,11 +423,34 @@ def loop(b: GraphBuilder, x: str):
     b.live.remove(stacked)
     return b.op("ReduceMean", [stacked], [shape], axes=[0], keepdims=0)[0]
 
+def scan(b: GraphBuilder, x: str):
+    """Scan over the sequence axis of ``x`` [N, S, D]: the state starts as the mean over S, the body
+    runs grammar ops on each step's [N, D] slice, the state and outer-scope tensors; its per-step
+    output is stacked back into [N, S, D]."""
+    if b.depth >= MAX_DEPTH or len(b.shapes[x]) != 3:
+        return None
+    n, s, d = b.shapes[x]
+    initial = b.op("ReduceMean", [x], [(n, d)], live=False, axes=[1], keepdims=0)[0]
+    sub = b.child()
+    state, step = b.name("state"), b.name("step")
+    sub.shapes[state] = sub.shapes[step] = (n, d)
+    sub.live += [state, step]
+    _body_ops(sub, step, b.draw(st.integers(1, 3)))
+    state_out = _ending_in(sub, (n, d), set())
+    out = _ending_in(sub, (n, d), {state_out})
+    if out == state_out:
+        out = sub.op("Identity", [out], [(n, d)], live=False)[0]
+    body = helper.make_graph(sub.nodes, b.name("scan_body"), [sub.value_info(state), sub.value_info(step)],
+                             [sub.value_info(state_out), sub.value_info(out)], sub.initializers)
+    return b.op("Scan", [initial, x], [(n, d), (n, s, d)], body=body, num_scan_inputs=1,
+                scan_input_axes=[1], scan_output_axes=[1])[1]
+
+
 OPS_BY_RANK = {
     4: [conv, conv, conv, batch_norm, pool, pool, global_pool, global_pool, binary, binary, unary, unary, concat,
         split, slice_, transpose, reshape, softmax, if_, loop],
     3: [matmul, matmul, matmul, attention, binary, binary, unary, unary, gelu, softmax, layer_norm,
-        concat, split, slice_, transpose, reshape, if_, loop],
+        concat, split, slice_, transpose, reshape, if_, loop, scan],
     2: [gemm, gemm, matmul, binary, binary, unary, unary, gelu, softmax, layer_norm, concat, split, slice_, reshape,
         if_, loop],
 }
@@ -474,11 +498,22 @@ def graphs(draw):
         b.initializers,
     )
     opsets = [helper.make_opsetid("", 17)]
-    if any(node.domain == "com.microsoft" for node in b.nodes):
+    if "com.microsoft" in _domains(graph):
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     return model, {name: b.shapes[name] for name in inputs}
+
+
+def _domains(graph: onnx.GraphProto) -> set[str]:
+    """The domains of the nodes of ``graph`` and of its subgraphs."""
+    found = set()
+    for node in graph.node:
+        found.add(node.domain)
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                found |= _domains(attribute.g)
+    return found
 
 
 def _batches(shapes: dict, count: int, seed: int) -> list[dict[str, np.ndarray]]:
