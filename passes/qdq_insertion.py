@@ -233,11 +233,12 @@ class _Rewriter:
             return self.values[name]
         raise PipelineError(f"insert-qdq: planned tensor {name!r} is not in the graph; re-run plan-quantization.")
 
-    def _bias_floors(self) -> dict[str, np.ndarray]:
-        """Weight name -> the smallest scale per channel at which every bias added to its products
-        fits int32 (``bias_safe_weight_scale``), over all the nodes that read the weight."""
+    def _bias_floors(self) -> dict[tuple[str, int | None], np.ndarray]:
+        """(weight name, channel axis) -> the smallest scale per channel at which every bias added
+        to its products fits int32 (``bias_safe_weight_scale``), over all the nodes that read the
+        weight along that axis (two Gemms with different transB read one weight along two axes)."""
         weights = {(w.node, w.input_index): w for w in self.plan.weights}
-        floors: dict[str, np.ndarray] = {}
+        floors: dict[tuple[str, int | None], np.ndarray] = {}
         for b in self.plan.biases:
             w = weights.get((b.node, b.weight_index))
             node = self.nodes[b.node]
@@ -246,8 +247,9 @@ class _Rewriter:
                 continue
             channels = weight.const_value.shape[w.axis] if w.axis is not None else None
             floor = bias_safe_weight_scale(bias.const_value.numpy(), self.plan.activations[b.activation].scale, channels)
-            previous = floors.get(weight.name)
-            floors[weight.name] = floor if previous is None or previous.shape != floor.shape else np.maximum(previous, floor)
+            key = (weight.name, w.axis)
+            previous = floors.get(key)
+            floors[key] = floor if previous is None or previous.shape != floor.shape else np.maximum(previous, floor)
         return floors
 
     def run(self) -> None:
@@ -260,7 +262,7 @@ class _Rewriter:
                 continue
             weight_scales[(w.node, w.input_index)] = self.quantize_weight(
                 node, w.input_index, w.axis, w.qtype, w.symmetric, w.significand_bits,
-                floors.get(node.inputs[w.input_index].name),
+                floors.get((node.inputs[w.input_index].name, w.axis)),
             )
         for b in self.plan.biases:
             self.quantize_bias(self.nodes[b.node], b.input_index, b.activation, weight_scales[(b.node, b.weight_index)])

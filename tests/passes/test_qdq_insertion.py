@@ -135,3 +135,27 @@ def test_a_bias_beside_near_zero_weights_raises_the_weight_scale_instead_of_satu
     np.testing.assert_allclose(out[:, 2], -2.0, atol=0.01)
     stored = _initializer(model, "b_quantized").astype(np.int64)
     assert np.abs(stored).max() < 2**31 - 1  # nothing clipped at the int32 limit
+
+
+def test_one_weight_read_along_two_channel_axes_gets_each_axis_its_own_bias_floor():
+    """A 2000-example fuzz run: one [4, 16] weight read by a Gemm with transB=1 (16 -> 4, channels
+    on axis 0) and one with transB=0 (4 -> 16, axis 1), the first with a bias; the bias floor was
+    keyed by the weight's name alone and a (4,) floor met the (16,) scales: a broadcast error."""
+    from onnx import TensorProto, helper, numpy_helper
+    from tiny_models import make_model
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 0.3, (4, 16)).astype(np.float32)
+    proto = make_model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="down", transB=1),
+         helper.make_node("Gemm", ["h", "w"], ["y"], name="up")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(rng.normal(0, 1, 4).astype(np.float32), "b")],
+    )
+    data = [{"x": rng.normal(0, 1, (8, 16)).astype(np.float32)} for _ in range(4)]
+    model, _ = run_passes(proto, CPU, data=data)
+    proto_q = ir.serde.serialize_model(model)
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, data[0])[0]
+    got = ort.InferenceSession(proto_q.SerializeToString()).run(None, data[0])[0]
+    assert 10 * np.log10(np.sum(want ** 2) / np.sum((want - got) ** 2)) > 25.0
