@@ -84,9 +84,11 @@ class _Rewriter:
         self.name = Namer(self.graph)
         # The plan reaches into If branches (quantization_plan.plan_nodes): nodes there are
         # rewritten in their own graph, reading weights stored in the main graph (outer scope).
-        self.nodes = {n.name: n for n in plan_nodes(self.graph)}
+        every = list(plan_nodes(self.graph))
+        self.nodes = {n.name: n for n in every}
         self.values = {v.name: v for v in self.graph.inputs}
-        self.values.update({o.name: o for n in self.nodes.values() for o in n.outputs})
+        # From every node, not ``self.nodes``: two nodes may share a name (PP-OCRv4's recognizer).
+        self.values.update({o.name: o for n in every for o in n.outputs})
         self.weight_cache: dict[tuple, tuple[ir.Value, np.ndarray]] = {}
 
     def initializer(self, base: str, array: np.ndarray, graph: ir.Graph | None = None) -> ir.Value:

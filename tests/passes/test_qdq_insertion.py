@@ -159,3 +159,31 @@ def test_one_weight_read_along_two_channel_axes_gets_each_axis_its_own_bias_floo
     want = ort.InferenceSession(proto.SerializeToString()).run(None, data[0])[0]
     got = ort.InferenceSession(proto_q.SerializeToString()).run(None, data[0])[0]
     assert 10 * np.log10(np.sum(want ** 2) / np.sum((want - got) ** 2)) > 25.0
+
+
+def test_nodes_without_names_from_the_opset_upgrade_are_rewritten():
+    """PP-OCRv4's recognizer (opset 12): upgrading Softmax to opset 13 writes Shape/Flatten/Reshape
+    nodes with no name after fix-names, and insert-qdq, which looked values up through nodes keyed
+    by name, lost all but one of them: "planned tensor 'softmax_9.tmp_0' is not in the graph"."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import qcompile
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["scores"], name="mm1"),
+             helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=1),
+             helper.make_node("MatMul", ["probs", "w2"], ["h"], name="mm2"),
+             helper.make_node("Softmax", ["h"], ["probs2"], name="softmax2", axis=1),
+             helper.make_node("MatMul", ["probs2", "w3"], ["y"], name="mm3")]
+    graph = helper.make_graph(
+        nodes, "softmax12", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8])],
+        [numpy_helper.from_array(rng.normal(0, 1, (8, 8)).astype(np.float32), n) for n in ("w1", "w2", "w3")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    proto.ir_version = 7
+    data = [{"x": rng.normal(0, 1, (2, 4, 8)).astype(np.float32)} for _ in range(4)]
+    result = qcompile.compile(proto, data, config={"measure_latency": False})
+    unnamed = [n.op_type for n in result.to_proto().graph.node if not n.name]
+    assert len(unnamed) >= 2, unnamed  # the upgrade's Flatten/Reshape (axis 1 of a 3-D softmax)
+    assert result.report.plan["quantized_nodes"] >= 3
+    assert result.report.evaluation["outputs"]["y"]["sqnr_db"] > 20.0
