@@ -269,8 +269,8 @@ def _parse_shape(text: str) -> tuple[str, list[int]]:
 
 def _cmd_compile(args) -> int:
     import qcompile
-    from qcompile.api import check_destination, write_text_atomically
     from qcompile.backends import get_target
+    from qcompile.outputs import check_destination, check_not_read, write_text_atomically
     from qcompile.pipeline import format_pipeline, parse_pipeline
     from qcompile.recipes import pipeline_for
 
@@ -282,15 +282,17 @@ def _cmd_compile(args) -> int:
     model_path = Path(args.model)
     output = Path(args.output) if args.output else model_path.with_suffix(f".{config.target}.onnx")
     report_path = Path(args.report) if args.report else output.parent / "report.json"
+    reads = _files_read(args, config, model_path, (output, report_path))
     for path, flag in ((output, "-o"), (report_path, "--report")):
-        if _same_file(path, model_path):
-            raise qcompile.OutputError(f"{flag} {str(path)!r} would overwrite the input model; choose another {flag}.")
+        check_not_read(path, reads, flag)
     if _same_file(report_path, output):
         raise qcompile.OutputError(f"--report and -o both name {str(output)!r}; give the report another path.")
     if model_path.is_file():  # a missing model gets its own error from the loader
         # Destinations are checked before the compile, which can take long, not after it.
-        check_destination(output)
-        check_destination(report_path)
+        check_destination(output, flag="-o")
+        check_destination(report_path, flag="--report")
+        if config.ep_context_path:
+            check_destination(Path(config.ep_context_path), reads=reads, flag="--ep-context")
     dump_dir = args.dump_dir or (str(output) + ".dumps" if args.dump_after else None)
     if config.search or config.max_loss is not None or config.metric or config.time_budget is not None:
         return _compile_search(args, config, model_path, output, report_path)
@@ -311,6 +313,7 @@ def _cmd_compile(args) -> int:
             )
     except AccuracyGateError as error:
         if recovering and getattr(error, "result", None) is not None:
+            error.result.reads += reads
             error.result.save(output, report_path=report_path)
             if not args.quiet:
                 print(error.result.report)
@@ -318,7 +321,7 @@ def _cmd_compile(args) -> int:
             raise
         # The report says how far it missed; the model is not written, so no build step can ship it.
         if getattr(error, "result", None) is not None:
-            write_text_atomically(report_path, error.result.report.to_json())
+            write_text_atomically(report_path, error.result.report.to_json(), reads=reads, flag="--report")
             if not args.quiet:
                 print(error.result.report)
             if args.log_format == "json":
@@ -326,11 +329,23 @@ def _cmd_compile(args) -> int:
             else:
                 print(f"report: {report_path}", file=sys.stderr)
         raise
+    result.reads += reads
     result.save(output, report_path=report_path)
     if not args.quiet:
         print(result.report)
         print(f"wrote {output} and {report_path}")
     return 0
+
+
+def _files_read(args, config, model_path: Path, destinations) -> list:
+    """What this compile reads: model, external data, data files, config, metric. The model's
+    external data names are read from the file only when a destination exists (else it cannot be
+    one of them)."""
+    from qcompile.outputs import files_read
+
+    existing = any(os.path.lexists(p) for p in destinations) or bool(config.ep_context_path)
+    return files_read(model=model_path, external_data=None if existing else [], calibration=args.calib,
+                      evaluation=args.eval_data, config=args.config, metric=config.metric)
 
 
 def _compile_search(args, config, model_path: Path, output: Path, report_path: Path) -> int:
@@ -357,6 +372,7 @@ def _compile_search(args, config, model_path: Path, output: Path, report_path: P
         if getattr(missed, "result", None) is None:
             raise
         result, error = missed.result, missed
+    result.reads += _files_read(args, config, model_path, (output, report_path))
     result.save(output, report_path=report_path)
     if not args.quiet:
         print(result.report)

@@ -444,16 +444,90 @@ def _disk_full(folder: Path) -> Callable[[pytest.MonkeyPatch], None]:
     return lambda monkeypatch: monkeypatch.setattr(qcompile.api, "open", FullDisk, raising=False)
 
 
+def _symlink_to_model(folder: Path) -> Path:
+    (folder / "alias.onnx").symlink_to(folder / "model.onnx")
+    return folder / "alias.onnx"
+
+
+def _fifo(name: str) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        os.mkfifo(folder / name)
+        return folder / name
+
+    return make
+
+
+def _calib_dir(folder: Path, name: str = "calib") -> Path:
+    path = folder / name
+    path.mkdir()
+    for i, batch in enumerate(batches()):
+        np.savez(path / f"batch_{i:02d}.npz", **batch)
+    return path
+
+
+def _external_data_destination(which: str) -> Builder:
+    """The model keeps its weight in model.onnx.data; -o (or --report) names that file."""
+
+    def build(folder: Path) -> Setup:
+        path = folder / "model.onnx"
+        onnx.save(mlp(), str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+        return Setup(folder, path, data=batches(), **{which: folder / "model.onnx.data"})
+
+    return build
+
+
+def _calibration_file_destination(which: str) -> Builder:
+    """-o calib/batch_00.npz (or --report): the calibration file would be replaced."""
+
+    def build(folder: Path) -> Setup:
+        calib = _calib_dir(folder)
+        return Setup(folder, good_model(folder), data=calib, **{which: calib / "batch_00.npz"})
+
+    return build
+
+
+def _evaluation_file_destination(folder: Path) -> Setup:
+    evaluation = _calib_dir(folder, "eval")
+    return Setup(folder, good_model(folder), data=batches(), out=evaluation / "batch_01.npz",
+                 api={"eval_data": evaluation}, cli=["--eval", str(evaluation)])
+
+
+def _config_file_destination(which: str) -> Builder:
+    def build(folder: Path) -> Setup:
+        config = folder / "qcompile.toml"
+        config.write_text('calibration_method = "minmax"\n')
+        return Setup(folder, good_model(folder), data=batches(), api={"config": config}, cli=["--config", str(config)],
+                     **{which: config})
+
+    return build
+
+
 OUTPUT_CASES = [
     Case("output-folder-missing", output_case(out=lambda folder: folder / "no_such_dir" / "out.onnx"),
          OutputError, "folder '"),
     Case("output-is-a-directory", output_case(out=directory("out.onnx")), OutputError, "out.onnx': it is a directory"),
     Case("output-is-the-input", output_case(out=lambda folder: folder / "model.onnx"), OutputError,
-         "would overwrite the input model", via="cli"),
+         "would overwrite the input model"),
     Case("output-is-a-link-to-the-input", output_case(out=_hard_link_to_model), OutputError,
-         "would overwrite the input model", via="cli"),
+         "would overwrite the input model"),
+    Case("output-is-a-symlink-to-the-input", output_case(out=_symlink_to_model), OutputError,
+         "would overwrite the input model"),
     Case("report-is-the-input", output_case(report=lambda folder: folder / "model.onnx"), OutputError,
-         "would overwrite the input model; choose another --report", via="cli"),
+         "would overwrite the input model; choose another"),
+    Case("output-is-the-external-data", _external_data_destination("out"), OutputError,
+         "would overwrite the model's external data file"),
+    Case("report-is-the-external-data", _external_data_destination("report"), OutputError,
+         "would overwrite the model's external data file"),
+    Case("output-is-a-calibration-file", _calibration_file_destination("out"), OutputError,
+         "would overwrite the calibration file"),
+    Case("report-is-a-calibration-file", _calibration_file_destination("report"), OutputError,
+         "would overwrite the calibration file"),
+    Case("output-is-an-evaluation-file", _evaluation_file_destination, OutputError,
+         "would overwrite the evaluation file"),
+    Case("output-is-the-config-file", _config_file_destination("out"), OutputError, "would overwrite the config file"),
+    Case("report-is-the-config-file", _config_file_destination("report"), OutputError, "would overwrite the config file"),
+    Case("output-is-a-fifo", output_case(out=_fifo("out.onnx")), OutputError, "it is a FIFO (named pipe), not a regular file"),
+    Case("report-is-a-fifo", output_case(report=_fifo("report.json")), OutputError, "it is a FIFO (named pipe)"),
     Case("report-is-a-directory", output_case(report=directory("report.json")), OutputError, "it is a directory"),
     Case("output-folder-read-only", output_case(out=_read_only_folder, report=lambda folder: folder / "locked" / "report.json",
                                                 patch=_unwritable), OutputError, "Permission denied"),
@@ -475,10 +549,13 @@ def test_the_corpus_is_large_and_ids_are_unique():
 # --- the checks, the same for every case -----------------------------------------------------
 
 
-def _snapshot(setup: Setup) -> tuple[list[Path], str | None]:
-    """Every path under the folder, and the model's SHA-256 (None when it is not a file)."""
+def _snapshot(setup: Setup) -> tuple[list[Path], str | None, dict[Path, str]]:
+    """Every path under the folder, the model's SHA-256 (None when it is not a file), and every
+    file's SHA-256 (the data, the config, external data: nothing the run reads may change)."""
     digest = hashlib.sha256(setup.model.read_bytes()).hexdigest() if setup.model.is_file() else None
-    return sorted(setup.folder.rglob("*")), digest
+    paths = sorted(setup.folder.rglob("*"))
+    files = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.is_file() and not p.is_symlink()}
+    return paths, digest, files
 
 
 def _built(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Setup:
