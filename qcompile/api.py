@@ -23,11 +23,11 @@ from qcompile.backends import get_target
 from qcompile.cache import PassCache, PipelineCache, cache_directory
 from qcompile.config import CompileConfig, load_config
 from qcompile.context import CompileContext
-from qcompile.data import BatchSource, input_specs
+from qcompile.data import BatchSource, check_npz_headers, input_specs
 from qcompile.errors import AccuracyGateError, ConfigError, OutputError
 from qcompile.evaluate import compare_outputs, compare_to_outputs, measure_latency
 from qcompile.executors import Executor
-from qcompile.loader import describe_source, load_model, refuse_quantized
+from qcompile.loader import describe_source, load_model, refuse_non_finite_weights, refuse_quantized
 from qcompile.log import Progress, TerminalProgress
 from qcompile.outputs import Read, check_destination, files_read, rename_together, temp_beside, write_text_atomically
 from qcompile.pipeline import format_pipeline, parse_pipeline, run_pipeline
@@ -261,12 +261,15 @@ def compile(  # the verb users expect: qcompile.compile
     reads = files_read(model=model, external_data=_external_data_paths(float_model), calibration=calibration_data,
                        evaluation=eval_data, config=config_file, metric=config.metric)
     refuse_quantized(float_model, repr(str(model)) if isinstance(model, (str, Path)) else "The model")
+    refuse_non_finite_weights(float_model, repr(str(model)) if isinstance(model, (str, Path)) else "The model")
     specs = parse_pipeline(pipeline_for(config.pipeline, config.recipe, target_spec, config))
     inputs = input_specs(float_model)
     if isinstance(calibration_data, Iterable) and not isinstance(calibration_data, (str, Path, list, tuple, Mapping)):
         # A one-shot iterator: hashed as calibration reads it (see qcompile.reproduce).
         calibration_data = HashingIterable(calibration_data)
     versions = _versions()
+    # Headers first: a wrong shape, a damaged header or a zip bomb is refused before hashing reads the data.
+    check_npz_headers(calibration_data, inputs)
     input_sha, data_sha = model_digest(float_model), data_digest(calibration_data)
     data = None
     if calibration_data is not None:

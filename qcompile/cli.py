@@ -8,10 +8,13 @@ from __future__ import annotations
 __all__ = ["main"]
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections import Counter
 from pathlib import Path
@@ -526,6 +529,9 @@ def _run_inputs(path: str | None, session, np) -> dict:
             dtype = np.dtype({"float": "float32", "double": "float64"}.get(name, name))
             feed[meta.name] = (rng.normal(size=meta.shape) if dtype.kind == "f" else np.zeros(meta.shape)).astype(dtype)
         return feed
+    from qcompile.data import npz_headers
+
+    npz_headers(Path(path))  # a damaged header or a zip bomb is refused before its data is read
     try:
         with np.load(path, allow_pickle=False) as data:
             feed = {key: data[key] for key in data.files}
@@ -626,11 +632,12 @@ def _cmd_inspect(args) -> int:
     from qcompile.config import CompileConfig
     from qcompile.context import CompileContext
     from qcompile.data import input_specs
-    from qcompile.loader import load_model, refuse_quantized
+    from qcompile.loader import load_model, refuse_non_finite_weights, refuse_quantized
     from qcompile.pipeline import parse_pipeline, run_pipeline
 
     model = load_model(args.model)
     refuse_quantized(model, repr(str(args.model)))
+    refuse_non_finite_weights(model, repr(str(args.model)))
     target = get_target(args.target)
     info = {
         "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape or [])} for s in input_specs(model)],
@@ -681,13 +688,23 @@ def main(argv: list[str] | None = None) -> int:
                 "inspect": _cmd_inspect, "verify": _cmd_verify, "debug": _cmd_debug,
                 "sensitivity": _cmd_sensitivity, "build": _cmd_build}
     try:
-        return commands[args.command](args)
+        with _sigterm_interrupts():
+            return commands[args.command](args)
     except QcompileError as error:
         _error(args, str(error), error=type(error).__name__, exit_code=error.exit_code)
         return error.exit_code
+    except Terminated:
+        _error(args, "interrupted (SIGTERM)", exit_code=143)
+        return 143
     except KeyboardInterrupt:
         _error(args, "interrupted", exit_code=130)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`qcompile inspect --json | head`): nothing more to tell it.
+        # Point stdout at /dev/null so that the interpreter's own flush at exit does not fail too.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception:  # a bug: show everything so it can be reported
         if args.log_format == "json":
             logger.exception("internal error (a bug in qcompile): please report it with the exception", extra={"exit_code": 1})
@@ -695,6 +712,28 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print("qcompile: internal error (a bug in qcompile): please report it with the traceback above.", file=sys.stderr)
         return 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like SIGINT's KeyboardInterrupt: every ``finally``
+    runs (temp files removed, workers stopped) and the run ends with one clean line."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises ``Terminated`` while a command runs (only the main thread can set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _error(args, message: str, **fields) -> None:
