@@ -86,8 +86,18 @@ def compile_flag_keys() -> dict[str, str | None]:
     return keys
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("qcompile")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qcompile", description="Quantization compiler for ONNX models.")
+    parser.add_argument("--version", action="version", version=f"qcompile {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compile", help="quantize a model for a target")
@@ -98,15 +108,16 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="qcompile.toml with CompileConfig keys")
     c.add_argument("--target", help="target name (`qcompile targets`); default cpu")
     c.add_argument("--pipeline", help="comma-separated passes with options, e.g. 'fix-names,calibrate(method=mse)'")
-    c.add_argument("--recipe", help="a named pipeline: llm-int4, llm-int8-weight, llm-w8a8, llm-w8a8-outliers "
-                   "(see --print-pipeline)")
+    c.add_argument("--recipe", help="a named pipeline: llm-int4, llm-int8-weight, llm-w8a8, llm-w8a8-outliers, "
+                   "llm-fp8 (see --print-pipeline)")
     c.add_argument("--print-pipeline", action="store_true", help="print the pipeline this run would use and exit")
     c.add_argument("--dump-after", action="append", default=[], metavar="PASS", help="save the model after PASS (or 'all'); repeatable")
     c.add_argument("--dump-dir", help="where --dump-after writes (default: OUTPUT.dumps/)")
     c.add_argument("--activation-type", help="uint8 (default on cpu), int8, uint16, int16, "
                    "float8e4m3fn, float8e5m2 (FP8: with an FP8 --weight-type)")
     c.add_argument("--weight-type", help="int8 (default), float8e4m3fn, float8e5m2")
-    c.add_argument("--calibration-method", help="minmax, percentile, entropy or mse")
+    c.add_argument("--calibration-method", help="mse (default), minmax, percentile, entropy, or auto (per tensor, "
+                   "the method with the least error)")
     c.add_argument("--percentile", type=float, help="percentile for --calibration-method percentile")
     c.add_argument("--exclude-nodes", nargs="+", metavar="NAME", help="node names to keep in float")
     c.add_argument("--exclude-op-types", nargs="+", metavar="OP", help="op types to keep in float")
@@ -151,8 +162,8 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("--calib", help="the calibration data it was compiled with (with --model)")
 
     r = sub.add_parser("run", help="run a model on a target's provider; print where each node runs and the outputs")
-    r.add_argument("model")
-    r.add_argument("--target", default="cpu")
+    r.add_argument("model", help="the ONNX model to run (a compiled one, typically)")
+    r.add_argument("--target", default="cpu", help="target whose provider runs it (`qcompile targets`; default cpu)")
     r.add_argument("--inputs", help=".npz with one array per model input (default: random data of the model's static shapes)")
     r.add_argument("--allow-fallback", action="store_true", help="let nodes the provider refuses run on the CPU provider")
     r.add_argument("--nodes", action="store_true", help="list every node with its provider")
@@ -168,8 +179,8 @@ def _build_parser() -> argparse.ArgumentParser:
     shown.add_argument("--check", metavar="TOML", help="validate a qcompile.toml and print it with every default filled in")
     sub.add_parser("targets", help="list targets and their rules")
     i = sub.add_parser("inspect", help="inputs, opset, op histogram, and what would be quantized")
-    i.add_argument("model")
-    i.add_argument("--target", default="cpu")
+    i.add_argument("model", help="the float ONNX model to inspect")
+    i.add_argument("--target", default="cpu", help="target whose rules decide what would be quantized (default cpu)")
     i.add_argument("--json", action="store_true", help="print JSON")
     d = sub.add_parser("debug", help="per-layer error analysis of a quantized model against its float original")
     d.add_argument("float_model", metavar="FLOAT", help="the float ONNX model")

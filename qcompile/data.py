@@ -332,7 +332,8 @@ def npz_headers(path: Path) -> dict[str, np.ndarray]:
                     header_bytes = member.tell()
                 name = info.filename[: -len(".npy")]
                 if dtype.hasobject:
-                    raise _cannot_read(path, f"array {name!r} has dtype object, which only pickle can read", _PICKLE_HINT)
+                    raise _cannot_read(path, f"array {name!r} has dtype object, which only pickle can read, and "
+                                       "qcompile never unpickles data files (unpickling can run code)", _PICKLE_HINT)
                 declared = math.prod(shape) * dtype.itemsize
                 stored = info.file_size - header_bytes
                 if declared > stored:
@@ -363,8 +364,11 @@ def _read_npz_files(files: list[Path], specs: list[InputSpec] | None = None) -> 
                 batch = {key: data[key] for key in data.files}
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as error:
             # Object arrays need pickle, which could run code from the file: strings must be str arrays.
-            hint = _PICKLE_HINT if "allow_pickle" in str(error) else ""
-            raise _cannot_read(path, error if str(error) else type(error).__name__, hint) from None
+            # numpy's own message suggests allow_pickle, an option qcompile does not have: say why instead.
+            if "allow_pickle" in str(error):
+                error = "it holds object arrays, which only pickle can read, and qcompile never unpickles data files"
+                raise _cannot_read(path, error, _PICKLE_HINT) from None
+            raise _cannot_read(path, error if str(error) else type(error).__name__) from None
         yield path.name, batch
 
 

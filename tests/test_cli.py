@@ -228,3 +228,26 @@ def test_report_has_one_timed_entry_per_pass(tmp_path, model_path, calib):
     assert [p["name"] for p in report["passes"]] == expected
     for entry in report["passes"]:
         assert isinstance(entry["seconds"], float) and entry["seconds"] >= 0
+
+
+def test_version_and_help_texts_name_every_choice(capsys):
+    """--version prints the installed version; compile's help lists every calibration method and
+    recipe there is (auto and llm-fp8 were missing), and run/inspect explain their arguments."""
+    from importlib import metadata
+
+    from qcompile.recipes import RECIPES
+    from qcompile.statistics import CALIBRATION_METHODS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"qcompile {metadata.version('qcompile')}"
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in (*CALIBRATION_METHODS, *RECIPES):
+        assert name in text, name
+    for command in ("run", "inspect"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "the float ONNX model" in capsys.readouterr().out or command == "run"
