@@ -13,7 +13,9 @@ and the timings of the passes it covers. Only passes worth keeping are stored: t
 calibration data and those that took at least ``STORE_AFTER_SECONDS``. A run resumes after the
 last stored pass of its pipeline. An entry whose checksum, size or format is wrong is logged,
 deleted and recomputed, never used. Entries are written to a temporary folder and renamed into
-place; the least recently used are deleted to keep the cache under its size limit. Large models'
+place; the least recently used are deleted to keep the cache under its size limit, except those
+another process is reading (readers hold a shared ``flock`` on the entry's header until its
+weights are safe in their own memory or workspace), so concurrent compiles can share one cache. Large models'
 weights are written and read tensor by tensor (no serialized copy of the whole model).
 
 Entries hold pickled state: the cache folder must be the user's own (it is refused otherwise).

@@ -593,6 +593,21 @@ def _config_file_destination(which: str) -> Builder:
     return build
 
 
+def _full_disk_dump(folder: Path) -> Setup:
+    """--dump-after on a full disk: the dump's bytes stop short with ENOSPC (a 0-byte dump stayed)."""
+    import qcompile.pipeline
+
+    def save(model, path, *args, **kwargs):
+        Path(path).write_bytes(b"\x08")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    dumps = folder / "dumps"
+    return Setup(folder, good_model(folder), data=batches(),
+                 api={"dump_after": ["calibrate"], "dump_dir": dumps},
+                 cli=["--dump-after", "calibrate", "--dump-dir", str(dumps)],
+                 patch=lambda monkeypatch: monkeypatch.setattr(qcompile.pipeline.ir, "save", save))
+
+
 OUTPUT_CASES = [
     Case("output-folder-missing", output_case(out=lambda folder: folder / "no_such_dir" / "out.onnx"),
          OutputError, "folder '"),
@@ -623,6 +638,7 @@ OUTPUT_CASES = [
     Case("output-folder-read-only", output_case(out=_read_only_folder, report=lambda folder: folder / "locked" / "report.json",
                                                 patch=_unwritable), OutputError, "Permission denied"),
     Case("disk-full", output_case(patch=_disk_full), OutputError, "No space left on device"),
+    Case("dump-on-a-full-disk", _full_disk_dump, OutputError, "Cannot write the dump"),
     Case("dump-folder-unwritable", options_case(
         api=lambda folder: {"dump_after": ["calibrate"], "dump_dir": folder / "model.onnx" / "dumps"},
         cli=lambda folder: ["--dump-after", "calibrate", "--dump-dir", str(folder / "model.onnx" / "dumps")]),
