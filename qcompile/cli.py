@@ -555,9 +555,15 @@ def _run_inputs(path: str | None, session, np) -> dict:
 
 
 def _cmd_debug(args) -> int:
-    from qcompile.api import write_text_atomically
     from qcompile.debug import DEFAULT_GROUP_SIZE, analyze
+    from qcompile.outputs import check_destination, files_read, write_text_atomically
 
+    # Neither report may replace a file the analysis reads: checked before the analysis, which can take long.
+    reads = [*files_read(model=args.float_model, calibration=args.data), (Path(args.quant_model), "the quantized model"),
+             *([(Path(args.data), "the data file")] if Path(args.data).is_file() else [])]
+    for path, flag in ((args.out, "--out"), (args.json_path, "--json")):
+        if path:
+            check_destination(Path(path), reads=reads, flag=flag)
     show = not args.quiet and sys.stderr.isatty()
 
     def progress(line: str) -> None:
@@ -570,9 +576,9 @@ def _cmd_debug(args) -> int:
     if show:
         print(file=sys.stderr)
     if args.out:
-        write_text_atomically(Path(args.out), report.to_html(top=max(args.top, 20)))
+        write_text_atomically(Path(args.out), report.to_html(top=max(args.top, 20)), reads=reads, flag="--out")
     if args.json_path:
-        write_text_atomically(Path(args.json_path), report.to_json())
+        write_text_atomically(Path(args.json_path), report.to_json(), reads=reads, flag="--json")
     if not args.quiet:
         print(report.text_table(args.top))
         for path in (args.out, args.json_path):
@@ -582,16 +588,22 @@ def _cmd_debug(args) -> int:
 
 
 def _cmd_sensitivity(args) -> int:
-    from qcompile.api import resolve_config, write_text_atomically
+    from qcompile.api import resolve_config
+    from qcompile.outputs import check_destination, files_read, write_text_atomically
     from qcompile.sensitivity import node_sensitivity
 
     overrides = {k: v for k, v in (("target", args.target), ("executor", args.executor), ("workers", args.workers),
                                    ("ray_address", args.ray_address)) if v is not None}
     config = resolve_config(args.config, **overrides)
+    reads = files_read(model=args.model, calibration=args.calib, evaluation=args.eval_data, config=args.config,
+                       metric=args.metric)
+    if args.json_path:  # before the analysis, which compiles once per node
+        check_destination(Path(args.json_path), reads=reads, flag="--json")
     rows, summary = node_sensitivity(args.model, args.calib, config=config, eval_data=args.eval_data,
                                      metric=args.metric, nodes=args.nodes)
     if args.json_path:
-        write_text_atomically(Path(args.json_path), json.dumps({"summary": summary, "nodes": rows}, indent=2) + "\n")
+        write_text_atomically(Path(args.json_path), json.dumps({"summary": summary, "nodes": rows}, indent=2) + "\n",
+                              reads=reads, flag="--json")
     if not args.quiet:
         scored = args.metric is not None
         print(f"compiled: worst output SQNR {_db(summary['compiled_min_sqnr_db'])}"

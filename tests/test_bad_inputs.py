@@ -796,6 +796,18 @@ def test_inspect_json_into_a_closed_pipe_ends_quietly(tmp_path):
     assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
 
 
+def test_debug_reports_never_replace_what_the_analysis_reads(tmp_path, capsys):
+    """`qcompile debug --out/--json` onto its float model, quantized model or a data file: exit 2, before the analysis."""
+    model, calib = good_model(tmp_path), _calib_dir(tmp_path)
+    quantized = tmp_path / "q.onnx"
+    quantized.write_bytes(b"not read: the destination is refused first")
+    before = _snapshot(Setup(tmp_path, model))
+    for flag, target in (("--out", quantized), ("--json", model), ("--out", calib / "batch_00.npz")):
+        assert main(["debug", str(model), str(quantized), "--data", str(calib), flag, str(target)]) == 2
+        assert "would overwrite" in capsys.readouterr().err
+    assert _snapshot(Setup(tmp_path, model)) == before
+
+
 # --- interrupted writes: a complete pair or nothing, and the next run sweeps what a kill left ---
 
 _INTERRUPT = """
