@@ -664,7 +664,8 @@ def _cmd_inspect(args) -> int:
     target = get_target(args.target)
     info = {
         "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape or [])} for s in input_specs(model)],
-        "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": [str(d) for d in (v.shape or [])]} for v in model.graph.outputs],
+        "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])]}
+                    for v in model.graph.outputs],  # a static dim is a number, a symbolic one its name
         "opset": dict(model.opset_imports),
         "nodes": len(model.graph),
         "op_types": dict(Counter(n.op_type for n in model.graph).most_common()),

@@ -146,6 +146,9 @@ def test_inspect_json(model_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert [i["name"] for i in info["inputs"]] == ["x"]
     assert info["would_quantize"]["quantized_nodes"] > 0
+    # Static dims are numbers, symbolic ones their names (a static dim was the string "1000").
+    for value in info["inputs"] + info["outputs"]:
+        assert all(isinstance(d, int) or (isinstance(d, str) and not d.isdigit()) for d in value["shape"]), value
 
 
 def test_accuracy_gate_exits_3_and_writes_only_the_report(tmp_path, model_path, calib, capsys):
