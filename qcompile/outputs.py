@@ -37,6 +37,7 @@ import signal
 import socket
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -225,16 +226,29 @@ def temp_beside(path: Path) -> Path:
 
 @contextlib.contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM wait (in this thread) until the block ends, then arrive as usual."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask"):
+    """SIGINT and SIGTERM that arrive during the block are delivered when it ends.
+
+    Python runs signal handlers in the main thread, whichever thread the kernel picked (ONNX
+    Runtime's and BLAS's threads included), so blocking the signals in this thread would not do:
+    the handlers are swapped for one that notes the signal, and the signal is raised again, to the
+    handlers of before, once the block is done. Other threads are never interrupted by Python
+    handlers, so they need nothing."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: installed from C, which cannot be put back
+            previous[signum] = signal.signal(signum, lambda number, frame: pending.append(number))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in pending:
+            signal.raise_signal(signum)
 
 
 def rename_together(moves: Sequence[tuple[Path, Path]]) -> None:
