@@ -71,14 +71,10 @@ class Layer:
             return matrix.reshape(self.weight.shape)
         return np.ascontiguousarray(matrix[0].T if self.transposed else matrix[0])
 
-    def rows(self, x: np.ndarray) -> np.ndarray | None:
-        """The layer's input as rows [groups, rows, D]; None if ``x`` does not fit the weight."""
+    def _patches(self, x: np.ndarray):
+        """For a Conv: (zero-padded input, output size, one index per kernel offset that picks that
+        offset's input at every output position), or None if ``x`` does not fit the weight."""
         w = self.weight
-        if not self.is_conv:
-            depth = w.shape[0] if self.transposed else w.shape[1]
-            if x.ndim < 1 or x.shape[-1] != depth:
-                return None
-            return x.reshape(1, -1, depth)
         kernel = w.shape[2:]
         if x.ndim != w.ndim or x.shape[1] != w.shape[1] * self.groups:
             return None
@@ -93,12 +89,42 @@ class Layer:
         ]
         if min(out) < 1:
             return None
-        pieces = []
-        for offset in itertools.product(*(range(k) for k in kernel)):
-            index = tuple(
-                slice(o * d, o * d + (n - 1) * s + 1, s) for o, d, n, s in zip(offset, dilations, out, strides)
-            )
-            pieces.append(padded[(slice(None), slice(None), *index)])
+        indices = [
+            (slice(None), slice(None), *(slice(o * d, o * d + (n - 1) * s + 1, s)
+                                         for o, d, n, s in zip(offset, dilations, out, strides)))
+            for offset in itertools.product(*(range(k) for k in kernel))
+        ]
+        return padded, out, indices
+
+    def row_sum(self, x: np.ndarray) -> tuple[np.ndarray, int] | None:
+        """The sum of ``rows(x)`` over its rows ([groups, D], float64) and their count, without
+        building the rows: for a Conv, one strided slice sum per kernel offset (bias correction on
+        an 800x608 detector spent most of its minute building im2col patches for their mean)."""
+        if not self.is_conv:
+            rows = self.rows(x)
+            return None if rows is None else (rows.astype(np.float64).sum(axis=1), rows.shape[1])
+        patches = self._patches(x)
+        if patches is None:
+            return None
+        padded, out, indices = patches
+        reduce = (0, *range(2, padded.ndim))
+        sums = np.stack([padded[index].sum(axis=reduce, dtype=np.float64) for index in indices], axis=1)  # [C, K]
+        # [groups, channels per group * K]: W[o, i, *k] flattens to i * K + k, as in ``rows``.
+        return sums.reshape(self.groups, -1), x.shape[0] * math.prod(out)
+
+    def rows(self, x: np.ndarray) -> np.ndarray | None:
+        """The layer's input as rows [groups, rows, D]; None if ``x`` does not fit the weight."""
+        w = self.weight
+        if not self.is_conv:
+            depth = w.shape[0] if self.transposed else w.shape[1]
+            if x.ndim < 1 or x.shape[-1] != depth:
+                return None
+            return x.reshape(1, -1, depth)
+        patches = self._patches(x)
+        if patches is None:
+            return None
+        padded, out, indices = patches
+        pieces = [padded[index] for index in indices]
         patches = np.stack(pieces, axis=2)  # [N, C, K, *out]
         n, channels = x.shape[:2]
         patches = patches.reshape(n, self.groups, channels // self.groups, len(pieces), math.prod(out))
@@ -159,6 +185,11 @@ class RowStatistics:
     def mean(self) -> np.ndarray:
         return self.total / max(self.count, 1)
 
+    def add_sum(self, total: np.ndarray, count: int) -> None:
+        """Fold in rows known only by their sum (``Layer.row_sum``); no Gram matrix."""
+        self.count += count
+        self.total = total if self.total is None else self.total + total
+
     def update(self, rows: np.ndarray, gram: bool) -> None:
         rows64 = rows.astype(np.float64)
         self.count += rows.shape[1]
@@ -190,9 +221,15 @@ def observe_layers(
         for outputs in runner.runs(batch, f"calibration batch {index} ({what})"):
             for layer in layers:
                 x = outputs[position[layer.node.inputs[0].name]]
-                rows = layer.rows(x) if x.dtype == np.float32 else None
-                if rows is None:
-                    logger.debug("%s: input of %s does not fit its weight", what, layer.node.name)
+                if x.dtype != np.float32:
                     continue
-                statistics.setdefault(layer.node.name, RowStatistics()).update(rows, gram)
+                if gram:
+                    rows = layer.rows(x)
+                    if rows is not None:
+                        statistics.setdefault(layer.node.name, RowStatistics()).update(rows, gram)
+                        continue
+                elif (summed := layer.row_sum(x)) is not None:
+                    statistics.setdefault(layer.node.name, RowStatistics()).add_sum(*summed)
+                    continue
+                logger.debug("%s: input of %s does not fit its weight", what, layer.node.name)
     return statistics

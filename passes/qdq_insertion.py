@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import PipelineError
-from qcompile.passes.quantization_plan import QuantizationPlan
+from qcompile.passes.quantization_plan import QuantizationPlan, plan_nodes
 from qcompile.passes.registry import register_pass
 from qcompile.qparams import QUANT_TYPES, bias_safe_weight_scale, constant_qparams, quantize, round_up_significand
 from qcompile.workspace import release_tensor
@@ -24,7 +24,11 @@ class Namer:
 
     def __init__(self, graph: ir.Graph):
         self.used = {v.name for v in graph.inputs} | set(graph.initializers)
-        self.used |= {o.name for n in graph for o in n.outputs} | {n.name for n in graph}
+        # Names are unique across all scopes: subgraphs' too.
+        nodes = list(ir.traversal.RecursiveGraphIterator(graph))
+        self.used |= {o.name for n in nodes for o in n.outputs} | {n.name for n in nodes}
+        self.used |= {v.name for n in nodes for a in n.attributes.values() if a.type == ir.AttributeType.GRAPH
+                      for v in (*a.value.inputs, *a.value.initializers.values())}
 
     def __call__(self, base: str) -> str:
         name, suffix = base, 1
@@ -78,19 +82,23 @@ class _Rewriter:
         self.graph = model.graph
         self.plan = plan
         self.name = Namer(self.graph)
-        self.nodes = {n.name: n for n in self.graph}
+        # The plan reaches into If branches (quantization_plan.plan_nodes): nodes there are
+        # rewritten in their own graph, reading weights stored in the main graph (outer scope).
+        self.nodes = {n.name: n for n in plan_nodes(self.graph)}
         self.values = {v.name: v for v in self.graph.inputs}
-        self.values.update({o.name: o for n in self.graph for o in n.outputs})
+        self.values.update({o.name: o for n in self.nodes.values() for o in n.outputs})
         self.weight_cache: dict[tuple, tuple[ir.Value, np.ndarray]] = {}
 
-    def initializer(self, base: str, array: np.ndarray) -> ir.Value:
-        return add_initializer(self.graph, base, array, self.name)
+    def initializer(self, base: str, array: np.ndarray, graph: ir.Graph | None = None) -> ir.Value:
+        # In the graph of the nodes that read it: ORT's QDQ fusions look a DequantizeLinear's
+        # weight up in the DQ's own graph, not in the outer scope of an If branch.
+        return add_initializer(graph or self.graph, base, array, self.name)
 
     def dequantize(self, base: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
-                   axis: int | None, shape) -> tuple[ir.Node, ir.Value]:
-        q_value = self.initializer(f"{base}_quantized", q)
-        scale_value = self.initializer(f"{base}_scale", scale)
-        zp_value = self.initializer(f"{base}_zero_point", zero_point)
+                   axis: int | None, shape, graph: ir.Graph | None = None) -> tuple[ir.Node, ir.Value]:
+        q_value = self.initializer(f"{base}_quantized", q, graph)
+        scale_value = self.initializer(f"{base}_scale", scale, graph)
+        zp_value = self.initializer(f"{base}_zero_point", zero_point, graph)
         attributes = {"axis": axis} if axis is not None else {}
         node = ir.node(
             "DequantizeLinear", [q_value, scale_value, zp_value], attributes=attributes,
@@ -107,7 +115,7 @@ class _Rewriter:
         a floor per channel (so that the biases added to this weight's products fit int32)."""
         value = node.inputs[index]
         # One stored copy per format: two consumers may want the same constant in different types.
-        key = (value.name, axis, qtype.name, symmetric, significand_bits)
+        key = (value.name, id(node.graph), axis, qtype.name, symmetric, significand_bits)
         if key not in self.weight_cache:
             weight = value.const_value.numpy().astype(np.float32)
             release_tensor(value.const_value)  # a large model's float weight: unmap it, the copy is enough
@@ -122,9 +130,9 @@ class _Rewriter:
             q = quantize(weight, scale, zero_point, qtype, axis)
             if axis is None:
                 scale, zero_point = scale.reshape(()), zero_point.reshape(())
-            dq_node, dq_out = self.dequantize(value.name, q, scale, zero_point, axis, value.shape)
+            dq_node, dq_out = self.dequantize(value.name, q, scale, zero_point, axis, value.shape, node.graph)
             # Plans list weights in graph order, so the first consumer is the earliest one.
-            self.graph.insert_before(node, dq_node)
+            node.graph.insert_before(node, dq_node)
             self.weight_cache[key] = (dq_out, scale)
         dq_out, scale = self.weight_cache[key]
         node.replace_input_with(index, dq_out)
@@ -143,10 +151,11 @@ class _Rewriter:
         scale, zero_point = constant_qparams(table, 0, qtype, True)
         codes = quantize(table, scale, zero_point, qtype, 0)
         output = node.outputs[0].name
-        dequantize_after_lookup(self.graph, node, codes, scale, self.name, self.initializer)
+        graph = node.graph
+        dequantize_after_lookup(graph, node, codes, scale, self.name, lambda base, array: self.initializer(base, array, graph))
         # The lookup's output is now the Mul's value under the same name: a planned activation
         # there (an embedding read by a MatMul) is quantized after the Mul, not the removed Gather.
-        self.values[output] = next(o for n in self.graph for o in n.outputs if o.name == output)
+        self.values[output] = next(o for n in graph for o in n.outputs if o.name == output)
 
     def quantize_activation(self, name: str) -> None:
         quant = self.plan.activations[name]
@@ -160,7 +169,8 @@ class _Rewriter:
         rounded_for_all = producer is not None and producer.name in self.plan.nodes
         if not rounded_for_all:
             uses = [use for use in uses if use.node.name in self.plan.nodes]
-        scale = self.initializer(f"{name}_scale", np.asarray(quant.scale, dtype=np.float32))
+        graph = producer.graph if producer is not None else self.graph
+        scale = self.initializer(f"{name}_scale", np.asarray(quant.scale, dtype=np.float32), graph)
         if quant.qtype.is_float:
             # FP8: no zero point (it is 0), the type from output_dtype (opset 21). ORT's
             # ReluQuantFusion drops a Relu before any QuantizeLinear whose zero point is neither an
@@ -169,7 +179,7 @@ class _Rewriter:
             q_inputs, dq_inputs_zp, q_attributes = [value, scale], [], {"output_dtype": quant.qtype.ir_dtype}
         else:
             zero_point = self.initializer(
-                f"{name}_zero_point", np.asarray(quant.zero_point, dtype=quant.qtype.numpy_dtype)
+                f"{name}_zero_point", np.asarray(quant.zero_point, dtype=quant.qtype.numpy_dtype), graph
             )
             q_inputs, dq_inputs_zp, q_attributes = [value, scale, zero_point], [zero_point], {}
         q_node = ir.node(
@@ -183,14 +193,14 @@ class _Rewriter:
         dq_out.dtype, dq_out.shape = ir.DataType.FLOAT, value.shape
         was_output = value.is_graph_output() and rounded_for_all
         if producer is not None:
-            self.graph.insert_after(producer, [q_node, dq_node])
+            producer.graph.insert_after(producer, [q_node, dq_node])
         else:  # a graph input: quantize before anything reads it
             self.graph.insert_before(next(iter(self.graph)), [q_node, dq_node])
         for use in uses:
             use.node.replace_input_with(use.idx, dq_out)
         if was_output:
             # The graph output keeps its name: it becomes the dequantized value.
-            outputs = self.graph.outputs
+            outputs = value.graph.outputs
             position = next(i for i, v in enumerate(outputs) if v is value)
             value.name = self.name(f"{name}_float")
             dq_out.name = name
@@ -213,9 +223,9 @@ class _Rewriter:
         if axis is None:
             scale = scale.reshape(())
         dq_node, dq_out = self.dequantize(
-            value.name, q, scale, np.zeros(scale.shape, dtype=np.int32), axis, value.shape
+            value.name, q, scale, np.zeros(scale.shape, dtype=np.int32), axis, value.shape, node.graph
         )
-        self.graph.insert_before(node, dq_node)
+        node.graph.insert_before(node, dq_node)
         node.replace_input_with(index, dq_out)
 
     def _value(self, name: str) -> ir.Value:

@@ -14,6 +14,7 @@ __all__ = [
     "build_plan",
     "PlanQuantization",
     "KEEP_FLOAT",
+    "plan_nodes",
 ]
 
 import dataclasses
@@ -138,6 +139,30 @@ _MASK_CONSTANT_LIMIT = 16
 _TABLE_MIN_SIZE = 4096
 
 
+def plan_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """The nodes the planner considers: ``graph``'s, and those of its If branches at any depth,
+    each If before its branches' nodes. Loop and Scan bodies are not entered: a value there has
+    one value per iteration, which calibration cannot observe (``workspace.add_outputs``), so
+    they stay float (and valid)."""
+    return list(ir.traversal.RecursiveGraphIterator(
+        graph, recursive=lambda node: node.op_type == "If" and node.domain in ("", "ai.onnx")))
+
+
+def _outer_reads(node: ir.Node) -> list[ir.Value]:
+    """Values the subgraphs of ``node`` read from enclosing scopes: its implicit inputs."""
+    subgraphs = [a.value for a in node.attributes.values() if a.type == ir.AttributeType.GRAPH]
+    if not subgraphs:
+        return []
+    inner = [n for g in subgraphs for n in ir.traversal.RecursiveGraphIterator(g)]
+    defined = {v.name for g in subgraphs for v in (*g.inputs, *g.initializers.values())}
+    defined |= {o.name for n in inner for o in n.outputs}
+    for n in inner:
+        for a in n.attributes.values():
+            if a.type == ir.AttributeType.GRAPH:
+                defined |= {v.name for v in (*a.value.inputs, *a.value.initializers.values())}
+    return [v for n in inner for v in n.inputs if v is not None and v.name not in defined]
+
+
 def _mask_tensors(graph: ir.Graph) -> dict[str, str]:
     """Float tensors computed only from non-float graph inputs and small constants.
 
@@ -147,8 +172,10 @@ def _mask_tensors(graph: ir.Graph) -> dict[str, str]:
     """
     derived: set[str] = {v.name for v in graph.inputs if v.dtype not in _FLOAT_TYPES}
     masks = {}
-    for node in graph:
-        live = [v for v in node.inputs if v is not None and not _is_constant(v)]
+    for node in plan_nodes(graph):
+        # An If's outputs come from what its branches read (silero-vad's If on the int64 sample
+        # rate returns the audio's speech probability): not a mask unless those reads are.
+        live = [v for v in (*node.inputs, *_outer_reads(node)) if v is not None and not _is_constant(v)]
         if not live or not all(v.name in derived for v in live):
             continue
         tables = [
@@ -278,13 +305,13 @@ def _build_once(
     masks = _mask_tensors(graph)
     # A mask and the sums that read it (scores + mask, the Softmax input).
     masks = set(masks) | {
-        out.name for node in graph if any(v is not None and v.name in masks for v in node.inputs)
+        out.name for node in plan_nodes(graph) if any(v is not None and v.name in masks for v in node.inputs)
         for out in node.outputs
     }
     type_of = _ActivationTypes(config, target, act_type, masks)
     weight_type, per_channel = _weight_settings(config, target)
     exclusions = _Exclusions(config)
-    nodes = list(graph)
+    nodes = plan_nodes(graph)
     quantized: set[ir.Node] = set()
     wanted: set[str] = set()  # activation tensors some quantized node reads
 
@@ -606,8 +633,8 @@ def _exact_requantization(graph: ir.Graph, plan: QuantizationPlan, target: Targe
     weights_of: dict[str, list[int]] = {}
     for i, w in enumerate(plan.weights):
         weights_of.setdefault(w.node, []).append(i)
-    clamps = {node.outputs[0].name: node for node in graph if node.name in plan.absorbed}
-    for node in graph:
+    clamps = {node.outputs[0].name: node for node in plan_nodes(graph) if node.name in plan.absorbed}
+    for node in plan_nodes(graph):
         rule = target.rule(node.op_type)
         if node.name not in plan.anchors or rule is None or not rule.anchor:
             continue
@@ -641,7 +668,7 @@ def _exact_requantization(graph: ir.Graph, plan: QuantizationPlan, target: Targe
 
 def _clamp_implied(graph: ir.Graph, node_name: str, plan: QuantizationPlan, target: Target) -> bool:
     """Whether the QuantizeLinear after an absorbed Relu/Clip saturates inside the op's clamp."""
-    node = next(n for n in graph if n.name == node_name)
+    node = next(n for n in plan_nodes(graph) if n.name == node_name)
     low, high = target.rule(node.op_type).clamp(node)
     quant = plan.activations[node.outputs[0].name]
     q_low = (quant.qtype.qmin - quant.zero_point) * float(quant.scale)

@@ -33,9 +33,15 @@ class DynamicQuantizeLSTM(ir.passes.InPlacePass):
         self.exclusions = _Exclusions(context.config)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph, modified = model.graph, False
+        modified = False
         int8 = QUANT_TYPES["int8"]
-        for node in list(graph):
+        # LSTMs inside If branches and Loop/Scan bodies too (silero-vad's sits in an If branch):
+        # the kernel needs no calibration, so any scope will do. Names are unique across scopes.
+        nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+        names = {v.name for g in model.graphs() for v in (*g.inputs, *g.initializers.values())}
+        names |= {o.name for n in nodes for o in n.outputs}
+        for node in nodes:
+            graph = node.graph
             if node.op_type != "LSTM" or node.domain not in ("", "ai.onnx") or self.exclusions.reason(node):
                 continue
             if "layout" in node.attributes and node.attributes["layout"].value != 0:
@@ -55,9 +61,9 @@ class DynamicQuantizeLSTM(ir.passes.InPlacePass):
                 codes = np.ascontiguousarray(codes.transpose(0, 2, 1))
                 base = value.name or node.name
                 quantized += [
-                    _initializer(graph, f"{base}_quantized", codes),
-                    _initializer(graph, f"{base}_scale", scale.reshape(directions, rows)),
-                    _initializer(graph, f"{base}_zero_point", zero_point.reshape(directions, rows)),
+                    _initializer(graph, names, f"{base}_quantized", codes),
+                    _initializer(graph, names, f"{base}_scale", scale.reshape(directions, rows)),
+                    _initializer(graph, names, f"{base}_zero_point", zero_point.reshape(directions, rows)),
                 ]
             (wq, ws, wz), (rq, rs, rz) = quantized[:3], quantized[3:]
             attributes = {k: a for k, a in node.attributes.items() if k != "layout"}
@@ -68,7 +74,8 @@ class DynamicQuantizeLSTM(ir.passes.InPlacePass):
             )
             graph.insert_before(node, replacement)
             for old, new in zip(node.outputs, replacement.outputs):
-                new.dtype, new.shape = old.dtype, old.shape
+                if old.dtype is not None:  # unknown inside a subgraph shape inference left alone
+                    new.dtype, new.shape = old.dtype, old.shape
                 name = old.name
                 ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
                 old.name, new.name = None, name
@@ -80,10 +87,11 @@ class DynamicQuantizeLSTM(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
-def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+def _initializer(graph: ir.Graph, names: set[str], base: str, array: np.ndarray) -> ir.Value:
     name, index = base, 1
-    while name in graph.initializers:
+    while name in names:
         name, index = f"{base}_{index}", index + 1
+    names.add(name)
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.dtype, value.shape = value.const_value.dtype, value.const_value.shape
     graph.register_initializer(value)

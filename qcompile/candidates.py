@@ -190,7 +190,7 @@ def compile_candidate(config: CompileConfig, shared: dict, threads: int) -> dict
         result = compile_model(shared["model"], shared["calibration_data"], config=config,
                                eval_data=shared["eval_data"],
                                show_progress=bool(shared.get("show_progress") and shared.get("in_process")))
-        measure = _measure(result, shared["budget"])
+        measure = measure_candidate(result, shared["budget"])
     except AccuracyGateError:
         raise
     except QcompileError as error:
@@ -202,7 +202,7 @@ def compile_candidate(config: CompileConfig, shared: dict, threads: int) -> dict
     return out
 
 
-def _measure(result: CompileResult, budget: Budget | None) -> dict[str, Any]:
+def measure_candidate(result: CompileResult, budget: Budget | None) -> dict[str, Any]:
     if result.report.plan and not result.report.plan.get("quantized_nodes"):
         # A float model is no answer to a quantization budget.
         raise ConfigError("no node is left quantized: the candidate keeps every node float. Exclude fewer nodes.")

@@ -67,7 +67,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_GROUP_SIZE = 32
 # A float weight is taken as a quantized weight's original when they agree to within this SQNR
 # (int8 per channel gives 35-50 dB, int4 15-25 dB; an unrelated weight of the same shape about 0).
+# 8-bit codes need 25 dB: PP-OCR's direction classifier has a Conv whose weight before BatchNorm
+# folding is 10.6 dB from its folded, quantized form, and taking it as the original made the
+# reference compute another function.
 _WEIGHT_MATCH_DB = 10.0
+_WEIGHT_MATCH_DB_8BIT = 25.0
 # A per-row (or per-column) rescaling of the float weight is its original only when it fits this
 # much better than the weight as it is (SmoothQuant's scales gain 10-40 dB).
 _RESCALE_GAIN_DB = 3.0
@@ -420,9 +424,18 @@ def _whole_sqnr(reference: np.ndarray, dequantized: np.ndarray) -> float:
     return sqnr_db(_sum_of_squares(reference), _sum_of_squares(reference - dequantized))
 
 
-def _float_original(dequantized: np.ndarray, candidates: list[tuple[str, np.ndarray]]) -> tuple[str, np.ndarray, str] | None:
+def _match_floor_db(code_dtype: np.dtype) -> float:
+    """How close a float weight must be to codes of ``code_dtype`` dequantized to be their original."""
+    code_dtype = np.dtype(code_dtype)
+    narrow = code_dtype.name in ("int4", "uint4", "int2", "uint2") or code_dtype.kind not in "iu"  # and float8
+    return _WEIGHT_MATCH_DB if narrow else _WEIGHT_MATCH_DB_8BIT
+
+
+def _float_original(dequantized: np.ndarray, candidates: list[tuple[str, np.ndarray]],
+                    code_dtype: np.dtype = np.dtype(np.int8)) -> tuple[str, np.ndarray, str] | None:
     """The float constant ``dequantized`` was quantized from: (name, the float values in the
-    quantized graph's form, how they were matched), or None.
+    quantized graph's form, how they were matched), or None. The match must be as close as codes
+    of ``code_dtype`` allow (``_match_floor_db``).
 
     A candidate of the same shape matches as is, or after a per-row or per-column rescaling
     (SmoothQuant multiplies a MatMul weight's rows by s): the scale of each row is the least-squares
@@ -445,7 +458,7 @@ def _float_original(dequantized: np.ndarray, candidates: list[tuple[str, np.ndar
         score, values, how = max(options, key=lambda o: o[0])
         if how != "same" and same >= score - _RESCALE_GAIN_DB:
             score, values, how = options[0]  # fitting n scales to noise alone gains ~10 log10(n / (n - 1)) dB
-        if score >= _WEIGHT_MATCH_DB and (best is None or score > best[0]):
+        if score >= _match_floor_db(code_dtype) and (best is None or score > best[0]):
             best = (score, name, values, how)
     return None if best is None else best[1:]
 
@@ -625,7 +638,7 @@ class _QuantizedGraph:
         if codes.name.endswith("_quantized") and codes.name[: -len("_quantized")] in float_values:
             base = codes.name[: -len("_quantized")]
             candidates.append((base, _const(float_values[base])))
-        original = _float_original(dequantized, candidates)
+        original = _float_original(dequantized, candidates, q.dtype)
         error = self._weight_error(mul, codes.name, q.dtype, dequantized, original, 0)
         error.kind = "lookup table"
         self.weights.append(error)
@@ -651,7 +664,7 @@ class _QuantizedGraph:
         except _NotStatic:
             return
         dequantized = _dequantize_constant(q, scale, zero_point, axis, block)
-        original = _float_original(dequantized, list(_weight_candidates(dq, float_nodes, float_values)))
+        original = _float_original(dequantized, list(_weight_candidates(dq, float_nodes, float_values)), q.dtype)
         self.weights.append(self._weight_error(dq, q_value.name, q.dtype, dequantized, original, axis))
         if original is None:
             return  # the reference keeps the dequantized weight

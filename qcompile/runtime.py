@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from qcompile.errors import ModelError, detail
 from qcompile.executors import check_machine_bound
-from qcompile.workspace import Workspace, serialize_inline
+from qcompile.workspace import Workspace, add_outputs, serialize_inline
 
 # Protobuf cannot serialize more than 2 GB; larger models go through a file with external data.
 _INLINE_LIMIT = 1_800_000_000
@@ -40,6 +40,12 @@ def session_proto(model: ir.Model, extra_outputs: Sequence[str] = ()) -> onnx.Mo
     The extra outputs get no declared type: ONNX Runtime reports the real one, so values that shape
     inference missed can still be observed.
     """
+    top = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
+    top |= {o.name for node in model.graph for o in node.outputs}
+    if any(name not in top for name in extra_outputs):
+        # Values inside If branches: a copy whose Ifs carry them out (workspace.add_outputs).
+        model = model.clone()
+        add_outputs(model, extra_outputs)
     proto = serialize_inline(model)
     existing = {o.name for o in proto.graph.output}
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(extra_outputs) if n not in existing)

@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -166,7 +167,12 @@ class Workspace:
 
 
 def add_outputs(model: ir.Model, names: Iterable[str]) -> None:
-    """Expose the values called ``names`` as graph outputs (those already outputs stay once)."""
+    """Expose the values called ``names`` as graph outputs (those already outputs stay once).
+
+    A value inside an If branch (at any depth of If nesting) is exposed too, under its own name:
+    ONNX Runtime cannot fetch a subgraph's values, so ``model`` (a session's own copy) is changed
+    to carry it out, see ``_expose_from_branch``. Values in Loop/Scan bodies cannot be exposed
+    this way (one per iteration) and raise KeyError."""
     wanted = [n for n in dict.fromkeys(names) if n not in {o.name for o in model.graph.outputs}]
     if not wanted:
         return
@@ -174,14 +180,70 @@ def add_outputs(model: ir.Model, names: Iterable[str]) -> None:
     by_name.update(model.graph.initializers)
     for node in model.graph:
         by_name.update((o.name, o) for o in node.outputs)
+    inner = {}
+    if any(name not in by_name for name in wanted):
+        inner = {o.name: o for node in ir.traversal.RecursiveGraphIterator(model.graph)
+                 if node.graph is not model.graph for o in node.outputs if o.name}
     for name in wanted:
-        value = by_name[name]
+        if name in by_name:
+            value = by_name[name]
+        else:
+            value = _expose_from_branch(model, inner[name])
         if value.producer() is not None:
             # No declared type: ONNX Runtime reports the real one, so values that shape inference
             # missed still work. (This is the view's own copy of the value.)
             value.type = None
             value.shape = None
         model.graph.outputs.append(value)
+
+
+def _expose_from_branch(model: ir.Model, value: ir.Value) -> ir.Value:
+    """The top-level value, named as ``value``, that carries ``value`` out of its If branches.
+
+    In each enclosing If: the branch returns ``Identity(value)`` as one more output, the other
+    branch returns an empty float tensor in that slot (of the same rank where known, so ONNX
+    type inference can merge the two), and the If gets one more output. A batch that takes the
+    other branch yields an empty array: no statistics, as the value was never computed. The
+    inner value is renamed so that the top-level output can keep its name (names are unique
+    across all scopes). ``model`` must be a copy made for a session: it is changed."""
+    parents = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                parents[id(attr.value)] = (node, attr.name)
+    used = {v.name for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in (*n.inputs, *n.outputs) if v}
+    used |= {v.name for v in model.graph.inputs} | set(model.graph.initializers)
+
+    def fresh(base: str) -> str:
+        name, index = base, 0
+        while name in used:
+            index += 1
+            name = f"{base}__{index}"
+        used.add(name)
+        return name
+
+    name = value.name
+    value.name = fresh(f"{name}__inner")
+    while value.graph is not model.graph:
+        graph = value.graph
+        node, branch = parents[id(graph)]
+        if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+            raise KeyError(f"{name!r} is inside a {node.op_type} body, which runs once per iteration")
+        copy = ir.node("Identity", [value], name=fresh(f"{name}__observe"))
+        copy.outputs[0].name = fresh(f"{name}__observed")
+        graph.append(copy)
+        graph.outputs.append(copy.outputs[0])
+        other = node.attributes["else_branch" if branch == "then_branch" else "then_branch"].value
+        rank = len(value.shape) if value.shape is not None else 1
+        empty = ir.node("Constant", [], attributes={"value": ir.tensor(np.zeros((0,) * rank, np.float32))},
+                        name=fresh(f"{name}__absent"))
+        empty.outputs[0].name = fresh(f"{name}__absent_value")
+        other.append(empty)
+        other.outputs.append(empty.outputs[0])
+        node.resize_outputs(len(node.outputs) + 1)
+        value = node.outputs[-1]
+        value.name = name if value.graph is model.graph else fresh(f"{name}__carried")
+    return value
 
 
 def _initializers(model: ir.Model) -> list[ir.Value]:

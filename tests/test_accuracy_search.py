@@ -233,3 +233,70 @@ def test_a_model_above_the_floor_is_compiled_once(tmp_path):
 
     result = compile_or_recover(tiny_cnn(), cnn_batches(4), config={"measure_latency": False})
     assert "recovery" not in result.report.transformations and "accuracy-search" not in result.report.transformations
+
+
+def test_a_search_whose_ranking_fails_still_writes_its_best_model(tmp_path, capsys, monkeypatch):
+    """PP-OCR's direction classifier: the sensitivity ranking refused the plain compile (its
+    reference did not compute the float function) and recovery ended in exit 2 with nothing
+    written. Whatever the ranking raises, the best candidate so far ships (exit 3 below the floor)."""
+    import qcompile.accuracy_search as search
+    from qcompile.errors import ModelError
+
+    def refuse(*args, **kwargs):
+        raise ModelError("QUANT does not look like a quantization of FLOAT (simulated)")
+
+    monkeypatch.setattr(search, "_rank", refuse)
+    model_path, calib, config = _spiky_files(tmp_path)
+    out = tmp_path / "out.onnx"
+    code = main(["compile", str(model_path), "--calib", str(calib), "--config", str(config), "--no-latency",
+                 "--no-cache", "-o", str(out)])
+    assert code == 3 and out.is_file()
+    recovery = json.loads((tmp_path / "report.json").read_text())["transformations"]["recovery"]
+    assert recovery["met"] is False and "no sensitivity ranking" in recovery["stopped"]
+
+
+def _high_pass_chain(channels: int = 4, width: int = 64) -> onnx.ModelProto:
+    """x (a slow sine on an offset of 100) -> depthwise Conv [4, -4] (a difference) + 100 -> the same
+    difference without the offset -> y. Every Conv reads its offset plus a small variation: an 8-bit
+    grid that must span 0 to 100 is coarser than the variation at both layers, so no one tensor kept
+    float rescues it (the shape of PicoDet's and PP-OCR's depthwise backbones, in two layers)."""
+    nodes, inits, previous = [], [], "x"
+    for i, offset in enumerate((100.0, 0.0)):
+        w = np.zeros((channels, 1, 1, 2), np.float32)
+        w[:, 0, 0, 0], w[:, 0, 0, 1] = 4.0, -4.0
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.full(channels, offset, np.float32), f"b{i}")]
+        out = "y" if i == 1 else f"h{i}"
+        nodes.append(helper.make_node("Conv", [previous, f"w{i}", f"b{i}"], [out], name=f"diff{i}", group=channels))
+        previous = out
+    graph = helper.make_graph(nodes, "high_pass", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 1, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 1, width - 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _high_pass_batches(count: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    t = np.arange(64, dtype=np.float32)
+    return [{"x": (100 + np.sin(rng.uniform(0.05, 0.2, (4, 1, 1)) * t + rng.uniform(0, 6, (4, 1, 1))))
+             .reshape(1, 4, 1, 64).astype(np.float32)} for _ in range(count)]
+
+
+def test_recovery_falls_back_to_16_bit_activations_with_bias_correction():
+    """Where 8-bit activations lose the signal at every layer, recovery's fallback (bias correction,
+    every activation 16-bit) meets the floor before any ranking is paid for; the report says what
+    that costs on the CPU provider. (The spiky model above still gets its one Gemm kept float: the
+    fallback reaches 17 dB there, and the float stage goes on from the 8-bit compile.)"""
+    from qcompile.accuracy_search import RECOVERY_16BIT_NOTE, compile_or_recover
+
+    result = compile_or_recover(_high_pass_chain(), _high_pass_batches(8, 0), eval_data=_high_pass_batches(4, 1),
+                                config={"measure_latency": False})
+    recovery = result.report.transformations["recovery"]
+    assert recovery["plain_min_sqnr_db"] < 0 and recovery["met"] and recovery["final_min_sqnr_db"] >= 20.0, recovery
+    assert recovery["stage"] == "fallback" and "uint16 activations" in recovery["changed"]
+    assert recovery["note"] == RECOVERY_16BIT_NOTE
+    steps = result.report.transformations["accuracy-search"]["steps"]
+    assert [s["stage"] for s in steps] == ["plain", "fallback"], steps  # the plain compile is not compiled twice
+    proto = result.to_proto()
+    weights = [i for i in proto.graph.initializer if i.name.endswith("_quantized") and len(i.dims) == 4]
+    assert weights and all(w.data_type == TensorProto.INT8 for w in weights)  # the file stays int8

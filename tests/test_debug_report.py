@@ -396,3 +396,28 @@ def test_report_renders_in_a_real_browser(transformer_report, tmp_path):
     ink = (pixels[..., :3] < 235).any(axis=-1).mean()
     assert ink > 0.02, f"only {ink:.1%} of the top of the page is not white"
     assert _has_color(pixels, BLUE) > 200 and _has_color(pixels, ORANGE) > 200
+
+
+def test_a_weight_before_batchnorm_folding_is_not_taken_as_the_original():
+    """PP-OCR's direction classifier: a Conv's weight before BatchNorm folding was 10.6 dB from
+    its folded, quantized form and was taken as the original, so the reference (quantization
+    undone) computed another function and the analysis (and recovery's ranking) refused the model
+    as "not a quantization of FLOAT". An 8-bit weight must match to within what 8 bits give."""
+    rng = np.random.default_rng(0)
+    channels = 16
+    weight = rng.normal(0, 0.3, (channels, 8, 1, 1)).astype(np.float32)
+    gamma = (1 + rng.normal(0, 0.2, channels)).astype(np.float32)  # folded weight ~14 dB from W
+    beta = rng.normal(0, 1.0, channels).astype(np.float32)
+    mean = rng.normal(0, 1.0, channels).astype(np.float32)
+    var = np.ones(channels, np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn")]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((weight, "W"), (gamma, "g"), (beta, "b"), (mean, "m"), (var, "v"))]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 6, 6])], inits)
+    batches = [{"x": rng.normal(0, 1, (1, 8, 6, 6)).astype(np.float32)} for _ in range(3)]
+    result = qcompile.compile(proto, batches, config={"measure_latency": False})
+    assert "BatchNormalization" not in {n.op_type for n in result.to_proto().graph.node}
+    report = analyze(proto, result.to_proto(), batches)
+    conv_weight = next(w for w in report.weights if w.kind == "weight")
+    assert conv_weight.float_name is None and conv_weight.match == "not found"

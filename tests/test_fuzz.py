@@ -6,7 +6,11 @@ strided), BatchNormalization, MaxPool/AveragePool, GlobalAveragePool, MatMul, Ge
 Tanh, GELU (the Erf pattern or com.microsoft.Gelu), Softmax, LayerNormalization, Concat, Split,
 Slice, Reshape, Transpose, Flatten; with residual branches (an Add of two live tensors, a Mul by
 the Sigmoid of one), a second graph input, weights shared by two consumers, static or dynamic
-batch, and intermediate tensors as extra graph outputs. Weights are scaled by 1/sqrt(fan-in) and
+batch, and intermediate tensors as extra graph outputs; and control flow: If on a condition computed
+from the data, whose branches run grammar ops on outer-scope tensors and weights and return their
+own tensors or outer-scope ones (graph inputs included) through an Identity; Loop with a
+loop-carried value and a scan output; Scan over a sequence's steps with a state; an If, Loop or
+Scan nested in a branch or body. Weights are scaled by 1/sqrt(fan-in) and
 inputs are N(0, 1), so values stay well scaled. Each graph is calibrated on 256 random samples
 and compiled for the CPU target (mostly the default configuration, else another activation type,
 calibration method, per-tensor weights or symmetric activations), and must:
@@ -95,11 +99,30 @@ class GraphBuilder:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.live: list[str] = []  # tensors later ops may read
         self.weights: dict[tuple[int, ...], list[str]] = {}  # shape -> weight names, for sharing
-        self.count = 0
+        self.counter = [0]  # shared with subgraph builders: names are unique across all scopes
+        self.depth = 0  # subgraph nesting
+        self.batch_dim: int | str = BATCH
+        self.produced: list[str] = []  # tensors this builder's own nodes wrote
 
     def name(self, base: str) -> str:
-        self.count += 1
-        return f"{base}{self.count}"
+        self.counter[0] += 1
+        return f"{base}{self.counter[0]}"
+
+    def child(self) -> GraphBuilder:
+        """A builder for a subgraph (an If branch, a Loop body): it reads every tensor and weight
+        of the enclosing scopes (outer-scope reads); what it defines stays inside it."""
+        sub = GraphBuilder.__new__(GraphBuilder)
+        sub.draw, sub.rng, sub.shapes, sub.counter = self.draw, self.rng, self.shapes, self.counter
+        sub.nodes, sub.initializers, sub.produced = [], [], []
+        sub.live = list(self.live)
+        sub.weights = {shape: list(names) for shape, names in self.weights.items()}
+        sub.depth, sub.batch_dim = self.depth + 1, self.batch_dim
+        return sub
+
+    def value_info(self, name: str) -> onnx.ValueInfoProto:
+        shape = self.shapes[name]
+        dims = [self.batch_dim, *shape[1:]] if shape and shape[0] == BATCH else list(shape)
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
     def constant(self, base: str, array: np.ndarray) -> str:
         name = self.name(base)
@@ -126,6 +149,7 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.name(f"n_{op_type}_"), **attrs))
         for out, shape in zip(outputs, shapes):
             self.shapes[out] = tuple(shape)
+            self.produced.append(out)
             if live:
                 self.live.append(out)
         return outputs
@@ -317,12 +341,118 @@ def reshape(b: GraphBuilder, x: str):
     return b.op("Reshape", [x, b.constant("shape", np.array(target, np.int64))], [tuple(out)])[0]
 
 
+
+# ----- control flow: If branches and Loop bodies built from the same grammar -----
+
+MAX_DEPTH = 2  # an If inside an If branch (or a Loop body), no deeper
+
+
+def _body_ops(sub: GraphBuilder, start: str, count: int) -> None:
+    """``count`` grammar ops in a subgraph, starting from ``start`` (an outer-scope tensor or a
+    subgraph input), reading outer-scope tensors too."""
+    x = start
+    for _ in range(count):
+        candidates = OPS_BY_RANK.get(len(sub.shapes[x]))
+        if candidates:
+            sub.draw(st.sampled_from(candidates))(sub, x)
+        x = sub.draw(st.sampled_from(sub.live[-3:]))
+
+
+def _ending_in(sub: GraphBuilder, shape: tuple[int, ...], avoid: set[str]) -> str:
+    """A subgraph output of ``shape``: one of its own tensors, or an outer-scope tensor (or graph
+    input) returned through an Identity (ONNX Runtime refuses one returned directly)."""
+    own = [t for t in sub.produced if sub.shapes[t] == shape and t not in avoid]
+    outer = [t for t in sub.live if sub.shapes[t] == shape and t not in sub.produced]
+    if own and (not outer or sub.draw(st.integers(0, 2)) > 0):
+        return sub.draw(st.sampled_from(own))
+    source = sub.draw(st.sampled_from(outer)) if outer else own[0]
+    return sub.op("Identity", [source], [shape], live=False)[0]
+
+
+def if_(b: GraphBuilder, x: str):
+    """If on a condition computed from the data (the mean of ``x`` above 0: a batch may take either
+    branch, or, after a Relu, always the same one); each branch runs grammar ops on outer-scope
+    tensors and returns one or two tensors of ``x``'s shape."""
+    if b.depth >= MAX_DEPTH:
+        return None
+    shape = b.shapes[x]
+    mean = b.op("ReduceMean", [x], [()], live=False, keepdims=0)[0]
+    condition = b.op("Greater", [mean, b.constant("c", np.array(0.0, np.float32))], [()], live=False)[0]
+    outputs = b.draw(st.integers(1, 2))
+    branches = []
+    for branch in ("then", "else"):
+        sub = b.child()
+        _body_ops(sub, x, b.draw(st.integers(0, 3)))
+        results: list[str] = []
+        for _ in range(outputs):
+            results.append(_ending_in(sub, shape, set(results)))
+        branches.append(helper.make_graph(sub.nodes, b.name(branch), [], [sub.value_info(r) for r in results],
+                                          sub.initializers))
+    return b.op("If", [condition], [shape] * outputs, then_branch=branches[0], else_branch=branches[1])[0]
+
+
+def loop(b: GraphBuilder, x: str):
+    """Loop of 2-3 iterations: ``x`` is the loop-carried value, the body runs grammar ops on it (and
+    on outer-scope tensors); one tensor per iteration is a scan output, averaged after the loop."""
+    if b.depth >= MAX_DEPTH:
+        return None
+    shape = b.shapes[x]
+    trips = b.draw(st.integers(2, 3))
+    sub = b.child()
+    iteration, condition, carried = b.name("iter"), b.name("cond"), b.name("carried")
+    sub.shapes[carried] = shape
+    sub.live.append(carried)
+    _body_ops(sub, carried, b.draw(st.integers(1, 3)))
+    own = [t for t in sub.produced if sub.shapes[t] == shape]
+    carried_out = sub.draw(st.sampled_from(own)) if own else unary(sub, carried)
+    scan = _ending_in(sub, shape, set())
+    if scan == carried_out:  # one value listed twice: give the scan output its own name
+        scan = sub.op("Identity", [scan], [shape], live=False)[0]
+    condition_out = sub.op("Identity", [condition], [()], live=False)[0]
+    body = helper.make_graph(
+        sub.nodes, b.name("body"),
+        [helper.make_tensor_value_info(iteration, TensorProto.INT64, []),
+         helper.make_tensor_value_info(condition, TensorProto.BOOL, []), sub.value_info(carried)],
+        [helper.make_tensor_value_info(condition_out, TensorProto.BOOL, []), sub.value_info(carried_out),
+         sub.value_info(scan)],
+        sub.initializers,
+    )
+    count = b.constant("trips", np.array(trips, np.int64))
+    keep_going = b.constant("true", np.array(True))
+    final, stacked = b.op("Loop", [count, keep_going, x], [shape, (trips, *shape)], body=body)
+    b.live.remove(stacked)
+    return b.op("ReduceMean", [stacked], [shape], axes=[0], keepdims=0)[0]
+
+def scan(b: GraphBuilder, x: str):
+    """Scan over the sequence axis of ``x`` [N, S, D]: the state starts as the mean over S, the body
+    runs grammar ops on each step's [N, D] slice, the state and outer-scope tensors; its per-step
+    output is stacked back into [N, S, D]."""
+    if b.depth >= MAX_DEPTH or len(b.shapes[x]) != 3:
+        return None
+    n, s, d = b.shapes[x]
+    initial = b.op("ReduceMean", [x], [(n, d)], live=False, axes=[1], keepdims=0)[0]
+    sub = b.child()
+    state, step = b.name("state"), b.name("step")
+    sub.shapes[state] = sub.shapes[step] = (n, d)
+    sub.live += [state, step]
+    _body_ops(sub, step, b.draw(st.integers(1, 3)))
+    state_out = _ending_in(sub, (n, d), set())
+    out = _ending_in(sub, (n, d), {state_out})
+    if out == state_out:
+        out = sub.op("Identity", [out], [(n, d)], live=False)[0]
+    body = helper.make_graph(sub.nodes, b.name("scan_body"), [sub.value_info(state), sub.value_info(step)],
+                             [sub.value_info(state_out), sub.value_info(out)], sub.initializers)
+    return b.op("Scan", [initial, x], [(n, d), (n, s, d)], body=body, num_scan_inputs=1,
+                scan_input_axes=[1], scan_output_axes=[1])[1]
+
+
 OPS_BY_RANK = {
     4: [conv, conv, conv, batch_norm, pool, pool, global_pool, global_pool, binary, binary, unary, unary, concat,
-        split, slice_, transpose, reshape, softmax],
+        split, slice_, transpose, reshape, softmax, if_, loop],
     3: [matmul, matmul, matmul, attention, binary, binary, unary, unary, gelu, softmax, layer_norm,
-        concat, split, slice_, transpose, reshape],
-    2: [gemm, gemm, matmul, binary, binary, unary, unary, gelu, softmax, layer_norm, concat, split, slice_, reshape],
+        concat, split, slice_, transpose, reshape, if_, loop, scan],
+    2: [gemm, gemm, matmul, binary, binary, unary, unary, gelu, softmax, layer_norm, concat, split, slice_, reshape,
+        if_, loop],
 }
 # Ops whose output rank the table does not cover are skipped; Reshape/Flatten move between ranks.
 
@@ -333,6 +463,7 @@ def graphs(draw):
     b = GraphBuilder(draw, draw(st.integers(0, 2**32 - 1)))
     family = draw(st.sampled_from(["image", "image", "sequence", "sequence", "vector"]))
     dynamic_batch = draw(st.booleans())
+    b.batch_dim = "N" if dynamic_batch else BATCH
     shape = {
         # No 1-channel images: a 1x1 Conv would spread one signal over all channels (rank 1), and a
         # later projection of them cancels it to a small remainder of the channels' quantization noise.
@@ -353,7 +484,7 @@ def graphs(draw):
         if not candidates:
             continue
         draw(st.sampled_from(candidates))(b, x)
-    produced = [t for t in b.live if t not in inputs]
+    produced = [t for t in b.live if t not in inputs and len(b.shapes[t]) > 0]
     if not produced:
         unary(b, b.live[-1])
         produced = [b.live[-1]]
@@ -362,19 +493,27 @@ def graphs(draw):
     for extra in draw(st.lists(st.sampled_from(produced), max_size=2, unique=True)):
         if extra not in outputs:
             outputs.append(extra)
-    batch_dim = "N" if dynamic_batch else BATCH
     graph = helper.make_graph(
-        b.nodes, "fuzz",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch_dim, *b.shapes[name][1:]]) for name in inputs],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch_dim, *b.shapes[name][1:]]) for name in outputs],
+        b.nodes, "fuzz", [b.value_info(name) for name in inputs], [b.value_info(name) for name in outputs],
         b.initializers,
     )
     opsets = [helper.make_opsetid("", 17)]
-    if any(node.domain == "com.microsoft" for node in b.nodes):
+    if "com.microsoft" in _domains(graph):
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     return model, {name: b.shapes[name] for name in inputs}
+
+
+def _domains(graph: onnx.GraphProto) -> set[str]:
+    """The domains of the nodes of ``graph`` and of its subgraphs."""
+    found = set()
+    for node in graph.node:
+        found.add(node.domain)
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                found |= _domains(attribute.g)
+    return found
 
 
 def _batches(shapes: dict, count: int, seed: int) -> list[dict[str, np.ndarray]]:

@@ -37,6 +37,10 @@ def test_conv_rows_times_weight_matrix_is_the_conv(attributes, cin, cout, groups
     out = out.reshape(groups, cout // groups, shape[0], positions).transpose(2, 0, 1, 3).reshape(expected.shape)
     np.testing.assert_allclose(out, expected, atol=1e-5)
     np.testing.assert_array_equal(layer.stored(layer.matrix(w)), w)
+    # The mean row, as bias correction takes it, without building the rows.
+    total, count = layer.row_sum(x)
+    assert count == rows.shape[1]
+    np.testing.assert_allclose(total, rows.astype(np.float64).sum(axis=1), rtol=1e-6, atol=1e-6)
 
 
 def test_statistics_are_the_mean_and_gram_of_all_rows():
