@@ -86,10 +86,16 @@ class SmoothQuant(ir.passes.InPlacePass):
         symmetric = target.activation_symmetric if config.activation_symmetric is None else config.activation_symmetric
         weight_type = quant_type(config.weight_type or target.default_weight_type)
         per_channel = target.weight_per_channel if config.per_channel is None else config.per_channel
-        smoothed = {}
+        smoothed, not_finite = {}, {}
         for group in groups:
             try:
                 if group.channel_min is None:
+                    continue
+                why = _not_finite(group)
+                if why:
+                    # No scale can be computed from NaN/Inf; the tensor is left as it is.
+                    not_finite[group.value.name] = why
+                    logger.warning("smooth-quant: %s left unsmoothed: %s", group.value.name, why)
                     continue
                 scorer = _Scorer(group, act_type, symmetric, weight_type, per_channel)
                 baseline = scorer.score(None)
@@ -110,9 +116,22 @@ class SmoothQuant(ir.passes.InPlacePass):
                 for reader in group.readers:
                     release_tensor(reader.node.inputs[1].const_value)
         records["smoothed"] = smoothed
+        if not_finite:
+            records["not_finite"] = not_finite
         records["candidates"] = len(groups)
         logger.info("smooth-quant: smoothed %d of %d MatMul inputs", len(smoothed), len(groups))
         return ir.passes.PassResult(model, bool(smoothed))
+
+def _not_finite(group: Group) -> str | None:
+    """Why a group cannot be scored (NaN/Inf in a weight or in the observed activations), or None."""
+    for reader in group.readers:
+        if not np.isfinite(reader.weight).all():
+            return f"weight {reader.node.inputs[1].name!r} of {reader.node.name!r} holds NaN or Inf"
+    for values in (group.channel_min, group.channel_max, group.sample):
+        if values is not None and not np.isfinite(values).all():
+            return "its calibrated values hold NaN or Inf"
+    return None
+
 
 # Per-channel weights are quantized column by column, so the error over an evenly spaced subset of
 # a wide weight's output columns estimates the whole: scoring a 8192 x 8192 weight costs 1/2 of it.

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["CompileResult", "compile", "resolve_config", "save_model_atomically"]
+__all__ = ["CompileResult", "check_destination", "compile", "resolve_config", "save_model_atomically",
+           "write_text_atomically"]
 
 import contextlib
 import logging
@@ -22,12 +23,13 @@ from qcompile.backends import get_target
 from qcompile.cache import PassCache, PipelineCache, cache_directory
 from qcompile.config import CompileConfig, load_config
 from qcompile.context import CompileContext
-from qcompile.data import BatchSource, input_specs
+from qcompile.data import BatchSource, check_npz_headers, input_specs
 from qcompile.errors import AccuracyGateError, ConfigError, OutputError
 from qcompile.evaluate import compare_outputs, compare_to_outputs, measure_latency
 from qcompile.executors import Executor
-from qcompile.loader import describe_source, load_model, refuse_quantized
+from qcompile.loader import describe_source, load_model, refuse_non_finite_weights, refuse_quantized
 from qcompile.log import Progress, TerminalProgress
+from qcompile.outputs import Read, check_destination, files_read, rename_together, temp_beside, write_text_atomically
 from qcompile.pipeline import format_pipeline, parse_pipeline, run_pipeline
 from qcompile.recipes import pipeline_for
 from qcompile.report import Report
@@ -79,104 +81,119 @@ def resolve_config(config: CompileConfig | Mapping | str | Path | None, **overri
 
 
 class CompileResult:
-    """The compiled model and its report."""
+    """The compiled model and its report. ``reads``: the files the compile read (the model, its
+    external data, the data files, the config), which ``save`` refuses to overwrite."""
 
-    def __init__(self, model: ir.Model, report: Report):
+    def __init__(self, model: ir.Model, report: Report, reads: Sequence[Read] = ()):
         self.model = model
         self.report = report
+        self.reads = list(reads)
 
     def to_proto(self) -> onnx.ModelProto:
         return serialize_inline(self.model)
 
     def save(self, path: str | Path, *, report_path: str | Path | None = None) -> None:
-        """Write the model (and optionally report.json) atomically: complete files or none."""
-        # Both destinations first: a bad report path must not leave the model written alone.
-        for destination in (path, report_path):
-            if destination is not None:
-                check_destination(Path(destination))
-        if weight_bytes(self.model) > _INLINE_LIMIT:
+        """Write the model (and optionally report.json) atomically: both complete, or neither.
+
+        Both are written to temp files first and renamed model first, report last, with SIGINT and
+        SIGTERM held between the renames (``qcompile.outputs``). Refused (``OutputError``, nothing
+        written): a destination that is one of the files the compile read, or that exists and is
+        not a regular file."""
+        path = Path(path)
+        large = weight_bytes(self.model) > _INLINE_LIMIT
+        destinations = [(path, "path"), *([(Path(report_path), "report_path")] if report_path is not None else [])]
+        if large:
+            destinations.append((path.parent / f"{path.name}.data", "path (its .data file)"))
+        # Every destination first: a bad report path must not leave the model written alone.
+        for destination, flag in destinations:
+            check_destination(destination, reads=self.reads, flag=flag)
+        if report_path is not None and _same_path(Path(report_path), path):
+            raise OutputError(f"report_path and path both name {str(path)!r}; give the report another path.")
+        temps = []
+        try:
             # Weights beyond what one protobuf holds go to <name>.data, written tensor by tensor.
-            save_large_model_atomically(self.model, Path(path))
-        else:
-            save_model_atomically(self.to_proto(), Path(path))
-        if weight_bytes(self.model) > LARGE_MODEL_BYTES and self.report.hashes:
-            # A large model's output_model hashes its content; record the files as written too.
-            data = Path(path).parent / f"{Path(path).name}.data"
-            self.report.hashes["output_files"] = {
-                "model": file_digest(path), **({data.name: file_digest(data)} if data.is_file() else {}),
-            }
-        if report_path is not None:
-            write_text_atomically(Path(report_path), self.report.to_json())
+            model_tmp = _large_model_to_temp(self.model, path) if large else _model_to_temp(self.to_proto(), path)
+            temps.append(model_tmp)
+            if weight_bytes(self.model) > LARGE_MODEL_BYTES and self.report.hashes:
+                # A large model's output_model hashes its content; record the files as written too.
+                data = path.parent / f"{path.name}.data"
+                self.report.hashes["output_files"] = {
+                    "model": file_digest(model_tmp), **({data.name: file_digest(data)} if data.is_file() else {}),
+                }
+            moves = [(model_tmp, path)]
+            if report_path is not None:
+                report_tmp = temp_beside(Path(report_path))
+                temps.append(report_tmp)
+                _write_bytes(report_tmp, self.report.to_json().encode(), Path(report_path))
+                moves.append((report_tmp, Path(report_path)))
+            rename_together(moves)
+        finally:
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)
 
 
-def check_destination(path: Path) -> None:
-    """An OutputError now, before any work, if ``path`` cannot be a file we write."""
-    if path.is_dir():
-        raise OutputError(f"Cannot write {str(path)!r}: it is a directory. Give the path of a file (in it, if you like).")
-    if not path.parent.is_dir():
-        raise OutputError(f"Cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist.")
-
-
-def _temp_beside(path: Path):
-    check_destination(path)
+def _same_path(a: Path, b: Path) -> bool:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise OutputError(f"Cannot write into {str(path.parent)!r}: {error.strerror}. Choose a writable folder.") from None
-    os.close(fd)
-    # mkstemp creates the file 0600; the output gets the mode any new file would (0666 less umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return Path(tmp)
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    tmp = _temp_beside(path)
+def _write_bytes(tmp: Path, data: bytes, destination: Path) -> None:
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with open(tmp, "wb") as f:
+            f.write(data)
     except OSError as error:
-        raise OutputError(f"Cannot write {str(path)!r}: {error.strerror}.") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        raise OutputError(
+            f"Cannot write {str(destination)!r}: {error.strerror or error}. Check free space and permissions."
+        ) from None
 
 
 # Protobuf cannot serialise 2 GB; a model with more weights than this is saved with external data.
 _INLINE_LIMIT = 1_800_000_000
 
 
-def save_large_model_atomically(model: ir.Model, path: Path) -> None:
-    """``ir.save`` with the weights in ``<name>.data`` (no serialised copy of the whole model); the
-    model file is renamed into place last, and a failure removes what was written."""
-    tmp = _temp_beside(path)
+def _large_model_to_temp(model: ir.Model, path: Path) -> Path:
+    """``ir.save`` into a temp file beside ``path`` with the weights in ``<name>.data`` (no
+    serialised copy of the whole model); the caller renames the temp file. A failure removes what
+    was written."""
+    tmp = temp_beside(path)
     data_name = f"{path.name}.data"
     try:
         # ir.save writes the data file through a temporary file of its own, then renames it.
         ir.save(model, tmp, external_data=data_name)
-        os.replace(tmp, path)
     except OSError as error:
+        tmp.unlink(missing_ok=True)
         if not path.exists():
             (path.parent / data_name).unlink(missing_ok=True)
         raise OutputError(
             f"Cannot write {str(path)!r}: {error.strerror or error}. Check free space and permissions."
         ) from None
+    return tmp
+
+
+def save_large_model_atomically(model: ir.Model, path: Path) -> None:
+    """``_large_model_to_temp``, renamed into place."""
+    tmp = _large_model_to_temp(model, path)
+    try:
+        rename_together([(tmp, path)])
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def save_model_atomically(proto: onnx.ModelProto, path: Path) -> None:
-    """Write to a temp file beside ``path`` and rename, so a failure leaves no partial output.
+def _model_to_temp(proto: onnx.ModelProto, path: Path) -> Path:
+    """The model in a temp file beside ``path``, for the caller to rename; a failure leaves nothing.
 
-    Models over 2 GB get their weights in ``<name>.data`` beside the model, written the same way.
+    Models over 2 GB get their weights in ``<name>.data`` beside the model, renamed into place here
+    (before the model: a model file never names a data file that is not there).
     """
-    tmp = _temp_beside(path)
+    tmp = temp_beside(path)
     data_tmp = None
     large = sum(len(t.raw_data) for t in proto.graph.initializer) > 1_800_000_000
     try:
         if large:
             data_name = f"{path.name}.data"
-            data_tmp = path.parent / f".{data_name}.tmp"
+            data_tmp = temp_beside(path.parent / data_name)
             onnx.save_model(proto, str(tmp), save_as_external_data=True, location=data_tmp.name)
             # Point the model at the final data file name before renaming both.
             final = onnx.load_model(str(tmp), load_external_data=False)
@@ -189,15 +206,24 @@ def save_model_atomically(proto: onnx.ModelProto, path: Path) -> None:
         else:
             with open(tmp, "wb") as f:
                 f.write(proto.SerializeToString(deterministic=True))
-        os.replace(tmp, path)
     except OSError as error:
+        tmp.unlink(missing_ok=True)
         raise OutputError(
             f"Cannot write {str(path)!r}: {error.strerror or error}. Check free space and permissions."
         ) from None
     finally:
-        tmp.unlink(missing_ok=True)
         if data_tmp is not None:
             data_tmp.unlink(missing_ok=True)
+    return tmp
+
+
+def save_model_atomically(proto: onnx.ModelProto, path: Path) -> None:
+    """Write to a temp file beside ``path`` and rename, so a failure leaves no partial output."""
+    tmp = _model_to_temp(proto, path)
+    try:
+        rename_together([(tmp, path)])
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def compile(  # the verb users expect: qcompile.compile
@@ -227,16 +253,23 @@ def compile(  # the verb users expect: qcompile.compile
     kept open for the caller; by default the config's (``executor``, ``workers``, ``ray_address``),
     made for this call and closed after it.
     """
+    config_file = config if isinstance(config, (str, Path)) else None
     config = resolve_config(config, target=target)
     target_spec = get_target(config.target)
     float_model = load_model(model, example_inputs, dynamic_shapes)
+    # What this compile reads, which result.save refuses to overwrite.
+    reads = files_read(model=model, external_data=_external_data_paths(float_model), calibration=calibration_data,
+                       evaluation=eval_data, config=config_file, metric=config.metric)
     refuse_quantized(float_model, repr(str(model)) if isinstance(model, (str, Path)) else "The model")
+    refuse_non_finite_weights(float_model, repr(str(model)) if isinstance(model, (str, Path)) else "The model")
     specs = parse_pipeline(pipeline_for(config.pipeline, config.recipe, target_spec, config))
     inputs = input_specs(float_model)
     if isinstance(calibration_data, Iterable) and not isinstance(calibration_data, (str, Path, list, tuple, Mapping)):
         # A one-shot iterator: hashed as calibration reads it (see qcompile.reproduce).
         calibration_data = HashingIterable(calibration_data)
     versions = _versions()
+    # Headers first: a wrong shape, a damaged header or a zip bomb is refused before hashing reads the data.
+    check_npz_headers(calibration_data, inputs)
     input_sha, data_sha = model_digest(float_model), data_digest(calibration_data)
     data = None
     if calibration_data is not None:
@@ -312,7 +345,7 @@ def compile(  # the verb users expect: qcompile.compile
         hashes=hashes,
         cache=cache_summary,
     )
-    result = CompileResult(compiled, report)
+    result = CompileResult(compiled, report, reads)
     if workspace is not None:
         # Weights the compile left unchanged are still read from the workspace: keep it while the
         # result lives (result.save reads them), remove it afterwards.
@@ -326,6 +359,15 @@ def compile(  # the verb users expect: qcompile.compile
         error.result = result
         raise error
     return result
+
+
+def _external_data_paths(model: ir.Model) -> list[Path]:
+    """The data files the model's external weights lie in (before a workspace adopts them)."""
+    paths = set()
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            paths.add(Path(value.const_value.path))
+    return sorted(paths)
 
 
 def _pass_cache(config: CompileConfig, calibration_data, identity: dict) -> tuple[PipelineCache | None, dict]:

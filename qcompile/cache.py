@@ -13,7 +13,9 @@ and the timings of the passes it covers. Only passes worth keeping are stored: t
 calibration data and those that took at least ``STORE_AFTER_SECONDS``. A run resumes after the
 last stored pass of its pipeline. An entry whose checksum, size or format is wrong is logged,
 deleted and recomputed, never used. Entries are written to a temporary folder and renamed into
-place; the least recently used are deleted to keep the cache under its size limit. Large models'
+place; the least recently used are deleted to keep the cache under its size limit, except those
+another process is reading (readers hold a shared ``flock`` on the entry's header until its
+weights are safe in their own memory or workspace), so concurrent compiles can share one cache. Large models'
 weights are written and read tensor by tensor (no serialized copy of the whole model).
 
 Entries hold pickled state: the cache folder must be the user's own (it is refused otherwise).
@@ -37,6 +39,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
+
+try:
+    import fcntl
+except ImportError:  # Windows: entries are still renamed into place, but not locked while read
+    fcntl = None
 
 from qcompile.config import NON_BUILD_KEYS
 from qcompile.reproduce import canonical_json, file_digest, sha256_hex
@@ -114,19 +121,37 @@ class PassCache:
         return self.directory / key
 
     def load(self, key: str) -> CacheEntry | None:
-        """The entry for ``key``; None if there is none or it is damaged (then it is deleted)."""
+        """The entry for ``key``; None if there is none or it is damaged (then it is deleted).
+
+        A large entry's weights stay in its files: read them inside ``reading`` (which keeps
+        other processes from evicting the entry meanwhile), or not at all."""
+        with self.reading(key) as entry:
+            return entry
+
+    @contextlib.contextmanager
+    def reading(self, key: str):
+        """The entry for ``key`` (or None), which no process evicts or deletes while the block runs:
+        readers hold a shared lock on its header, ``evict`` deletes only entries it can lock
+        exclusively. Entries appear by an atomic rename, so a reader sees a whole entry or none."""
         path = self.path(key)
-        if not path.is_dir():
-            return None
+        lock = _lock(path / _HEADER, exclusive=False)
+        if lock is None:
+            yield None  # no such entry, or it was evicted just now
+            return
         try:
-            entry = self._read(key, path)
-        except Exception as error:  # noqa: BLE001  (any damage: missing file, size, checksum, unpickling)
-            logger.warning("pass cache: entry %s is damaged (%s); deleted, the passes run again", path, error)
-            shutil.rmtree(path, ignore_errors=True)
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(path / _HEADER)  # least recently used goes first: a hit makes the entry recent
-        return entry
+            try:
+                entry = self._read(key, path)
+            except Exception as error:  # noqa: BLE001  (any damage: missing file, size, checksum, unpickling)
+                entry = None
+                if path.is_dir():
+                    logger.warning("pass cache: entry %s is damaged (%s); deleted, the passes run again", path, error)
+                    _delete_unless_read(path, lock)
+            if entry is not None:
+                with contextlib.suppress(OSError):
+                    os.utime(path / _HEADER)  # least recently used goes first: a hit makes the entry recent
+            yield entry
+        finally:
+            lock.close()
 
     @staticmethod
     def _read(key: str, path: Path) -> CacheEntry:
@@ -201,9 +226,43 @@ class PassCache:
         for _, size, path in sorted(entries):
             if total <= self.max_bytes:
                 break
-            logger.info("pass cache: evicting %s (%.1f MB) to stay under the size limit", path, size / 1e6)
-            shutil.rmtree(path, ignore_errors=True)
+            lock = _lock(Path(path) / _HEADER, exclusive=True)
+            if lock is None:
+                continue  # another process is reading it (or deleted it): the next store evicts it
+            with lock:
+                logger.info("pass cache: evicting %s (%.1f MB) to stay under the size limit", path, size / 1e6)
+                shutil.rmtree(path, ignore_errors=True)
             total -= size
+
+
+def _lock(header: Path, *, exclusive: bool):
+    """An open file holding a lock on an entry's header (shared: waits for a deletion to finish;
+    exclusive: only if no one reads it), or None when the entry is gone or (exclusive) in use.
+    Where there is no ``fcntl`` (Windows), the file is opened without a lock."""
+    try:
+        handle = open(header, "rb")  # noqa: SIM115  (closed by the caller)
+    except OSError:
+        return None
+    if fcntl is None:
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+    except OSError:
+        handle.close()
+        return None
+    if not header.exists():  # deleted while this process waited for its lock
+        handle.close()
+        return None
+    return handle
+
+
+def _delete_unless_read(path: Path, shared_lock) -> None:
+    """Delete a damaged entry, unless another process is reading it (then it is theirs to judge)."""
+    try:
+        fcntl.flock(shared_lock, fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl is not None else None
+    except OSError:
+        return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_model(model: ir.Model, directory: Path) -> None:
@@ -245,16 +304,17 @@ class PipelineCache:
         start = time.perf_counter()
         try:
             for index in reversed(range(len(keys))):
-                entry = self.cache.load(keys[index])
-                if entry is None:
-                    continue
-                model, state = entry.model, entry.state
-                if context.workspace is not None:
-                    # Weights the entry keeps on disk are linked into the workspace, as the input's
-                    # are: sessions read them there, and evicting the entry cannot pull them away.
-                    context.workspace.adopt(model)
-                else:
-                    model = ir.external_data.load_to_model(model)
+                with self.cache.reading(keys[index]) as entry:
+                    if entry is None:
+                        continue
+                    model, state = entry.model, entry.state
+                    # Inside ``reading``, so that no process evicts the entry before its weights are safe.
+                    if context.workspace is not None:
+                        # Weights the entry keeps on disk are linked into the workspace, as the input's
+                        # are: sessions read them there, and evicting the entry cannot pull them away.
+                        context.workspace.adopt(model)
+                    else:
+                        model = ir.external_data.load_to_model(model)
                 context.analyses = state["analyses"]
                 context.records = state["records"]
                 # The config as the stored passes left it (calibrate's options), but this run's

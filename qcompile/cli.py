@@ -8,10 +8,13 @@ from __future__ import annotations
 __all__ = ["main"]
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections import Counter
 from pathlib import Path
@@ -83,8 +86,18 @@ def compile_flag_keys() -> dict[str, str | None]:
     return keys
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("qcompile")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qcompile", description="Quantization compiler for ONNX models.")
+    parser.add_argument("--version", action="version", version=f"qcompile {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compile", help="quantize a model for a target")
@@ -95,15 +108,16 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="qcompile.toml with CompileConfig keys")
     c.add_argument("--target", help="target name (`qcompile targets`); default cpu")
     c.add_argument("--pipeline", help="comma-separated passes with options, e.g. 'fix-names,calibrate(method=mse)'")
-    c.add_argument("--recipe", help="a named pipeline: llm-int4, llm-int8-weight, llm-w8a8, llm-w8a8-outliers "
-                   "(see --print-pipeline)")
+    c.add_argument("--recipe", help="a named pipeline: llm-int4, llm-int8-weight, llm-w8a8, llm-w8a8-outliers, "
+                   "llm-fp8 (see --print-pipeline)")
     c.add_argument("--print-pipeline", action="store_true", help="print the pipeline this run would use and exit")
     c.add_argument("--dump-after", action="append", default=[], metavar="PASS", help="save the model after PASS (or 'all'); repeatable")
     c.add_argument("--dump-dir", help="where --dump-after writes (default: OUTPUT.dumps/)")
     c.add_argument("--activation-type", help="uint8 (default on cpu), int8, uint16, int16, "
                    "float8e4m3fn, float8e5m2 (FP8: with an FP8 --weight-type)")
     c.add_argument("--weight-type", help="int8 (default), float8e4m3fn, float8e5m2")
-    c.add_argument("--calibration-method", help="minmax, percentile, entropy or mse")
+    c.add_argument("--calibration-method", help="mse (default), minmax, percentile, entropy, or auto (per tensor, "
+                   "the method with the least error)")
     c.add_argument("--percentile", type=float, help="percentile for --calibration-method percentile")
     c.add_argument("--exclude-nodes", nargs="+", metavar="NAME", help="node names to keep in float")
     c.add_argument("--exclude-op-types", nargs="+", metavar="OP", help="op types to keep in float")
@@ -148,8 +162,8 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("--calib", help="the calibration data it was compiled with (with --model)")
 
     r = sub.add_parser("run", help="run a model on a target's provider; print where each node runs and the outputs")
-    r.add_argument("model")
-    r.add_argument("--target", default="cpu")
+    r.add_argument("model", help="the ONNX model to run (a compiled one, typically)")
+    r.add_argument("--target", default="cpu", help="target whose provider runs it (`qcompile targets`; default cpu)")
     r.add_argument("--inputs", help=".npz with one array per model input (default: random data of the model's static shapes)")
     r.add_argument("--allow-fallback", action="store_true", help="let nodes the provider refuses run on the CPU provider")
     r.add_argument("--nodes", action="store_true", help="list every node with its provider")
@@ -165,8 +179,8 @@ def _build_parser() -> argparse.ArgumentParser:
     shown.add_argument("--check", metavar="TOML", help="validate a qcompile.toml and print it with every default filled in")
     sub.add_parser("targets", help="list targets and their rules")
     i = sub.add_parser("inspect", help="inputs, opset, op histogram, and what would be quantized")
-    i.add_argument("model")
-    i.add_argument("--target", default="cpu")
+    i.add_argument("model", help="the float ONNX model to inspect")
+    i.add_argument("--target", default="cpu", help="target whose rules decide what would be quantized (default cpu)")
     i.add_argument("--json", action="store_true", help="print JSON")
     d = sub.add_parser("debug", help="per-layer error analysis of a quantized model against its float original")
     d.add_argument("float_model", metavar="FLOAT", help="the float ONNX model")
@@ -269,8 +283,8 @@ def _parse_shape(text: str) -> tuple[str, list[int]]:
 
 def _cmd_compile(args) -> int:
     import qcompile
-    from qcompile.api import check_destination, write_text_atomically
     from qcompile.backends import get_target
+    from qcompile.outputs import check_destination, check_not_read, write_text_atomically
     from qcompile.pipeline import format_pipeline, parse_pipeline
     from qcompile.recipes import pipeline_for
 
@@ -282,15 +296,17 @@ def _cmd_compile(args) -> int:
     model_path = Path(args.model)
     output = Path(args.output) if args.output else model_path.with_suffix(f".{config.target}.onnx")
     report_path = Path(args.report) if args.report else output.parent / "report.json"
+    reads = _files_read(args, config, model_path, (output, report_path))
     for path, flag in ((output, "-o"), (report_path, "--report")):
-        if _same_file(path, model_path):
-            raise qcompile.OutputError(f"{flag} {str(path)!r} would overwrite the input model; choose another {flag}.")
+        check_not_read(path, reads, flag)
     if _same_file(report_path, output):
         raise qcompile.OutputError(f"--report and -o both name {str(output)!r}; give the report another path.")
     if model_path.is_file():  # a missing model gets its own error from the loader
         # Destinations are checked before the compile, which can take long, not after it.
-        check_destination(output)
-        check_destination(report_path)
+        check_destination(output, flag="-o")
+        check_destination(report_path, flag="--report")
+        if config.ep_context_path:
+            check_destination(Path(config.ep_context_path), reads=reads, flag="--ep-context")
     dump_dir = args.dump_dir or (str(output) + ".dumps" if args.dump_after else None)
     if config.search or config.max_loss is not None or config.metric or config.time_budget is not None:
         return _compile_search(args, config, model_path, output, report_path)
@@ -311,6 +327,7 @@ def _cmd_compile(args) -> int:
             )
     except AccuracyGateError as error:
         if recovering and getattr(error, "result", None) is not None:
+            error.result.reads += reads
             error.result.save(output, report_path=report_path)
             if not args.quiet:
                 print(error.result.report)
@@ -318,7 +335,7 @@ def _cmd_compile(args) -> int:
             raise
         # The report says how far it missed; the model is not written, so no build step can ship it.
         if getattr(error, "result", None) is not None:
-            write_text_atomically(report_path, error.result.report.to_json())
+            write_text_atomically(report_path, error.result.report.to_json(), reads=reads, flag="--report")
             if not args.quiet:
                 print(error.result.report)
             if args.log_format == "json":
@@ -326,11 +343,23 @@ def _cmd_compile(args) -> int:
             else:
                 print(f"report: {report_path}", file=sys.stderr)
         raise
+    result.reads += reads
     result.save(output, report_path=report_path)
     if not args.quiet:
         print(result.report)
         print(f"wrote {output} and {report_path}")
     return 0
+
+
+def _files_read(args, config, model_path: Path, destinations) -> list:
+    """What this compile reads: model, external data, data files, config, metric. The model's
+    external data names are read from the file only when a destination exists (else it cannot be
+    one of them)."""
+    from qcompile.outputs import files_read
+
+    existing = any(os.path.lexists(p) for p in destinations) or bool(config.ep_context_path)
+    return files_read(model=model_path, external_data=None if existing else [], calibration=args.calib,
+                      evaluation=args.eval_data, config=args.config, metric=config.metric)
 
 
 def _compile_search(args, config, model_path: Path, output: Path, report_path: Path) -> int:
@@ -357,6 +386,7 @@ def _compile_search(args, config, model_path: Path, output: Path, report_path: P
         if getattr(missed, "result", None) is None:
             raise
         result, error = missed.result, missed
+    result.reads += _files_read(args, config, model_path, (output, report_path))
     result.save(output, report_path=report_path)
     if not args.quiet:
         print(result.report)
@@ -510,6 +540,9 @@ def _run_inputs(path: str | None, session, np) -> dict:
             dtype = np.dtype({"float": "float32", "double": "float64"}.get(name, name))
             feed[meta.name] = (rng.normal(size=meta.shape) if dtype.kind == "f" else np.zeros(meta.shape)).astype(dtype)
         return feed
+    from qcompile.data import npz_headers
+
+    npz_headers(Path(path))  # a damaged header or a zip bomb is refused before its data is read
     try:
         with np.load(path, allow_pickle=False) as data:
             feed = {key: data[key] for key in data.files}
@@ -522,9 +555,15 @@ def _run_inputs(path: str | None, session, np) -> dict:
 
 
 def _cmd_debug(args) -> int:
-    from qcompile.api import write_text_atomically
     from qcompile.debug import DEFAULT_GROUP_SIZE, analyze
+    from qcompile.outputs import check_destination, files_read, write_text_atomically
 
+    # Neither report may replace a file the analysis reads: checked before the analysis, which can take long.
+    reads = [*files_read(model=args.float_model, calibration=args.data), (Path(args.quant_model), "the quantized model"),
+             *([(Path(args.data), "the data file")] if Path(args.data).is_file() else [])]
+    for path, flag in ((args.out, "--out"), (args.json_path, "--json")):
+        if path:
+            check_destination(Path(path), reads=reads, flag=flag)
     show = not args.quiet and sys.stderr.isatty()
 
     def progress(line: str) -> None:
@@ -537,9 +576,9 @@ def _cmd_debug(args) -> int:
     if show:
         print(file=sys.stderr)
     if args.out:
-        write_text_atomically(Path(args.out), report.to_html(top=max(args.top, 20)))
+        write_text_atomically(Path(args.out), report.to_html(top=max(args.top, 20)), reads=reads, flag="--out")
     if args.json_path:
-        write_text_atomically(Path(args.json_path), report.to_json())
+        write_text_atomically(Path(args.json_path), report.to_json(), reads=reads, flag="--json")
     if not args.quiet:
         print(report.text_table(args.top))
         for path in (args.out, args.json_path):
@@ -549,16 +588,22 @@ def _cmd_debug(args) -> int:
 
 
 def _cmd_sensitivity(args) -> int:
-    from qcompile.api import resolve_config, write_text_atomically
+    from qcompile.api import resolve_config
+    from qcompile.outputs import check_destination, files_read, write_text_atomically
     from qcompile.sensitivity import node_sensitivity
 
     overrides = {k: v for k, v in (("target", args.target), ("executor", args.executor), ("workers", args.workers),
                                    ("ray_address", args.ray_address)) if v is not None}
     config = resolve_config(args.config, **overrides)
+    reads = files_read(model=args.model, calibration=args.calib, evaluation=args.eval_data, config=args.config,
+                       metric=args.metric)
+    if args.json_path:  # before the analysis, which compiles once per node
+        check_destination(Path(args.json_path), reads=reads, flag="--json")
     rows, summary = node_sensitivity(args.model, args.calib, config=config, eval_data=args.eval_data,
                                      metric=args.metric, nodes=args.nodes)
     if args.json_path:
-        write_text_atomically(Path(args.json_path), json.dumps({"summary": summary, "nodes": rows}, indent=2) + "\n")
+        write_text_atomically(Path(args.json_path), json.dumps({"summary": summary, "nodes": rows}, indent=2) + "\n",
+                              reads=reads, flag="--json")
     if not args.quiet:
         scored = args.metric is not None
         print(f"compiled: worst output SQNR {_db(summary['compiled_min_sqnr_db'])}"
@@ -610,15 +655,17 @@ def _cmd_inspect(args) -> int:
     from qcompile.config import CompileConfig
     from qcompile.context import CompileContext
     from qcompile.data import input_specs
-    from qcompile.loader import load_model, refuse_quantized
+    from qcompile.loader import load_model, refuse_non_finite_weights, refuse_quantized
     from qcompile.pipeline import parse_pipeline, run_pipeline
 
     model = load_model(args.model)
     refuse_quantized(model, repr(str(args.model)))
+    refuse_non_finite_weights(model, repr(str(args.model)))
     target = get_target(args.target)
     info = {
         "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape or [])} for s in input_specs(model)],
-        "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": [str(d) for d in (v.shape or [])]} for v in model.graph.outputs],
+        "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])]}
+                    for v in model.graph.outputs],  # a static dim is a number, a symbolic one its name
         "opset": dict(model.opset_imports),
         "nodes": len(model.graph),
         "op_types": dict(Counter(n.op_type for n in model.graph).most_common()),
@@ -665,13 +712,23 @@ def main(argv: list[str] | None = None) -> int:
                 "inspect": _cmd_inspect, "verify": _cmd_verify, "debug": _cmd_debug,
                 "sensitivity": _cmd_sensitivity, "build": _cmd_build}
     try:
-        return commands[args.command](args)
+        with _sigterm_interrupts():
+            return commands[args.command](args)
     except QcompileError as error:
         _error(args, str(error), error=type(error).__name__, exit_code=error.exit_code)
         return error.exit_code
+    except Terminated:
+        _error(args, "interrupted (SIGTERM)", exit_code=143)
+        return 143
     except KeyboardInterrupt:
         _error(args, "interrupted", exit_code=130)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`qcompile inspect --json | head`): nothing more to tell it.
+        # Point stdout at /dev/null so that the interpreter's own flush at exit does not fail too.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception:  # a bug: show everything so it can be reported
         if args.log_format == "json":
             logger.exception("internal error (a bug in qcompile): please report it with the exception", extra={"exit_code": 1})
@@ -679,6 +736,28 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print("qcompile: internal error (a bug in qcompile): please report it with the traceback above.", file=sys.stderr)
         return 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like SIGINT's KeyboardInterrupt: every ``finally``
+    runs (temp files removed, workers stopped) and the run ends with one clean line."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises ``Terminated`` while a command runs (only the main thread can set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _error(args, message: str, **fields) -> None:

@@ -10,11 +10,13 @@ __all__ = ["NON_BUILD_KEYS", "RUN_KEYS", "CompileConfig", "load_config", "read_t
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from qcompile.errors import ConfigError
+from qcompile.executors import RAY_WORKERS_LIMIT, check_machine_bound
 from qcompile.qparams import QUANT_TYPES
 from qcompile.statistics import CALIBRATION_METHODS
 
@@ -129,8 +131,13 @@ class CompileConfig:
             )
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile = {self.percentile} must be in (50, 100], e.g. 99.999.")
-        if self.eval_batches < 0 or self.latency_runs < 1:
-            raise ConfigError("eval_batches must be >= 0 and latency_runs >= 1.")
+        if self.eval_batches < 1:
+            raise ConfigError(
+                f"eval_batches = {self.eval_batches} must be >= 1: the report's accuracy, the accuracy gate and "
+                "recovery are measured on the evaluation batches."
+            )
+        if self.latency_runs < 1:
+            raise ConfigError(f"latency_runs = {self.latency_runs} must be >= 1; to skip latency, set measure_latency = false.")
         if self.cache_max_mb < 1:
             raise ConfigError(
                 f"cache_max_mb = {self.cache_max_mb} must be at least 1; to turn the cache off, set "
@@ -148,6 +155,16 @@ class CompileConfig:
             raise ConfigError(f"recover_time_budget = {self.recover_time_budget} must be a positive number of seconds.")
         if self.threads < 0:
             raise ConfigError(f"threads = {self.threads} must be >= 0 (0: ONNX Runtime's default).")
+        check_machine_bound("threads", self.threads, "ONNX Runtime threads")
+        if self.executor == "local":
+            check_machine_bound("workers", self.workers, "worker processes")
+        elif self.workers > RAY_WORKERS_LIMIT:
+            raise ConfigError(f"workers = {self.workers}: give at most {RAY_WORKERS_LIMIT} Ray tasks at once.")
+        for field in ("min_sqnr", "percentile", "sentinel_threshold", "time_budget", "recover_min_sqnr",
+                      "recover_time_budget", "max_loss"):
+            value = getattr(self, field)
+            if isinstance(value, float) and math.isnan(value):
+                raise ConfigError(f"{field} = nan is not a number: no measurement can pass or fail it. Give a number.")
 
     def _validate_float8(self) -> None:
         """FP8 activations go with FP8 weights and FP8 overrides, integer ones with integer ones: no
@@ -270,3 +287,8 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text: {error}.") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {error}.") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{what} {str(path)!r} nests arrays or tables too deeply to read (thousands of levels); "
+            "no qcompile key takes more than two levels."
+        ) from None

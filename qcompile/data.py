@@ -7,10 +7,12 @@ batch, except up to ``eval_batches`` held-out batches when the source can only b
 
 from __future__ import annotations
 
-__all__ = ["BatchSource", "InputSpec", "input_specs", "read_items"]
+__all__ = ["BatchSource", "InputSpec", "check_npz_headers", "input_specs", "npz_headers", "read_items"]
 
 import dataclasses
 import logging
+import math
+import os
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -60,8 +62,9 @@ def _describe(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def validate_batch(batch: Any, specs: list[InputSpec], where: str) -> Batch:
-    """Check one batch against the model inputs; return it as a dict of arrays."""
+def validate_batch(batch: Any, specs: list[InputSpec], where: str, *, values: bool = True) -> Batch:
+    """Check one batch against the model inputs; return it as a dict of arrays. ``values`` False:
+    names, dtypes and shapes only (for arrays described by their .npy headers, not yet read)."""
     if not isinstance(batch, Mapping):
         raise CalibrationDataError(
             f"{where} is a {type(batch).__name__}, not a mapping. Each batch must be a dict "
@@ -115,7 +118,7 @@ def validate_batch(batch: Any, specs: list[InputSpec], where: str) -> Batch:
                     )
         if array.size == 0:
             raise CalibrationDataError(f"{where}: input {spec.name!r} is empty (shape {list(array.shape)}).")
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
+        if values and array.dtype.kind == "f" and not np.isfinite(array).all():
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
             raise CalibrationDataError(
                 f"{where}: input {spec.name!r} contains {bad} NaN/Inf value(s). Calibration data must "
@@ -143,21 +146,21 @@ class BatchSource:
         holdout_every: int = 10,
     ):
         self.specs = specs
-        self.description, self._open = self._opener(source, "calibration data")
+        self.description, self._open = self._opener(source, "calibration data", specs)
         # What a worker can read by itself: the .npz paths of a directory, the batches of a list.
         self._items = _shardable_items(source)
         # A directory or a list can be read by more than one pass; a one-shot iterator cannot.
         self.rereadable = isinstance(source, (str, Path, list, tuple))
         self._eval = None
         if eval_source is not None:
-            self._eval = self._opener(eval_source, "evaluation data")
+            self._eval = self._opener(eval_source, "evaluation data", specs)
         self.max_eval = max_eval
         self.holdout_every = holdout_every
         self._held_out: list[Batch] = []
         self.calibration_batches = 0
 
     @staticmethod
-    def _opener(source, label: str):
+    def _opener(source, label: str, specs: list[InputSpec] | None = None):
         if isinstance(source, (str, Path)):
             directory = Path(source)
             if not directory.is_dir():
@@ -177,7 +180,7 @@ class BatchSource:
                     f"{label}: directory {str(directory)!r} has no .npz files{found}. Save each batch "
                     "with numpy.savez(path, **{input_name: array})."
                 )
-            return f"{len(files)} .npz files in {directory}", lambda: _read_npz_files(files)
+            return f"{len(files)} .npz files in {directory}", lambda: _read_npz_files(files, specs)
         if isinstance(source, Mapping):
             raise CalibrationDataError(
                 f"{label} is a single mapping; pass an iterable of batches, e.g. [batch]."
@@ -286,21 +289,91 @@ def read_items(items: list[Any], specs: list[InputSpec]) -> Iterator[Batch]:
     """The validated batches of a shard from ``BatchSource.calibration_shards`` (in a worker)."""
     for item in items:
         if isinstance(item, Path):
-            (where, batch), = _read_npz_files([item])
+            (where, batch), = _read_npz_files([item], specs)
         else:
             where, batch = item
         yield validate_batch(batch, specs, f"calibration data, {where}")
 
 
-def _read_npz_files(files: list[Path]) -> Iterator[tuple[str, Batch]]:
+_PICKLE_HINT = " (save strings as np.array(values, dtype=str))"
+
+
+def _cannot_read(path: Path, error: Exception | str, hint: str = "") -> CalibrationDataError:
+    return CalibrationDataError(f"Cannot read calibration file {str(path)!r}: {error}. Write it with numpy.savez{hint}.")
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def npz_headers(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file as their headers describe them, without reading their data:
+    zero-stride views of the declared shape and dtype (they take no memory). Refused before any
+    data is read: a header whose array would not fit in the member that holds it (a 14 TiB shape in
+    a small file), an array larger than the free memory (a zip bomb), object arrays (pickle)."""
+    arrays, total = {}, 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    arrays[info.filename] = np.zeros((), dtype="S1")  # not an array: an unknown name
+                    continue
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                    else:
+                        shape, _, dtype = np.lib.format._read_array_header(member, version)  # 3.0: utf-8 names
+                    header_bytes = member.tell()
+                name = info.filename[: -len(".npy")]
+                if dtype.hasobject:
+                    raise _cannot_read(path, f"array {name!r} has dtype object, which only pickle can read, and "
+                                       "qcompile never unpickles data files (unpickling can run code)", _PICKLE_HINT)
+                declared = math.prod(shape) * dtype.itemsize
+                stored = info.file_size - header_bytes
+                if declared > stored:
+                    raise _cannot_read(path, f"array {name!r} declares shape {list(shape)} {dtype} ({declared:,} bytes) "
+                                       f"but its member holds {stored:,} bytes: the file is damaged")
+                total += declared
+                arrays[name] = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape),
+                                                               writeable=False)
+    except CalibrationDataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as error:
+        raise _cannot_read(path, error) from None
+    free = _available_memory()
+    if free is not None and total > free:
+        raise _cannot_read(path, f"its arrays take {total / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of free memory; "
+                           "split it into smaller batches")
+    return arrays
+
+
+def _read_npz_files(files: list[Path], specs: list[InputSpec] | None = None) -> Iterator[tuple[str, Batch]]:
+    """Each file's batch; with ``specs``, each file's headers are checked against them first, so a
+    wrong shape or name is refused before its data is read (decompressed)."""
     for path in files:
+        if specs is not None:
+            validate_batch(npz_headers(path), specs, f"calibration data, {path.name}", values=False)
         try:
             with np.load(path, allow_pickle=False) as data:
                 batch = {key: data[key] for key in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as error:
             # Object arrays need pickle, which could run code from the file: strings must be str arrays.
-            hint = " (save strings as np.array(values, dtype=str))" if "allow_pickle" in str(error) else ""
-            raise CalibrationDataError(
-                f"Cannot read calibration file {str(path)!r}: {error}. Write it with numpy.savez{hint}."
-            ) from None
+            # numpy's own message suggests allow_pickle, an option qcompile does not have: say why instead.
+            if "allow_pickle" in str(error):
+                error = "it holds object arrays, which only pickle can read, and qcompile never unpickles data files"
+                raise _cannot_read(path, error, _PICKLE_HINT) from None
+            raise _cannot_read(path, error if str(error) else type(error).__name__) from None
         yield path.name, batch
+
+
+def check_npz_headers(source: Any, specs: list[InputSpec]) -> None:
+    """For a directory of .npz files: every file's headers against ``specs`` (no data is read)."""
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        for path in sorted(p for p in Path(source).glob("*.npz") if p.is_file()):
+            validate_batch(npz_headers(path), specs, f"calibration data, {path.name}", values=False)

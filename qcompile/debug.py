@@ -51,7 +51,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qcompile.data import input_specs, validate_batch
+from qcompile.data import input_specs, npz_headers, validate_batch
 from qcompile.errors import CalibrationDataError, ModelError, detail
 from qcompile.evaluate import OutputError, sqnr_db
 from qcompile.loader import describe_source, load_model
@@ -678,6 +678,7 @@ class _QuantizedGraph:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    npz_headers(path)  # a damaged header or a zip bomb is refused before its data is read
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}

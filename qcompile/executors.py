@@ -17,7 +17,8 @@ a list of items; they never import Ray or multiprocessing themselves. Every exec
 
 from __future__ import annotations
 
-__all__ = ["EXECUTORS", "Executor", "InProcessExecutor", "LocalProcessExecutor", "RayExecutor", "make_executor"]
+__all__ = ["EXECUTORS", "Executor", "InProcessExecutor", "LocalProcessExecutor", "RayExecutor", "check_machine_bound",
+           "machine_limit", "make_executor"]
 
 import abc
 import concurrent.futures
@@ -72,6 +73,27 @@ def cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+# Threads and local worker processes beyond this many per core only cost memory and time (99999
+# ONNX Runtime threads grew past 10 GB and hung); more is refused with a clear error.
+PER_CORE_LIMIT = 4
+# Ray tasks at once run on a cluster, not on this machine; beyond this a number is a typo.
+RAY_WORKERS_LIMIT = 65536
+
+
+def machine_limit() -> int:
+    """The most threads or local worker processes a setting may ask for on this machine."""
+    return PER_CORE_LIMIT * cpu_count()
+
+
+def check_machine_bound(key: str, value: int, what: str) -> None:
+    """A ConfigError if ``value`` (threads, local workers) is more than this machine can run."""
+    if value > machine_limit():
+        raise ConfigError(
+            f"{key} = {value} is more {what} than this machine can run: it has {cpu_count()} core(s), "
+            f"so give at most {machine_limit()} ({PER_CORE_LIMIT} per core), or 0 for the default."
+        )
 
 
 class Executor(abc.ABC):
@@ -213,6 +235,7 @@ class LocalProcessExecutor(Executor):
     def __init__(self, workers: int, *, threads: int = 0) -> None:
         if workers < 1:
             raise ConfigError(f"workers = {workers}: give at least 1 worker process.")
+        check_machine_bound("workers", workers, "worker processes")
         self.workers = workers
         self.threads = self.threads_per_task(threads)
         self._maps = 0
@@ -344,6 +367,8 @@ class RayExecutor(Executor):
     name = "ray"
 
     def __init__(self, workers: int = 0, address: str | None = None) -> None:
+        if workers > RAY_WORKERS_LIMIT:
+            raise ConfigError(f"workers = {workers}: give at most {RAY_WORKERS_LIMIT} Ray tasks at once.")
         ray = _import_ray()
         self._ray = ray
         self._started = False

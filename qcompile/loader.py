@@ -5,13 +5,14 @@ The caller's model is never modified: files are read, in-memory models are copie
 
 from __future__ import annotations
 
-__all__ = ["describe_source", "load_model", "refuse_quantized"]
+__all__ = ["describe_source", "load_model", "refuse_non_finite_weights", "refuse_quantized"]
 
 import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -113,7 +114,20 @@ def _check_external_data(tensors: list[onnx.TensorProto], path: Path) -> None:
         location = path.parent / entries.get("location", "")
         if location.name not in sizes:
             sizes[location.name] = location.stat().st_size if location.is_file() else -1
-        end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
+        try:
+            offset, length = int(entries.get("offset", 0)), int(entries.get("length", 0))
+        except ValueError:
+            raise ModelError(
+                f"{str(path)!r}: weight {tensor.name!r} has external data offset "
+                f"{entries.get('offset', '')!r} and length {entries.get('length', '')!r}; both must be whole "
+                "numbers of bytes. The model file is damaged: export or save it again."
+            ) from None
+        if offset < 0 or length < 0:
+            raise ModelError(
+                f"{str(path)!r}: weight {tensor.name!r} has external data offset {offset} and length {length}; "
+                "neither can be negative. The model file is damaged: export or save it again."
+            )
+        end = offset + length
         if sizes[location.name] < 0 or end > sizes[location.name]:
             raise ModelError(
                 f"{str(path)!r}: weight {tensor.name!r} lies in bytes up to {end} of "
@@ -280,3 +294,37 @@ def refuse_quantized(model: ir.Model, where: str) -> None:
             "compile the float model this one was made from (or deploy this one as it is)."
         )
 
+
+
+# Ops whose input 1 is a weight that qcompile quantizes (and SmoothQuant rescales).
+_WEIGHTED_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
+
+
+def refuse_non_finite_weights(model: ir.Model, where: str) -> None:
+    """Refuse a model whose MatMul/Gemm/Conv weights hold NaN or Inf, naming them: every output
+    that reads such a weight is NaN or Inf in float already, and no scale can quantize it.
+    (Inf elsewhere, e.g. an additive attention mask, is legitimate and left alone.)"""
+    from qcompile.workspace import release_tensor
+
+    bad = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _WEIGHTED_OPS or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        tensor = weight.const_value if weight is not None else None
+        if tensor is None or not ir.DataType(tensor.dtype).is_floating_point():
+            continue
+        try:
+            values = tensor.numpy()
+            nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+        except Exception:  # noqa: BLE001  (unreadable data is the loader's and the passes' to report)
+            continue
+        finally:
+            release_tensor(tensor)
+        if nan or inf:
+            bad.append(f"{weight.name!r} of {node.op_type} {node.name!r} ({nan} NaN, {inf} Inf of {values.size})")
+    if bad:
+        raise ModelError(
+            f"{where} has weights that are not finite: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}. "
+            "The float model computes NaN/Inf from them already; fix the weights (or export the model again)."
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = ["PassSpec", "PassTiming", "format_pipeline", "parse_pipeline", "run_pipeline"]
 
 import ast
+import contextlib
 import dataclasses
 import logging
 import re
@@ -21,6 +22,7 @@ import onnx_ir as ir
 from qcompile import passes as _passes  # noqa: F401  (registers the passes)
 from qcompile.context import CompileContext
 from qcompile.errors import OutputError, PipelineError, QcompileError
+from qcompile.outputs import rename_together, temp_beside
 from qcompile.passes.registry import create_pass, registered_passes
 
 if TYPE_CHECKING:
@@ -176,10 +178,22 @@ def run_pipeline(
         if dump_dir is not None and (dump_all or spec.name in dump_after):
             directory = Path(dump_dir)
             path = directory / f"{index:02d}-{spec.name}.onnx"
+            tmp, created = None, not directory.exists()
             try:
                 directory.mkdir(parents=True, exist_ok=True)
-                ir.save(model, path)
+                # Through a temp file: a full disk leaves no 0-byte or partial dump behind.
+                tmp = temp_beside(path)
+                ir.save(model, tmp)
+                rename_together([(tmp, path)])
             except OSError as error:
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
+                if created:
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()  # the folder this failed dump made, if nothing else is in it
                 raise OutputError(f"Cannot write the dump {str(path)!r}: {error.strerror or error}.") from None
+            finally:
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
             logger.info("wrote %s", path)
     return model, timings

@@ -14,6 +14,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompile.errors import ModelError, detail
+from qcompile.executors import check_machine_bound
 from qcompile.workspace import Workspace, add_outputs, serialize_inline
 
 # Protobuf cannot serialize more than 2 GB; larger models go through a file with external data.
@@ -94,6 +95,7 @@ def make_session(
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
     if threads:
+        check_machine_bound("threads", threads, "ONNX Runtime threads")
         options.intra_op_num_threads = threads
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path

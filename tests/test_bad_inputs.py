@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
 import qcompile.api
+import qcompile.outputs
 from qcompile.cli import main
 from qcompile.errors import (
     AccuracyGateError,
@@ -264,6 +266,32 @@ def _ir_version(version: int) -> onnx.ModelProto:
     return model
 
 
+def _weight_with(value: float) -> onnx.ModelProto:
+    weight = WEIGHT.copy()
+    weight[1, 2] = value
+    return _model_with(MM, RELU, initializers=[numpy_helper.from_array(weight, "w")])
+
+
+def _external_data_entry(key: str, value: str) -> Callable[[Path], Path]:
+    """mlp() with its weight in model.onnx.data, and one external-data entry of the weight set to ``value``."""
+
+    def make(folder: Path) -> Path:
+        path = folder / "model.onnx"
+        onnx.save(mlp(), str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+        proto = onnx.load(str(path), load_external_data=False)
+        entries = proto.graph.initializer[0].external_data
+        for entry in entries:
+            if entry.key == key:
+                entry.value = value
+                break
+        else:
+            entries.add(key=key, value=value)
+        path.write_bytes(proto.SerializeToString())
+        return path
+
+    return make
+
+
 MODEL_CASES = [
     Case("already-quantized-qdq", model_case(_already_quantized("qdq")), ModelError,
          "already quantized: it contains QuantizeLinear x1 (e.g. node 'q'), DequantizeLinear x1"),
@@ -303,9 +331,51 @@ MODEL_CASES = [
          ModelError, "'nowhere' is not an output of any node"),
     Case("cycle", model_case(_model_with(helper.make_node("Add", ["x", "z"], ["y"], name="add"), RELU, initializers=[])),
          ModelError, "must be topologically sorted"),
+    Case("weight-nan", model_case(_weight_with(np.nan)), ModelError,
+         "weights that are not finite: 'w' of MatMul 'mm' (1 NaN, 0 Inf of 16)"),
+    Case("weight-inf", model_case(_weight_with(-np.inf)), ModelError,
+         "weights that are not finite: 'w' of MatMul 'mm' (0 NaN, 1 Inf of 16)"),
+    Case("external-data-offset-not-a-number", model_case(_external_data_entry("offset", "abc")), ModelError,
+         "has external data offset 'abc'"),
+    Case("external-data-offset-negative", model_case(_external_data_entry("offset", "-64")), ModelError,
+         "neither can be negative"),
 ]
 
 # --- bad calibration data ---------------------------------------------------------------------
+
+def _huge_header_npz(folder: Path) -> Path:
+    """An .npz whose x.npy header declares 16 TB of float32 and holds 64 bytes (hashing it raised MemoryError)."""
+    import io
+    import zipfile
+
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, {"descr": "<f4", "fortran_order": False, "shape": (1000000, 4000000)})
+    npy.write(bytes(64))
+    calib = folder / "calib"
+    calib.mkdir()
+    with zipfile.ZipFile(calib / "batch.npz", "w") as archive:
+        archive.writestr("x.npy", npy.getvalue())
+    return calib
+
+
+def _zip_bomb_npz(folder: Path) -> Path:
+    """128 MB of zeros of the wrong rank deflated to 130 kB: refused from its header, before any of
+    it is decompressed (it was read whole, then checked)."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (8388608, 4, 1)})
+    calib = folder / "calib"
+    calib.mkdir()
+    with zipfile.ZipFile(calib / "batch.npz", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            member.write(header.getvalue())
+            zeros = bytes(1 << 22)
+            for _ in range(32):
+                member.write(zeros)
+    return calib
+
 
 DATA_CASES = [
     Case("calib-missing", data_case(lambda folder: folder / "no_such_calib"), CalibrationDataError, "no_such_calib' is not a directory"),
@@ -338,6 +408,10 @@ DATA_CASES = [
     Case("eval-missing", options_case(api=lambda folder: {"eval_data": folder / "no_such_eval"},
                                       cli=lambda folder: ["--eval", str(folder / "no_such_eval")]),
          CalibrationDataError, "evaluation data: "),
+    Case("calib-npy-header-declares-terabytes", data_case(_huge_header_npz), CalibrationDataError,
+         "declares shape [1000000, 4000000] float32 (16,000,000,000,000 bytes) but its member holds 64 bytes"),
+    Case("calib-zip-bomb", data_case(_zip_bomb_npz), CalibrationDataError,
+         "input 'x' has rank 3 (shape [8388608, 4, 1])"),
 ]
 
 # --- bad options: target, pipeline, configuration ---------------------------------------------
@@ -358,6 +432,10 @@ def _config_flag(text: str) -> Callable[[Path], list[str]]:
 def _both(key: str, value: Any, *flag: str) -> dict:
     """The same bad option as a config key for the API and as flags for the command line."""
     return {"api": {"config": {key: value}}, "cli": list(flag)}
+
+
+def _deep_toml() -> str:
+    return "pipeline = " + "[" * 5000 + "]" * 5000 + "\n"
 
 
 OPTION_CASES = [
@@ -396,6 +474,19 @@ OPTION_CASES = [
     Case("config-file-is-a-directory", options_case(lambda folder: {"config": directory("conf.d")(folder)},
                                                     lambda folder: ["--config", str(folder / "conf.d")]),
          ConfigError, "conf.d' is a directory"),
+    Case("threads-beyond-the-machine", options_case(**_both("threads", 99999, "--threads", "99999")), ConfigError,
+         "threads = 99999 is more ONNX Runtime threads than this machine can run"),
+    Case("workers-beyond-the-machine", options_case(api={"config": {"executor": "local", "workers": 10**12}},
+                                                    cli=["--executor", "local", "--workers", str(10**12)]),
+         ConfigError, f"workers = {10**12} is more worker processes than this machine can run"),
+    Case("config-workers-1e12", options_case(_config_file("workers = 1e12\n"), _config_flag("workers = 1e12\n")),
+         ConfigError, "workers in"),
+    Case("config-nested-5000-deep", options_case(_config_file(_deep_toml()), _config_flag(_deep_toml())),
+         ConfigError, "nests arrays or tables too deeply to read"),
+    Case("min-sqnr-nan", options_case(**_both("min_sqnr", float("nan"), "--min-sqnr", "nan")), ConfigError,
+         "min_sqnr = nan is not a number"),
+    Case("eval-batches-zero", options_case(**_both("eval_batches", 0, "--eval-batches", "0")), ConfigError,
+         "eval_batches = 0 must be >= 1"),
 ]
 
 # --- bad destinations -------------------------------------------------------------------------
@@ -444,24 +535,118 @@ def _disk_full(folder: Path) -> Callable[[pytest.MonkeyPatch], None]:
     return lambda monkeypatch: monkeypatch.setattr(qcompile.api, "open", FullDisk, raising=False)
 
 
+def _symlink_to_model(folder: Path) -> Path:
+    (folder / "alias.onnx").symlink_to(folder / "model.onnx")
+    return folder / "alias.onnx"
+
+
+def _fifo(name: str) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        os.mkfifo(folder / name)
+        return folder / name
+
+    return make
+
+
+def _calib_dir(folder: Path, name: str = "calib") -> Path:
+    path = folder / name
+    path.mkdir()
+    for i, batch in enumerate(batches()):
+        np.savez(path / f"batch_{i:02d}.npz", **batch)
+    return path
+
+
+def _external_data_destination(which: str) -> Builder:
+    """The model keeps its weight in model.onnx.data; -o (or --report) names that file."""
+
+    def build(folder: Path) -> Setup:
+        path = folder / "model.onnx"
+        onnx.save(mlp(), str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+        return Setup(folder, path, data=batches(), **{which: folder / "model.onnx.data"})
+
+    return build
+
+
+def _calibration_file_destination(which: str) -> Builder:
+    """-o calib/batch_00.npz (or --report): the calibration file would be replaced."""
+
+    def build(folder: Path) -> Setup:
+        calib = _calib_dir(folder)
+        return Setup(folder, good_model(folder), data=calib, **{which: calib / "batch_00.npz"})
+
+    return build
+
+
+def _evaluation_file_destination(folder: Path) -> Setup:
+    evaluation = _calib_dir(folder, "eval")
+    return Setup(folder, good_model(folder), data=batches(), out=evaluation / "batch_01.npz",
+                 api={"eval_data": evaluation}, cli=["--eval", str(evaluation)])
+
+
+def _config_file_destination(which: str) -> Builder:
+    def build(folder: Path) -> Setup:
+        config = folder / "qcompile.toml"
+        config.write_text('calibration_method = "minmax"\n')
+        return Setup(folder, good_model(folder), data=batches(), api={"config": config}, cli=["--config", str(config)],
+                     **{which: config})
+
+    return build
+
+
+def _full_disk_dump(folder: Path) -> Setup:
+    """--dump-after on a full disk: the dump's bytes stop short with ENOSPC (a 0-byte dump stayed)."""
+    import qcompile.pipeline
+
+    def save(model, path, *args, **kwargs):
+        Path(path).write_bytes(b"\x08")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    dumps = folder / "dumps"
+    return Setup(folder, good_model(folder), data=batches(),
+                 api={"dump_after": ["calibrate"], "dump_dir": dumps},
+                 cli=["--dump-after", "calibrate", "--dump-dir", str(dumps)],
+                 patch=lambda monkeypatch: monkeypatch.setattr(qcompile.pipeline.ir, "save", save))
+
+
 OUTPUT_CASES = [
     Case("output-folder-missing", output_case(out=lambda folder: folder / "no_such_dir" / "out.onnx"),
          OutputError, "folder '"),
     Case("output-is-a-directory", output_case(out=directory("out.onnx")), OutputError, "out.onnx': it is a directory"),
     Case("output-is-the-input", output_case(out=lambda folder: folder / "model.onnx"), OutputError,
-         "would overwrite the input model", via="cli"),
+         "would overwrite the input model"),
     Case("output-is-a-link-to-the-input", output_case(out=_hard_link_to_model), OutputError,
-         "would overwrite the input model", via="cli"),
+         "would overwrite the input model"),
+    Case("output-is-a-symlink-to-the-input", output_case(out=_symlink_to_model), OutputError,
+         "would overwrite the input model"),
     Case("report-is-the-input", output_case(report=lambda folder: folder / "model.onnx"), OutputError,
-         "would overwrite the input model; choose another --report", via="cli"),
+         "would overwrite the input model; choose another"),
+    Case("output-is-the-external-data", _external_data_destination("out"), OutputError,
+         "would overwrite the model's external data file"),
+    Case("report-is-the-external-data", _external_data_destination("report"), OutputError,
+         "would overwrite the model's external data file"),
+    Case("output-is-a-calibration-file", _calibration_file_destination("out"), OutputError,
+         "would overwrite the calibration file"),
+    Case("report-is-a-calibration-file", _calibration_file_destination("report"), OutputError,
+         "would overwrite the calibration file"),
+    Case("output-is-an-evaluation-file", _evaluation_file_destination, OutputError,
+         "would overwrite the evaluation file"),
+    Case("output-is-the-config-file", _config_file_destination("out"), OutputError, "would overwrite the config file"),
+    Case("report-is-the-config-file", _config_file_destination("report"), OutputError, "would overwrite the config file"),
+    Case("output-is-a-fifo", output_case(out=_fifo("out.onnx")), OutputError, "it is a FIFO (named pipe), not a regular file"),
+    Case("report-is-a-fifo", output_case(report=_fifo("report.json")), OutputError, "it is a FIFO (named pipe)"),
     Case("report-is-a-directory", output_case(report=directory("report.json")), OutputError, "it is a directory"),
     Case("output-folder-read-only", output_case(out=_read_only_folder, report=lambda folder: folder / "locked" / "report.json",
                                                 patch=_unwritable), OutputError, "Permission denied"),
     Case("disk-full", output_case(patch=_disk_full), OutputError, "No space left on device"),
+    Case("dump-on-a-full-disk", _full_disk_dump, OutputError, "Cannot write the dump"),
     Case("dump-folder-unwritable", options_case(
         api=lambda folder: {"dump_after": ["calibrate"], "dump_dir": folder / "model.onnx" / "dumps"},
         cli=lambda folder: ["--dump-after", "calibrate", "--dump-dir", str(folder / "model.onnx" / "dumps")]),
          OutputError, "Cannot write the dump"),
+    Case("output-name-too-long", output_case(out=lambda folder: folder / ("m" * 300 + ".onnx")), OutputError,
+         "its file name is 305 bytes, longer than the 255"),
+    Case("report-name-too-long", output_case(report=lambda folder: folder / ("r" * 300 + ".json")), OutputError,
+         "its file name is 305 bytes, longer than the 255"),
 ]
 
 CASES = MODEL_CASES + DATA_CASES + OPTION_CASES + OUTPUT_CASES
@@ -475,10 +660,13 @@ def test_the_corpus_is_large_and_ids_are_unique():
 # --- the checks, the same for every case -----------------------------------------------------
 
 
-def _snapshot(setup: Setup) -> tuple[list[Path], str | None]:
-    """Every path under the folder, and the model's SHA-256 (None when it is not a file)."""
+def _snapshot(setup: Setup) -> tuple[list[Path], str | None, dict[Path, str]]:
+    """Every path under the folder, the model's SHA-256 (None when it is not a file), and every
+    file's SHA-256 (the data, the config, external data: nothing the run reads may change)."""
     digest = hashlib.sha256(setup.model.read_bytes()).hexdigest() if setup.model.is_file() else None
-    return sorted(setup.folder.rglob("*")), digest
+    paths = sorted(setup.folder.rglob("*"))
+    files = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.is_file() and not p.is_symlink()}
+    return paths, digest, files
 
 
 def _built(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Setup:
@@ -569,6 +757,126 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     result.save(tmp_path / "m.onnx", report_path=tmp_path / "report.json")
     for name in ("m.onnx", "report.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_legal_250_character_name_is_written(tmp_path):
+    """The temp file's name is short: it does not push a legal 250-byte name past 255."""
+    result = qcompile.compile(mlp(), batches(), config={"measure_latency": False})
+    out = tmp_path / ("m" * 245 + ".onnx")
+    result.save(out, report_path=tmp_path / ("r" * 245 + ".json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "r" * 245 + ".json"])
+
+
+def test_save_onto_a_file_the_compile_read_is_refused_for_every_read(tmp_path):
+    """CompileResult.save knows what its compile read: the model, its external data, the data files, the config."""
+    model = tmp_path / "model.onnx"
+    onnx.save(mlp(), str(model), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    calib, evaluation = _calib_dir(tmp_path), _calib_dir(tmp_path, "eval")
+    config = tmp_path / "qcompile.toml"
+    config.write_text("measure_latency = false\n")
+    result = qcompile.compile(str(model), calib, eval_data=evaluation, config=config)
+    before = _snapshot(Setup(tmp_path, model))
+    for target in (model, tmp_path / "model.onnx.data", calib / "batch_01.npz", evaluation / "batch_00.npz", config):
+        for kwargs in ({"path": target}, {"path": tmp_path / "out.onnx", "report_path": target}):
+            with pytest.raises(OutputError, match="would overwrite"):
+                result.save(**kwargs)
+    assert _snapshot(Setup(tmp_path, model)) == before
+
+
+def test_inspect_json_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`qcompile inspect --json | head -c 1`: no BrokenPipeError traceback, exit 0."""
+    import subprocess
+    import sys
+
+    path = good_model(tmp_path)
+    script = f"import sys; from qcompile.cli import main; sys.exit(main(['inspect', {str(path)!r}, '--json', '-q']))"
+    run = subprocess.run(f"{sys.executable} -c \"{script}\" | head -c 1", shell=True, capture_output=True, text=True,
+                         timeout=120)
+    assert run.stdout == "{"
+    assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
+
+
+def test_debug_reports_never_replace_what_the_analysis_reads(tmp_path, capsys):
+    """`qcompile debug --out/--json` onto its float model, quantized model or a data file: exit 2, before the analysis."""
+    model, calib = good_model(tmp_path), _calib_dir(tmp_path)
+    quantized = tmp_path / "q.onnx"
+    quantized.write_bytes(b"not read: the destination is refused first")
+    before = _snapshot(Setup(tmp_path, model))
+    for flag, target in (("--out", quantized), ("--json", model), ("--out", calib / "batch_00.npz")):
+        assert main(["debug", str(model), str(quantized), "--data", str(calib), flag, str(target)]) == 2
+        assert "would overwrite" in capsys.readouterr().err
+    assert _snapshot(Setup(tmp_path, model)) == before
+
+
+# --- interrupted writes: a complete pair or nothing, and the next run sweeps what a kill left ---
+
+_INTERRUPT = """
+import os, signal, sys
+import qcompile.api, qcompile.outputs
+from qcompile.cli import main
+when, sig = sys.argv[1], getattr(signal, sys.argv[2])
+if when == "rename":  # the signal arrives between the model's rename and the report's
+    real = qcompile.outputs.os.replace
+    def replace(src, dst):
+        real(src, dst)
+        if str(dst).endswith("out.onnx"):
+            os.kill(os.getpid(), sig)
+    qcompile.outputs.os.replace = replace
+else:  # the signal arrives while the report's temp file is written, the model's temp complete
+    def write(tmp, data, destination):
+        os.kill(os.getpid(), sig)
+    qcompile.api._write_bytes = write
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _compile_interrupted(tmp_path: Path, when: str, sig: str):
+    import subprocess
+    import sys
+
+    model = good_model(tmp_path)
+    calib = _calib_dir(tmp_path)
+    argv = ["compile", str(model), "--calib", str(calib), "-o", str(tmp_path / "out.onnx"), "--no-latency",
+            "--no-cache", "--no-recover", "-q"]
+    return subprocess.run([sys.executable, "-c", _INTERRUPT, when, sig, *argv], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+
+
+def _written(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir() if p.name not in ("model.onnx", "calib"))
+
+
+@pytest.mark.parametrize("sig, code, message", [("SIGTERM", 143, "qcompile: interrupted (SIGTERM)"),
+                                                ("SIGINT", 130, "qcompile: interrupted")])
+def test_a_signal_during_the_final_renames_leaves_the_complete_pair(tmp_path, sig, code, message):
+    """SIGINT and SIGTERM are held while the model and its report are renamed into place: both are there."""
+    run = _compile_interrupted(tmp_path, "rename", sig)
+    assert run.returncode == code, run.stderr
+    assert run.stderr.strip().endswith(message) and "Traceback" not in run.stderr
+    assert _written(tmp_path) == ["out.onnx", "report.json"]
+    onnx.checker.check_model(str(tmp_path / "out.onnx"))
+    assert json.loads((tmp_path / "report.json").read_text())["hashes"]["output_model"]
+
+
+def test_sigterm_while_writing_leaves_nothing(tmp_path):
+    """SIGTERM before the renames: the temp files are removed, no model, no report, one clean line."""
+    run = _compile_interrupted(tmp_path, "write", "SIGTERM")
+    assert run.returncode == 143 and run.stderr.strip() == "qcompile: interrupted (SIGTERM)", run.stderr
+    assert _written(tmp_path) == []
+
+
+def test_the_next_run_removes_the_temp_files_a_killed_run_left(tmp_path):
+    """SIGKILL while writing leaves the temps (nothing can remove them then); the next run into the
+    folder removes them, and a temp of a live process (this one) is kept."""
+    run = _compile_interrupted(tmp_path, "write", "SIGKILL")
+    assert run.returncode == -9
+    left = _written(tmp_path)
+    assert len(left) == 2 and all(name.startswith(".qcompile-") and name.endswith(".tmp") for name in left), left
+    live = qcompile.outputs.temp_beside(tmp_path / "other.onnx")  # this process's: alive
+    qcompile.outputs._swept.clear()
+    result = qcompile.compile(mlp(), batches(), config={"measure_latency": False})
+    result.save(tmp_path / "out.onnx", report_path=tmp_path / "report.json")
+    assert _written(tmp_path) == sorted([live.name, "out.onnx", "report.json"])
 
 
 # --- inputs that look bad but are legitimate: they compile -----------------------------------

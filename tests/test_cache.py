@@ -262,3 +262,70 @@ def test_large_models_are_cached_tensor_by_tensor(tmp_path, monkeypatch, pass_ca
     assert (tmp_path / "hit.onnx").read_bytes() == (tmp_path / "uncached.onnx").read_bytes()
     # Saved inline, a large model's file is recorded as written too, and verifies.
     assert main(["verify", str(tmp_path / "hit.onnx"), "--report", str(tmp_path / "report.json")]) == 0
+
+
+_CONCURRENT = """
+import json, sys
+import qcompile
+from qcompile import api, cache, reproduce, workspace
+for module in (workspace, api, cache, reproduce):
+    module.LARGE_MODEL_BYTES = 1024  # the large-model path: entries keep their weights in model.onnx.data
+workspace.SPILL_MIN_BYTES = 1024
+# A cache that holds about one entry: every store evicts what other processes may be reading.
+init = cache.PassCache.__init__
+cache.PassCache.__init__ = lambda self, directory, max_bytes: init(self, directory, 800_000)
+# Reading a large entry takes long (SmolLM2: seconds): widen the window between checking an entry
+# and linking its weights into the workspace, where an eviction used to pull them away.
+import time
+adopt = workspace.Workspace.adopt
+def slow_adopt(self, model):
+    time.sleep(0.05)
+    return adopt(self, model)
+workspace.Workspace.adopt = slow_adopt
+model, calib, pipeline, method = sys.argv[1:5]
+hashes = {}
+for limit in (16, 1024, 64, 16):
+    config = {"measure_latency": False, "pipeline": [pipeline.format(limit=limit)], "cache": True,
+              "calibration_method": method}
+    result = qcompile.compile(model, calib, config=config)
+    result.save(f"{method}-{limit}.onnx")
+    hashes[str(limit)] = result.report.hashes["output_model"]
+print(json.dumps(hashes))
+"""
+
+
+def test_concurrent_compiles_share_one_cache_safely(tmp_path, monkeypatch, pass_cache_dir):
+    """Four processes compile a model with external data against one cache at once, on the large-model
+    path (entries keep weights in files), with a cache so small that every store evicts: each
+    compile succeeds and gives the bytes a compile without the cache gives (evictions never pull an
+    entry from under its reader, readers never see half an entry)."""
+    import subprocess
+    import sys
+
+    import onnx
+
+    from benchmarks.large_model import write_calibration, write_large_model
+    from qcompile import api, reproduce, workspace
+
+    model = write_large_model(tmp_path / "model", total_bytes=6 * 64 * 64 * 4, width=64)
+    calib = write_calibration(tmp_path / "calib", width=64, batches=3, rows=8)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL
+               for t in onnx.load(str(model), load_external_data=False).graph.initializer)
+    for module in (workspace, api, pass_cache, reproduce):
+        monkeypatch.setattr(module, "LARGE_MODEL_BYTES", 1024)
+    monkeypatch.setattr(workspace, "SPILL_MIN_BYTES", 1024)
+    # Each process calibrates its own way: four entries for a cache that holds one.
+    methods = ("mse", "minmax", "percentile", "entropy")
+    expected = {method: {str(limit): qcompile.compile(str(model), str(calib), config={
+        "measure_latency": False, "pipeline": [PIPELINE.format(limit=limit)], "cache": False,
+        "calibration_method": method}).report.hashes["output_model"] for limit in (16, 1024, 64)} for method in methods}
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    runs = {method: subprocess.Popen([sys.executable, "-c", _CONCURRENT, str(model), str(calib), PIPELINE, method],
+                                     cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for method in methods}
+    for method, run in runs.items():
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+        assert json.loads(out.splitlines()[-1]) == expected[method]
+    assert not list(pass_cache_dir.rglob(".tmp-*"))  # no half-written entry left behind

@@ -146,6 +146,9 @@ def test_inspect_json(model_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert [i["name"] for i in info["inputs"]] == ["x"]
     assert info["would_quantize"]["quantized_nodes"] > 0
+    # Static dims are numbers, symbolic ones their names (a static dim was the string "1000").
+    for value in info["inputs"] + info["outputs"]:
+        assert all(isinstance(d, int) or (isinstance(d, str) and not d.isdigit()) for d in value["shape"]), value
 
 
 def test_accuracy_gate_exits_3_and_writes_only_the_report(tmp_path, model_path, calib, capsys):
@@ -228,3 +231,26 @@ def test_report_has_one_timed_entry_per_pass(tmp_path, model_path, calib):
     assert [p["name"] for p in report["passes"]] == expected
     for entry in report["passes"]:
         assert isinstance(entry["seconds"], float) and entry["seconds"] >= 0
+
+
+def test_version_and_help_texts_name_every_choice(capsys):
+    """--version prints the installed version; compile's help lists every calibration method and
+    recipe there is (auto and llm-fp8 were missing), and run/inspect explain their arguments."""
+    from importlib import metadata
+
+    from qcompile.recipes import RECIPES
+    from qcompile.statistics import CALIBRATION_METHODS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"qcompile {metadata.version('qcompile')}"
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in (*CALIBRATION_METHODS, *RECIPES):
+        assert name in text, name
+    for command in ("run", "inspect"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "the float ONNX model" in capsys.readouterr().out or command == "run"

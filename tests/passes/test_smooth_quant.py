@@ -98,6 +98,22 @@ def test_leaves_well_scaled_activations_alone():
     assert [node.op_type for node in model.graph] == ["LayerNormalization", "MatMul"]
 
 
+def test_leaves_a_tensor_whose_weight_is_not_finite_alone_and_names_it():
+    """A NaN or Inf weight: no scale can be scored (it crashed with "cannot convert float NaN to
+    integer"); the tensor is left as it is, with the weight named in the record."""
+    for bad in (np.nan, np.inf):
+        proto = _layernorm_matmul(residual=False)
+        w = np.array(proto.graph.initializer[2].float_data or
+                     np.frombuffer(proto.graph.initializer[2].raw_data, np.float32)).reshape(HIDDEN, OUT)
+        w[1, 2] = bad
+        proto.graph.initializer[2].CopyFrom(helper.make_tensor("w", TensorProto.FLOAT, [HIDDEN, OUT], w.flatten()))
+        model, context = run_passes(proto, ["smooth-quant"], data=_batches())
+        record = context.records["smooth-quant"]
+        assert record["smoothed"] == {}
+        assert "weight 'w' of 'mm' holds NaN or Inf" in record["not_finite"]["h"]
+        assert [node.op_type for node in model.graph] == ["LayerNormalization", "MatMul"]
+
+
 def test_skips_with_a_reason_when_the_data_can_only_be_read_once():
     proto = _layernorm_matmul(residual=False)
     model, context = run_passes(proto, ["smooth-quant"], data=iter(_batches()))
