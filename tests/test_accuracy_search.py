@@ -223,8 +223,14 @@ def test_recovery_that_misses_its_floor_writes_the_best_model_and_exits_3(tmp_pa
     assert code == 3
     assert "recovery from the plain compile's" in capsys.readouterr().err
     assert out.is_file()
-    recovery = json.loads((tmp_path / "report.json").read_text())["transformations"]["recovery"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    recovery = report["transformations"]["recovery"]
     assert recovery["met"] is False and recovery["final_min_sqnr_db"] >= recovery["plain_min_sqnr_db"]
+    # Recovery keeps at most a quarter of the plan float (at least one node): never a float model
+    # that merely passes for a quantized one.
+    steps = report["transformations"]["accuracy-search"]["steps"]
+    kept_float = [s["change"].split("kept float: ")[1] for s in steps if s["stage"] == "float"]
+    assert kept_float and all(nodes.count(",") == 0 for nodes in kept_float), steps
 
 
 def test_a_model_above_the_floor_is_compiled_once(tmp_path):
