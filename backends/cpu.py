@@ -204,6 +204,7 @@ TARGET = Target(
         "quantize-loop-weights",
         "remove-unused",
         "strip-metadata",
+        "strip-value-info",
         "check-model",
     ),
     fusion_report=cpu_fusion_report,

@@ -143,6 +143,7 @@ TARGET = Target(
         "insert-qdq",
         "remove-unused",
         "strip-metadata",
+        "strip-value-info",
         "check-model",
     ),
     install_hint="pip install onnxruntime-qnn (x86-64 Linux and Windows on Arm/x64 wheels; "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["StripMetadata"]
+__all__ = ["StripMetadata", "StripValueInfo"]
 
 import onnx_ir as ir
 
@@ -33,4 +33,29 @@ class StripMetadata(ir.passes.InPlacePass):
                     value.metadata_props.clear()
                     value.doc_string = None
                     modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+@register_pass("strip-value-info")
+class StripValueInfo(ir.passes.InPlacePass):
+    """Drop the declared types and shapes of intermediate values (the file's ``value_info``).
+
+    Requires: nothing. Guarantees: graph inputs and outputs (subgraphs' too) keep theirs, the
+    computation is unchanged; ONNX Runtime infers intermediate types and shapes when it loads the
+    model, and ``onnx.shape_inference`` restores them for a viewer. On small models they are a
+    large share of the file: PP-OCR's direction classifier, 0.59 MB in fp32, carried 50 KB of
+    value_info (1,054 entries, 16% of its INT8 file) for what ONNX Runtime recomputes.
+    """
+
+    def __init__(self, context):
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # (An initializer's type is its tensor's; qcompile.workspace.serialize_inline drops the copy
+        # onnx-ir writes as value_info.)
+        modified = False
+        for value in (v for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs):
+            if (value.type is not None or value.shape is not None) and not value.is_graph_output():
+                value.type, value.shape = None, None
+                modified = True
         return ir.passes.PassResult(model, modified)

@@ -176,6 +176,14 @@ class FoldBatchNorm(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = _count_op(model, "BatchNormalization")
+        # The rules read initializers; lift-constants leaves tensors under 16 elements as Constant
+        # nodes, and PP-OCR's direction classifier kept six 8-channel BatchNorms float that way.
+        for node in list(model.graph):
+            if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+                producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+                for owner in (node, producer):
+                    if owner is not None and owner.op_type in ("BatchNormalization", *_BN_HOSTS):
+                        _lift_constant_inputs(model.graph, owner)
         onnxscript.rewriter.rewrite(
             model,
             pattern_rewrite_rules=[
@@ -185,6 +193,24 @@ class FoldBatchNorm(ir.passes.InPlacePass):
             ],
         )
         return ir.passes.PassResult(model, _count_op(model, "BatchNormalization") < before)
+
+
+_BN_HOSTS = ("Conv", "ConvTranspose", "Gemm")
+
+
+def _lift_constant_inputs(graph: ir.Graph, node: ir.Node) -> None:
+    """Make the parameter inputs (all but the first) of ``node`` that Constant nodes produce initializers."""
+    for value in node.inputs[1:]:
+        producer = value.producer() if value is not None else None
+        if (producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx")
+                or "value" not in producer.attributes or value.is_graph_output() or value.name in graph.initializers):
+            continue
+        tensor = producer.attributes["value"].as_tensor()
+        initializer = ir.Value(name=value.name, const_value=tensor, type=value.type, shape=tensor.shape)
+        initializer.dtype = tensor.dtype
+        ir.convenience.replace_all_uses_with(value, initializer)
+        graph.remove(producer, safe=True)
+        graph.register_initializer(initializer)
 
 
 def _count_op(model: ir.Model, op_type: str) -> int:

@@ -243,6 +243,11 @@ def float_compute_nodes(proto: onnx.ModelProto) -> list[dict[str, str]]:
     A node counts as integer when every non-constant float input comes from a DequantizeLinear
     and every float output goes only to QuantizeLinear (ORT's QDQ node units).
     """
+    if not proto.graph.value_info:  # strip-value-info dropped the types: integer inputs need them
+        try:
+            proto = onnx.shape_inference.infer_shapes(proto)
+        except Exception:  # noqa: BLE001 (a model onnx cannot infer, or one over 2 GB: judge by graph inputs)
+            pass
     constants = {t.name for t in proto.graph.initializer}
     producers = {out: node for node in proto.graph.node for out in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}

@@ -14,7 +14,7 @@ from qcompile.errors import ConfigError
 _PREPARE = ("fix-names", "shape-inference", "lift-constants", "fold-constants",
             "deduplicate-initializers", "remove-identity",
             "remove-unused", "topological-sort")
-_FINISH = ("remove-unused", "strip-metadata", "check-model")
+_FINISH = ("remove-unused", "strip-metadata", "strip-value-info", "check-model")
 
 RECIPES: dict[str, tuple[str, ...]] = {
     # Language models, weights only: asymmetric 4-bit blocks of 128 (AWQ scaling, then GPTQ rounding;
