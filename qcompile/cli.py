@@ -151,7 +151,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="run every pass; neither read nor write the pass cache")
     c.add_argument("--cache-dir", help="pass cache folder (default: $QCOMPILE_CACHE_DIR, else ~/.cache/qcompile)")
     c.add_argument("--cache-max-mb", type=int, metavar="MB",
-                   help="delete least recently used cache entries beyond this size (default 10000)")
+                   help="delete least recently used cache entries beyond this size (default 2000, i.e. 2 GB)")
     _add_executor_flags(c)
 
     v = sub.add_parser("verify", help="check a compiled model against its report.json; optionally compile it again")
