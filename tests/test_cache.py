@@ -126,12 +126,12 @@ def test_cli_flags_map_to_cache_keys(tmp_path, model_path):
     own = tmp_path / "own-cache"
     args = ["compile", str(model_path), "--calib", str(calib), "--no-latency", "-q", "-o", str(tmp_path / "q.onnx")]
     assert main([*args, "--cache-dir", str(own), "--cache-max-mb", "50"]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "q.report.json").read_text())
     assert report["config"]["cache"] is True  # on by default for the command line
     assert report["config"]["cache_dir"] == str(own) and report["config"]["cache_max_mb"] == 50
     assert report["cache"]["dir"] == str(own) and _entries(own)
     assert main([*args, "--no-cache"]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "q.report.json").read_text())
     assert report["config"]["cache"] is False and report["cache"]["enabled"] is False
 
 
