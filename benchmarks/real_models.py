@@ -1065,10 +1065,9 @@ def _compile_qcompile(model: Path, calib: Path, evaluation: Path, out: Path) -> 
         code, stderr = None, f"timed out after {QCOMPILE_TIMEOUT_S} s\n{(timeout.stderr or b'')[-2000:]!r}"
     seconds = round(time.perf_counter() - start, 1)
     result = {"command": " ".join(command), "exit": code, "seconds": seconds}
-    report_path = out.parent / "report.json"
+    report_path = out.with_suffix(".report.json")  # the CLI's default: OUT less .onnx, plus .report.json
     if report_path.exists():
         result["report"] = json.loads(report_path.read_text())
-        report_path.rename(out.with_suffix(".report.json"))
     if code != 0 or not out.exists():
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
         errors = [line for line in lines if re.search(r"error|Error|refus|cannot|failed", line)]

@@ -34,6 +34,7 @@ import minilm
 from npz_batches import write_npz_batches
 
 import qcompile
+from qcompile.outputs import report_path_for
 from qcompile.debug import analyze
 
 
@@ -51,7 +52,7 @@ def main() -> None:
     calib_dir = args.out / "calibration"
     write_npz_batches(minilm.tokenize_batches(tokenizer, calibration), calib_dir)
     int8_path = args.out / "minilm.int8.onnx"
-    qcompile.compile(float_path, calib_dir, target="cpu").save(int8_path, report_path=args.out / "minilm.report.json")
+    qcompile.compile(float_path, calib_dir, target="cpu").save(int8_path, report_path=report_path_for(int8_path))
 
     data_dir = args.out / "debug_data"
     write_npz_batches(minilm.tokenize_batches(tokenizer, evaluation[: args.sentences], batch_size=1), data_dir)

@@ -38,6 +38,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import qcompile
+from qcompile.outputs import report_path_for
 from ort_baseline import quantize_with_ort
 
 logger = logging.getLogger("digits_cnn")
@@ -195,7 +196,7 @@ def main() -> None:
     onnx_path, calib_dir, (x_test, y_test) = build_digits_model(args.out)
     int8_path = args.out / "digits_cnn.int8.onnx"
     result = qcompile.compile(onnx_path, calib_dir, target="cpu")
-    report_path = args.out / "digits_cnn.report.json"
+    report_path = report_path_for(int8_path)  # out/digits_cnn/digits_cnn.int8.report.json
     result.save(int8_path, report_path=report_path)
     logger.info("compile report:\n%s", result.report)
 

@@ -51,6 +51,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 import qcompile
+from qcompile.outputs import report_path_for
 from npz_batches import write_npz_batches as write_calibration_batches
 from ort_baseline import quantize_with_ort
 
@@ -274,7 +275,7 @@ def main() -> None:
 
     int8_path = args.out / "minilm.int8.onnx"
     result = qcompile.compile(onnx_path, calib_dir, target="cpu")
-    report_path = args.out / "minilm.report.json"
+    report_path = report_path_for(int8_path)  # minilm.int8.report.json
     result.save(int8_path, report_path=report_path)
     logger.info("compile report:\n%s", result.report)
 

@@ -76,6 +76,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from transformers.utils import logging as transformers_logging
 
 import qcompile
+from qcompile.outputs import report_path_for
 from npz_batches import write_npz_batches as write_calibration_batches
 from perplexity import empty_past, make_session, perplexity
 
@@ -485,7 +486,7 @@ def main() -> None:
     # takes seconds on this machine, and perplexity is the measure.
     compiled_path = args.out / f"smollm2.{args.recipe}.onnx"
     result = qcompile.compile(onnx_path, calib_dir, target="cpu", config={"measure_latency": False, "recipe": args.recipe})
-    report_path = args.out / f"smollm2.{args.recipe}.report.json"
+    report_path = report_path_for(compiled_path)  # smollm2.<recipe>.report.json
     result.save(compiled_path, report_path=report_path)
     logger.info("compile report:\n%s", result.report)
 

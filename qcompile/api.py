@@ -93,7 +93,10 @@ class CompileResult:
         return serialize_inline(self.model)
 
     def save(self, path: str | Path, *, report_path: str | Path | None = None) -> None:
-        """Write the model (and optionally report.json) atomically: both complete, or neither.
+        """Write the model (and optionally its report) atomically: both complete, or neither.
+
+        ``report_path``: None writes no report; the command line's name for it is
+        ``qcompile.outputs.report_path_for(path)`` (``m.int8.onnx`` -> ``m.int8.report.json``).
 
         Both are written to temp files first and renamed model first, report last, with SIGINT and
         SIGTERM held between the renames (``qcompile.outputs``). Refused (``OutputError``, nothing

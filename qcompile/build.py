@@ -63,6 +63,7 @@ from typing import Any
 from qcompile.config import read_toml
 from qcompile.errors import AccuracyGateError, ConfigError, OutputError, QcompileError, detail
 from qcompile.executors import Executor, make_executor
+from qcompile.outputs import report_path_for
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ def _entries_of(table: dict, number: int, path: Path, base: Path, out: Path, def
         entries.append(BuildEntry(
             where=where, name=name, target=target, model=str(model),
             calib=data["calib"], eval=data["eval"], config=config.to_dict(), output=str(output),
-            report=str(out / f"{name}.{target}.report.json"),
+            report=str(report_path_for(output)),  # OUT_DIR/<name>.<target>.report.json
         ))
     return entries
 

@@ -140,7 +140,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
     c.add_argument("--eval-batches", type=int, help="at most this many evaluation batches (default 8)")
     c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    c.add_argument("--report", help="report path (default: report.json beside the output)")
+    c.add_argument("--report", help="report path (default: OUTPUT less .onnx, plus .report.json: "
+                   "-o out/m.int8.onnx writes out/m.int8.report.json)")
     c.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224",
                    help="static shape of an input, for targets that need one (repeatable; default: the first calibration batch's)")
     c.add_argument("--allow-fallback", action="store_true", default=None,
@@ -151,12 +152,13 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="run every pass; neither read nor write the pass cache")
     c.add_argument("--cache-dir", help="pass cache folder (default: $QCOMPILE_CACHE_DIR, else ~/.cache/qcompile)")
     c.add_argument("--cache-max-mb", type=int, metavar="MB",
-                   help="delete least recently used cache entries beyond this size (default 10000)")
+                   help="delete least recently used cache entries beyond this size (default 2000, i.e. 2 GB)")
     _add_executor_flags(c)
 
-    v = sub.add_parser("verify", help="check a compiled model against its report.json; optionally compile it again")
+    v = sub.add_parser("verify", help="check a compiled model against its report; optionally compile it again")
     v.add_argument("model", help="the compiled model to check")
-    v.add_argument("--report", help="the report.json written with it (default: report.json beside MODEL)")
+    v.add_argument("--report", help="the report written with it (default: MODEL less .onnx, plus .report.json; "
+                   "else report.json beside MODEL, as earlier versions named it)")
     v.add_argument("--model", dest="source_model", metavar="FLOAT_MODEL",
                    help="the model it was compiled from: compile it again with the report's config and compare bytes")
     v.add_argument("--calib", help="the calibration data it was compiled with (with --model)")
@@ -284,7 +286,7 @@ def _parse_shape(text: str) -> tuple[str, list[int]]:
 def _cmd_compile(args) -> int:
     import qcompile
     from qcompile.backends import get_target
-    from qcompile.outputs import check_destination, check_not_read, write_text_atomically
+    from qcompile.outputs import check_destination, check_not_read, report_path_for, write_text_atomically
     from qcompile.pipeline import format_pipeline, parse_pipeline
     from qcompile.recipes import pipeline_for
 
@@ -295,7 +297,7 @@ def _cmd_compile(args) -> int:
         return 0
     model_path = Path(args.model)
     output = Path(args.output) if args.output else model_path.with_suffix(f".{config.target}.onnx")
-    report_path = Path(args.report) if args.report else output.parent / "report.json"
+    report_path = Path(args.report) if args.report else report_path_for(output)
     reads = _files_read(args, config, model_path, (output, report_path))
     for path, flag in ((output, "-o"), (report_path, "--report")):
         check_not_read(path, reads, flag)
@@ -419,9 +421,14 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _cmd_verify(args) -> int:
+    from qcompile.outputs import report_path_for
     from qcompile.reproduce import verify_artifact
 
-    report = Path(args.report) if args.report else Path(args.model).parent / "report.json"
+    report = Path(args.report) if args.report else report_path_for(Path(args.model))
+    legacy = Path(args.model).parent / "report.json"
+    if not args.report and not report.exists() and legacy.is_file():
+        # Compiled before reports were named after their model; the recorded hash says whether it is this model's.
+        report = legacy
     for line in verify_artifact(args.model, report, model=args.source_model, calibration_data=args.calib):
         print(line)
     return 0

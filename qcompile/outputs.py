@@ -14,6 +14,9 @@ cannot remove its own). Files written together (a model and its report) are rena
 the other with SIGINT and SIGTERM held until both are in place: an interrupted run leaves both
 files or neither; only SIGKILL or a power cut between the two renames (microseconds) leaves the
 model without its report.
+
+A model's report is ``<output name less .onnx>.report.json`` beside it (``report_path_for``), so
+several models compiled into one folder keep one report each.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = [
     "files_read",
     "remove_stale_temps",
     "rename_together",
+    "report_path_for",
     "temp_beside",
     "write_text_atomically",
 ]
@@ -167,6 +171,14 @@ def files_read(*, model: Any = None, external_data: Iterable[Path] | None = None
         if script.endswith(".py"):
             reads.append((Path(script), f"the metric script {script!r}"))
     return reads
+
+
+def report_path_for(output: Path) -> Path:
+    """Where a model's report goes by default: ``out/model.int8.onnx`` -> ``out/model.int8.report.json``
+    (a name without ``.onnx`` keeps all of it: ``out/model`` -> ``out/model.report.json``)."""
+    output = Path(output)
+    stem = output.name[: -len(".onnx")] if output.name.lower().endswith(".onnx") and output.name[:-5] else output.name
+    return output.with_name(f"{stem}.report.json")
 
 
 def _alive(pid: int) -> bool:

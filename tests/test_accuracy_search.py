@@ -97,7 +97,7 @@ def test_budget_never_met_writes_best_and_exits_3(tmp_path, capsys):
     stderr = capsys.readouterr().err
     assert "Accuracy budget not met" in stderr and "short of the required 200.00 dB" in stderr, stderr
     assert out.is_file()  # the best model found is written
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "out.report.json").read_text())
     search = report["transformations"]["accuracy-search"]
     assert search["met"] is False and search["stopped"] == "no candidates left"
     best = search["steps"][search["chosen_step"]]
@@ -198,7 +198,7 @@ def test_default_compile_recovers_a_collapsed_model_and_says_what_it_changed(tmp
                  "--no-cache", "-o", str(out)])
     assert code == 0
     assert "below the 20 dB floor" in capsys.readouterr().err
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "out.report.json").read_text())
     recovery = report["transformations"]["recovery"]
     assert recovery["met"] and recovery["plain_min_sqnr_db"] < 10 <= 20 <= recovery["final_min_sqnr_db"]
     assert recovery["stage"] == "float" and "mm2" in recovery["changed"], recovery
@@ -209,7 +209,7 @@ def test_default_compile_recovers_a_collapsed_model_and_says_what_it_changed(tmp
     code = main(["compile", str(model_path), "--calib", str(calib), "--config", str(config), "--no-latency",
                  "--no-cache", "-o", str(plain_out), "--no-recover"])
     assert code == 0
-    plain = json.loads((plain_out.parent / "report.json").read_text())
+    plain = json.loads((plain_out.parent / "out.report.json").read_text())
     assert "recovery" not in plain["transformations"] and plain["evaluation"]["outputs"]["y"]["sqnr_db"] < 10
 
 
@@ -223,7 +223,7 @@ def test_recovery_that_misses_its_floor_writes_the_best_model_and_exits_3(tmp_pa
     assert code == 3
     assert "recovery from the plain compile's" in capsys.readouterr().err
     assert out.is_file()
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "out.report.json").read_text())
     recovery = report["transformations"]["recovery"]
     assert recovery["met"] is False and recovery["final_min_sqnr_db"] >= recovery["plain_min_sqnr_db"]
     # Recovery keeps at most a quarter of the plan float (at least one node): never a float model
@@ -257,7 +257,7 @@ def test_a_search_whose_ranking_fails_still_writes_its_best_model(tmp_path, caps
     code = main(["compile", str(model_path), "--calib", str(calib), "--config", str(config), "--no-latency",
                  "--no-cache", "-o", str(out)])
     assert code == 3 and out.is_file()
-    recovery = json.loads((tmp_path / "report.json").read_text())["transformations"]["recovery"]
+    recovery = json.loads((tmp_path / "out.report.json").read_text())["transformations"]["recovery"]
     assert recovery["met"] is False and "no sensitivity ranking" in recovery["stopped"]
 
 

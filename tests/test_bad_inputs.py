@@ -109,12 +109,12 @@ class Setup:
     api: dict = dataclasses.field(default_factory=dict)  # extra keyword arguments of qcompile.compile
     cli: list[str] = dataclasses.field(default_factory=list)  # extra command-line arguments
     out: Path | None = None  # the output model (default: FOLDER/out.onnx)
-    report: Path | None = None  # the report (default: FOLDER/report.json)
+    report: Path | None = None  # the report (default: the CLI's, FOLDER/out.report.json beside out.onnx)
     patch: Callable[[pytest.MonkeyPatch], None] | None = None  # e.g. a full disk
 
     def __post_init__(self):
         self.out = self.out or self.folder / "out.onnx"
-        self.report = self.report or self.folder / "report.json"
+        self.report = self.report or qcompile.outputs.report_path_for(self.out)
 
 
 Builder = Callable[[Path], Setup]
@@ -593,6 +593,16 @@ def _config_file_destination(which: str) -> Builder:
     return build
 
 
+def _config_named(name: str) -> Builder:
+    """A config file where the report's default name puts the report (no --report given)."""
+    def build(folder: Path) -> Setup:
+        config = folder / name
+        config.write_text('calibration_method = "minmax"\n')
+        return Setup(folder, good_model(folder), data=batches(), api={"config": config}, cli=["--config", str(config)])
+
+    return build
+
+
 def _full_disk_dump(folder: Path) -> Setup:
     """--dump-after on a full disk: the dump's bytes stop short with ENOSPC (a 0-byte dump stayed)."""
     import qcompile.pipeline
@@ -633,10 +643,14 @@ OUTPUT_CASES = [
     Case("output-is-the-config-file", _config_file_destination("out"), OutputError, "would overwrite the config file"),
     Case("report-is-the-config-file", _config_file_destination("report"), OutputError, "would overwrite the config file"),
     Case("output-is-a-fifo", output_case(out=_fifo("out.onnx")), OutputError, "it is a FIFO (named pipe), not a regular file"),
-    Case("report-is-a-fifo", output_case(report=_fifo("report.json")), OutputError, "it is a FIFO (named pipe)"),
-    Case("report-is-a-directory", output_case(report=directory("report.json")), OutputError, "it is a directory"),
-    Case("output-folder-read-only", output_case(out=_read_only_folder, report=lambda folder: folder / "locked" / "report.json",
-                                                patch=_unwritable), OutputError, "Permission denied"),
+    # The report's default name (out.onnx -> out.report.json) is what these cases occupy.
+    Case("report-is-a-fifo", output_case(report=_fifo("out.report.json")), OutputError, "it is a FIFO (named pipe)"),
+    Case("report-is-a-directory", output_case(report=directory("out.report.json")), OutputError, "it is a directory"),
+    Case("default-report-is-the-config-file", _config_named("out.report.json"), OutputError,
+         "would overwrite the config file"),
+    Case("default-report-name-too-long", output_case(out=lambda folder: folder / ("m" * 245 + ".onnx")), OutputError,
+         "its file name is 257 bytes, longer than the 255"),
+    Case("output-folder-read-only", output_case(out=_read_only_folder, patch=_unwritable), OutputError, "Permission denied"),
     Case("disk-full", output_case(patch=_disk_full), OutputError, "No space left on device"),
     Case("dump-on-a-full-disk", _full_disk_dump, OutputError, "Cannot write the dump"),
     Case("dump-folder-unwritable", options_case(
@@ -709,7 +723,9 @@ def test_cli_rejects(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     setup = _built(case, tmp_path, monkeypatch)
     calib = _calib_folder(setup)
     before = _snapshot(setup)
-    argv = ["compile", str(setup.model), "-o", str(setup.out), "--report", str(setup.report), "--no-latency", *setup.cli]
+    # --report only when the case names another path: the default name is then the one the CLI derives.
+    report = [] if setup.report == qcompile.outputs.report_path_for(setup.out) else ["--report", str(setup.report)]
+    argv = ["compile", str(setup.model), "-o", str(setup.out), *report, "--no-latency", *setup.cli]
     code = main(argv + (["--calib", str(calib)] if calib is not None else []))
     captured = capsys.readouterr()
     assert code == 2, captured.err
@@ -853,9 +869,9 @@ def test_a_signal_during_the_final_renames_leaves_the_complete_pair(tmp_path, si
     run = _compile_interrupted(tmp_path, "rename", sig)
     assert run.returncode == code, run.stderr
     assert run.stderr.strip().endswith(message) and "Traceback" not in run.stderr
-    assert _written(tmp_path) == ["out.onnx", "report.json"]
+    assert _written(tmp_path) == ["out.onnx", "out.report.json"]
     onnx.checker.check_model(str(tmp_path / "out.onnx"))
-    assert json.loads((tmp_path / "report.json").read_text())["hashes"]["output_model"]
+    assert json.loads((tmp_path / "out.report.json").read_text())["hashes"]["output_model"]
 
 
 def test_sigterm_while_writing_leaves_nothing(tmp_path):
@@ -875,8 +891,8 @@ def test_the_next_run_removes_the_temp_files_a_killed_run_left(tmp_path):
     live = qcompile.outputs.temp_beside(tmp_path / "other.onnx")  # this process's: alive
     qcompile.outputs._swept.clear()
     result = qcompile.compile(mlp(), batches(), config={"measure_latency": False})
-    result.save(tmp_path / "out.onnx", report_path=tmp_path / "report.json")
-    assert _written(tmp_path) == sorted([live.name, "out.onnx", "report.json"])
+    result.save(tmp_path / "out.onnx", report_path=tmp_path / "out.report.json")
+    assert _written(tmp_path) == sorted([live.name, "out.onnx", "out.report.json"])
 
 
 # --- inputs that look bad but are legitimate: they compile -----------------------------------

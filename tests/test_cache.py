@@ -126,12 +126,12 @@ def test_cli_flags_map_to_cache_keys(tmp_path, model_path):
     own = tmp_path / "own-cache"
     args = ["compile", str(model_path), "--calib", str(calib), "--no-latency", "-q", "-o", str(tmp_path / "q.onnx")]
     assert main([*args, "--cache-dir", str(own), "--cache-max-mb", "50"]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "q.report.json").read_text())
     assert report["config"]["cache"] is True  # on by default for the command line
     assert report["config"]["cache_dir"] == str(own) and report["config"]["cache_max_mb"] == 50
     assert report["cache"]["dir"] == str(own) and _entries(own)
     assert main([*args, "--no-cache"]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "q.report.json").read_text())
     assert report["config"]["cache"] is False and report["cache"]["enabled"] is False
 
 
@@ -329,3 +329,25 @@ def test_concurrent_compiles_share_one_cache_safely(tmp_path, monkeypatch, pass_
         assert run.returncode == 0, err[-3000:]
         assert json.loads(out.splitlines()[-1]) == expected[method]
     assert not list(pass_cache_dir.rglob(".tmp-*"))  # no half-written entry left behind
+
+
+def test_the_default_size_limit_is_2_gb_and_storing_evicts(tmp_path, model_path, pass_cache_dir, monkeypatch):
+    """Without --cache-max-mb the cache is bounded by 2 GB (it was 10 GB: a ResNet-18 compile stores
+    ~92 MB, so the cache grew without a limit anyone meets); each store evicts down to the limit."""
+    assert CompileConfig().cache_max_mb == 2000
+    opened = []
+    real_open = pass_cache.PassCache.open
+    monkeypatch.setattr(pass_cache.PassCache, "open",
+                        classmethod(lambda cls, root, max_bytes: opened.append(max_bytes) or real_open(root, max_bytes)))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, batch in enumerate(cnn_batches(3)):
+        np.savez(calib / f"{i}.npz", **batch)
+    assert main(["compile", str(model_path), "--calib", str(calib), "--no-latency", "-q", "-o", str(tmp_path / "q.onnx")]) == 0
+    assert opened == [2000 * 1_000_000]
+    # store() itself keeps the limit: with room for one entry, the second store evicts the first.
+    store, _ = pass_cache.PassCache.open(tmp_path / "small", 10**9)
+    assert store.store("0" * 64, _entry(0))
+    store.max_bytes = sum(f.stat().st_size for f in store.path("0" * 64).iterdir()) * 3 // 2
+    assert store.store("1" * 64, _entry(1))
+    assert not store.path("0" * 64).exists() and store.path("1" * 64).exists()

@@ -54,7 +54,7 @@ def test_json_lines_parse_and_name_every_pass(files, capsys):
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
     assert all(r["time"].endswith("Z") for r in records)
     passes = [r for r in records if "pass" in r]
-    report = json.loads((files / "report.json").read_text())
+    report = json.loads((files / "out.report.json").read_text())
     assert [r["pass"] for r in passes] == [p["name"] for p in report["passes"]]
     assert all(isinstance(r["seconds"], float) and r["level"] == "DEBUG" for r in passes)
     # Calibration progress is a record too, in JSON mode, ending with the batch count.

@@ -152,7 +152,7 @@ def test_model_digest_does_not_depend_on_where_weights_live(tmp_path, monkeypatc
 def compiled(tmp_path, cnn_files):
     """A model compiled by the CLI, with its report."""
     model, calib = cnn_files
-    out, report = tmp_path / "cnn.int8.onnx", tmp_path / "report.json"
+    out, report = tmp_path / "cnn.int8.onnx", tmp_path / "cnn.int8.report.json"
     assert main(["compile", str(model), "--calib", str(calib), "-o", str(out), "--no-latency", "-q"]) == 0
     return model, calib, out, report
 
