@@ -7,12 +7,15 @@ never an ``if target == ...`` in a pass.
 
 from __future__ import annotations
 
-__all__ = ["InputRole", "OutputRole", "TypeSource", "ConstantFormat", "OpRule", "Target"]
+__all__ = ["InputRole", "OutputRole", "TypeSource", "ConstantFormat", "OpRule", "Kernel", "KernelTable", "Target"]
 
 import dataclasses
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
+
+import onnx
+import onnx_ir as ir
 
 
 class InputRole(enum.Enum):
@@ -90,6 +93,97 @@ class OpRule:
 
 
 @dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One op the provider has a kernel for, and the element types that kernel is registered for.
+
+    ``typed_by`` names the tensor whose element type selects the kernel: ``"input:0"`` (a
+    DequantizeLinear's integer input), ``"output:0"`` (a QuantizeLinear's integer output).
+    ``types`` None: every type the op allows (a float op the input model already had).
+    """
+
+    op_type: str
+    domain: str = ""
+    types: frozenset[str] | None = None
+    typed_by: str = "input:0"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTable:
+    """Which of the ops a compile emits the provider runs itself (the rest go to the CPU provider).
+
+    A table of the provider's kernel registrations for what qcompile writes: Q/DQ per integer
+    type and the contrib ops its passes emit, not every ONNX op. Ops of the default domain that
+    are not listed are the input model's own float ops and are taken as runnable; ops of any
+    other domain (``com.microsoft`` contrib ops) run only where listed. The planner reads it (an
+    int32 bias stays int32 only where ``DequantizeLinear`` has an int32 kernel), and the compile
+    checks its output against it (``nodes_without_kernel``).
+    """
+
+    provider: str
+    kernels: tuple[Kernel, ...]
+
+    def _find(self, domain: str, op_type: str) -> Kernel | None:
+        domain = "" if domain == "ai.onnx" else domain
+        return next((k for k in self.kernels if k.op_type == op_type and k.domain == domain), None)
+
+    def runs(self, domain: str, op_type: str, element_type: str | None = None) -> bool:
+        """Whether the provider has a kernel for ``op_type`` whose typed tensor is ``element_type``."""
+        kernel = self._find(domain, op_type)
+        if kernel is None:
+            return (domain or "") in ("", "ai.onnx")
+        return kernel.types is None or element_type is None or element_type in kernel.types
+
+    def nodes_without_kernel(self, model: ir.Model | onnx.ModelProto,
+                             ignore: Collection[tuple[str, str]] = ()) -> list[dict[str, str]]:
+        """The nodes of ``model`` (subgraphs included) the provider has no kernel for, each as
+        {name, op_type, domain, element_type}: ONNX Runtime places them on the CPU provider.
+        ``ignore``: (domain, op_type) pairs not to report (e.g. the input model's own ops)."""
+        if isinstance(model, onnx.ModelProto):
+            model = ir.serde.deserialize_model(model)
+        missing = []
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            domain = "" if node.domain == "ai.onnx" else node.domain
+            if (domain, node.op_type) in ignore:
+                continue
+            kernel = self._find(domain, node.op_type)
+            element_type = _element_type(node, kernel.typed_by) if kernel is not None else None
+            if not self.runs(domain, node.op_type, element_type):
+                missing.append({"name": node.name or "", "op_type": node.op_type, "domain": domain,
+                                "element_type": element_type or ""})
+        return missing
+
+
+def _element_type(node: ir.Node, typed_by: str) -> str | None:
+    """The element type (lower case: "int8", "int32", "float8e4m3fn") of the tensor ``typed_by``
+    names, None where unknown. Types of intermediates may be stripped (strip-value-info), so a
+    QuantizeLinear's output type is read from its zero point or ``output_dtype``, like ONNX does."""
+    where, index = typed_by.split(":")
+    if where == "input":
+        value = node.inputs[int(index)] if int(index) < len(node.inputs) else None
+        if value is None:
+            return None
+        producer = value.producer()
+        if value.dtype is None and producer is not None and producer.op_type == "QuantizeLinear":
+            return _quantized_type(producer)
+        return None if value.dtype is None else value.dtype.name.lower()
+    if node.op_type == "QuantizeLinear":
+        return _quantized_type(node)
+    value = node.outputs[int(index)]
+    return None if value.dtype is None else value.dtype.name.lower()
+
+
+def _quantized_type(node: ir.Node) -> str:
+    """A QuantizeLinear's output type: its zero point's, else ``output_dtype``, else uint8."""
+    zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+    if zero_point is not None and zero_point.dtype is not None:
+        return zero_point.dtype.name.lower()
+    attribute = node.attributes.get("output_dtype")
+    if attribute is not None and attribute.value:
+        return ir.DataType(attribute.value).name.lower()
+    return "uint8"
+
+
+@dataclasses.dataclass(frozen=True)
 class Target:
     """A compilation target: its provider, formats it accelerates, op rules and default pipeline."""
 
@@ -134,9 +228,27 @@ class Target:
     # this grid: weight scales rounded up to ``bits`` significant bits, and the output scale the
     # input scale x a power of two (rounded up, so the calibrated range still fits).
     requantization_significand_bits: int | None = None
+    # The provider's kernels for what a compile emits (see ``KernelTable``); None: the provider
+    # runs every op and type qcompile writes (the CPU provider, whose kernels the rules describe).
+    kernels: KernelTable | None = None
+    # Measured facts a user of this target should know before deploying, each carried by every
+    # report as a warning (and logged): e.g. that the provider runs the QDQ model slower than fp32.
+    warnings: tuple[str, ...] = ()
 
     def rule(self, op_type: str) -> OpRule | None:
         return self.rules.get(op_type)
+
+    @property
+    def int32_bias(self) -> bool:
+        """Whether biases are stored as int32 DequantizeLinear on the input x weight scale grid
+        (where integer kernels add them to their int32 accumulator) or left as float initializers.
+
+        int32 only where the provider dequantizes int32: ORT's CUDA provider has no int32
+        DequantizeLinear (its Q/DQ kernels are int8, uint8, int4, uint4 and FP8), so there an int32
+        bias runs on the CPU provider, one CPU node per biased layer (issue 14: 20 of a
+        ResNet-18-shaped CNN's 127 nodes); TensorRT and the CUDA kernels add a float bias anyway.
+        """
+        return self.kernels is None or self.kernels.runs("", "DequantizeLinear", "int32")
 
     def summary(self) -> dict:
         return {
@@ -156,4 +268,6 @@ class Target:
                 for op, rule in sorted(self.rules.items()) if rule.fixed_output
             },
             "default_pipeline": list(self.default_pipeline),
+            "bias": "int32" if self.int32_bias else "float",
+            **({"warnings": list(self.warnings)} if self.warnings else {}),
         }

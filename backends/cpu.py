@@ -9,7 +9,8 @@ input has several consumers unfused (measured: ResNet-18 1.1x fp32 instead of 2.
 
 from __future__ import annotations
 
-__all__ = ["TARGET", "COMMON_RULES", "DATA_MOVEMENT_RULES", "shared_rule"]
+__all__ = ["TARGET", "COMMON_RULES", "DATA_MOVEMENT_RULES", "CPU_ONLY_PASSES", "PROVIDER_NEUTRAL_PIPELINE",
+           "shared_rule"]
 
 import logging
 from collections import Counter
@@ -209,3 +210,11 @@ TARGET = Target(
     ),
     fusion_report=cpu_fusion_report,
 )
+
+# Passes of the pipeline above that emit ops only ORT's CPU provider runs: com.microsoft
+# DynamicQuantizeLSTM has no CUDA kernel, no TensorRT layer and no OpenVINO op, so on those
+# providers the LSTM would leave the provider for the CPU. (quantize-loop-weights writes plain
+# DequantizeLinear, which every provider runs.)
+CPU_ONLY_PASSES = ("dynamic-quantize-lstm",)
+# The CPU pipeline without them, for targets on other providers (tensorrt, cuda, openvino).
+PROVIDER_NEUTRAL_PIPELINE = tuple(p for p in TARGET.default_pipeline if p not in CPU_ONLY_PASSES)

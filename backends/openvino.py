@@ -29,7 +29,7 @@ from __future__ import annotations
 __all__ = ["TARGET", "RULES"]
 
 from qcompile.backends.base import InputRole, OpRule, OutputRole, Target
-from qcompile.backends.cpu import COMMON_RULES, TARGET as CPU_TARGET, shared_rule
+from qcompile.backends.cpu import COMMON_RULES, PROVIDER_NEUTRAL_PIPELINE, shared_rule
 
 A, F = InputRole.ACTIVATION, InputRole.FLOAT
 
@@ -77,7 +77,9 @@ TARGET = Target(
     activation_symmetric=False,
     weight_per_channel=True,
     rules=RULES,
-    default_pipeline=CPU_TARGET.default_pipeline,
+    # Without dynamic-quantize-lstm: OpenVINO has no com.microsoft DynamicQuantizeLSTM, so an LSTM
+    # would run on the CPU provider beside it; as an ONNX LSTM OpenVINO runs it.
+    default_pipeline=PROVIDER_NEUTRAL_PIPELINE,
     install_hint="pip install onnxruntime-openvino in a virtual environment of its own (the OpenVINO "
     "libraries ship inside it), then pip install --no-deps -e <qcompile checkout> there",
     provider_options=_provider_options,

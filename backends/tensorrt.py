@@ -16,6 +16,12 @@ docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-e
   reads them), and pointwise ops TensorRT fuses into a kernel's epilogue in float (Mul, Sigmoid,
   LeakyRelu) get no Q/DQ pair. Not yet expressed: the guide also quantizes the *residual* input
   of such an Add (the planner quantizes an Add's inputs all or none);
+* biases are float initializers, not int32 DequantizeLinear: TensorRT adds a float bias in the
+  kernel's epilogue, and the CUDA provider it hands unsupported nodes to has no int32
+  DequantizeLinear (``cuda_kernels.CUDA_KERNELS``; ``Target.int32_bias``);
+* the pipeline is the CPU target's without ``dynamic-quantize-lstm``: com.microsoft
+  DynamicQuantizeLSTM is a CPU-provider contrib op (no TensorRT layer, no CUDA kernel), so an LSTM
+  stays an ONNX LSTM, which TensorRT and the CUDA provider run;
 * the engine is cached (``trt_engine_cache_enable``, ``trt_engine_cache_path``): building one
   takes seconds to minutes, loading a cached one milliseconds. ``trt_int8_enable`` lets the
   builder pick INT8 kernels for the Q/DQ-marked layers (no calibration table is read: the scales
@@ -35,7 +41,8 @@ import onnx
 from onnx import numpy_helper
 
 from qcompile.backends.base import OutputRole, Target
-from qcompile.backends.cpu import COMMON_RULES, TARGET as CPU_TARGET
+from qcompile.backends.cpu import COMMON_RULES, PROVIDER_NEUTRAL_PIPELINE
+from qcompile.backends.cuda_kernels import CUDA_KERNELS
 from qcompile.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -108,7 +115,7 @@ TARGET = Target(
     activation_symmetric=True,
     weight_per_channel=True,
     rules=RULES,
-    default_pipeline=CPU_TARGET.default_pipeline,
+    default_pipeline=PROVIDER_NEUTRAL_PIPELINE,
     install_hint="pip install onnxruntime-gpu in a virtual environment of its own, plus the TensorRT "
     "libraries its release names (pip install "
     "tensorrt-cu12==<that version>, their folder on LD_LIBRARY_PATH); needs an NVIDIA GPU with CUDA 12 "
@@ -116,4 +123,5 @@ TARGET = Target(
     provider_options=provider_options,
     evaluation_providers=("CPUExecutionProvider",),
     verify=_verify,
+    kernels=CUDA_KERNELS,
 )

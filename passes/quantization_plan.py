@@ -416,9 +416,10 @@ def _build_once(
                     fixed_by_constant[out.name] = _fixed(scale[0], zero_point[0])
         for index in biases:
             weight_index = next((i for i in weights if rule.role(i) is InputRole.WEIGHT), None)
-            if weight_index is None or weight_type.is_float:
-                # No quantized weight to derive the bias scale from, or FP8: FP8 GEMMs accumulate
-                # in float and add a float bias, there is no int32 accumulator grid. Bias stays float.
+            if weight_index is None or weight_type.is_float or not target.int32_bias:
+                # No quantized weight to derive the bias scale from; or FP8: FP8 GEMMs accumulate
+                # in float and add a float bias, there is no int32 accumulator grid; or a provider
+                # without an int32 DequantizeLinear (CUDA: it would run on the CPU). Bias stays float.
                 continue
             plan.biases.append(BiasQuant(node.name, index, node.inputs[activations[0]].name, weight_index))
 

@@ -300,6 +300,7 @@ def compile(  # the verb users expect: qcompile.compile
         finally:
             context.close()
         plan = context.analyses.get("plan")
+        warnings = _target_warnings(float_model, compiled, target_spec)
         evaluation, latency, fusion = _evaluate(float_model, compiled, data, config, target_spec, plan, workspace)
         verification = _verify_on_target(compiled, data, config, target_spec)
     except BaseException:
@@ -347,6 +348,7 @@ def compile(  # the verb users expect: qcompile.compile
         verification=verification,
         hashes=hashes,
         cache=cache_summary,
+        warnings=warnings,
     )
     result = CompileResult(compiled, report, reads)
     if workspace is not None:
@@ -362,6 +364,29 @@ def compile(  # the verb users expect: qcompile.compile
         error.result = result
         raise error
     return result
+
+
+def _target_warnings(float_model: ir.Model, compiled: ir.Model, target) -> list[str]:
+    """The target's standing warnings, plus the compiled model's nodes that its provider has no
+    kernel for (``Target.kernels``; ops the input model had already are the input's business).
+    Each is logged as well as reported."""
+    warnings = list(target.warnings)
+    if target.kernels is not None:
+        own = {(n.domain if n.domain != "ai.onnx" else "", n.op_type)
+               for n in ir.traversal.RecursiveGraphIterator(float_model.graph)}
+        missing = target.kernels.nodes_without_kernel(compiled, ignore=own)
+        if missing:
+            listed = ", ".join(f"{m['name'] or '?'} ({m['domain'] + '.' if m['domain'] else ''}{m['op_type']}"
+                               f"{' ' + m['element_type'] if m['element_type'] else ''})" for m in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            warnings.append(
+                f"{len(missing)} node(s) have no {target.kernels.provider} kernel and will run on the CPU "
+                f"provider: {listed}{more}. A pass in this pipeline emits ops target {target.name!r} "
+                f"does not run (its default pipeline: `qcompile targets`)."
+            )
+    for warning in warnings:
+        logger.warning("target %s: %s", target.name, warning)
+    return warnings
 
 
 def _external_data_paths(model: ir.Model) -> list[Path]:

@@ -477,6 +477,10 @@ def _cmd_targets(args) -> int:
             print("  fixed output encodings: " + "; ".join(
                 f"{op} " + ", ".join(f"{t} scale {s:.6g} zp {z}" for t, (s, z) in encodings.items())
                 for op, encodings in fixed.items()))
+        if not target.int32_bias:
+            print(f"  biases: float initializers (no int32 DequantizeLinear kernel on {target.kernels.provider})")
+        for warning in target.warnings:
+            print(f"  warning: {warning}")
     return 0
 
 

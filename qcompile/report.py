@@ -51,6 +51,9 @@ class Report:
     hashes: dict[str, Any] = dataclasses.field(default_factory=dict)
     # The pass cache: where, and what it saved (passes[i]["cache"] says which passes were hits).
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # What the user should know before deploying: the target's measured caveats (``Target.warnings``,
+    # e.g. cuda: slower than fp32, use tensorrt) and nodes its provider has no kernel for.
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -123,6 +126,7 @@ class Report:
             lines.append(f"  accuracy search ({search['budget']}): {'met' if search['met'] else 'NOT met'}; "
                          f"chose step {search['chosen_step']} ({search['chosen']}) of {len(search['steps'])}, "
                          f"{search['seconds']:.1f}s" + ("" if search["met"] else f"; {self.accuracy_gate.get('failing')}"))
+        lines.extend(f"  warning: {warning}" for warning in self.warnings)
         gate = self.accuracy_gate
         if gate.get("min_sqnr") is not None:
             verdict = "passed" if gate.get("passed") else f"FAILED: {gate.get('failing')}"

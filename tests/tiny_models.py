@@ -141,6 +141,27 @@ def transformer_batches(count: int, batch: int = 2, seq: int = 8, hidden: int = 
 VOCAB, LM_HIDDEN, LM_FFN = 128, 32, 64
 
 
+def tiny_lstm(hidden: int = 16, features: int = 8, directions: int = 2) -> onnx.ModelProto:
+    """One LSTM (bidirectional by default) with constant W, R and B over a [12, N, features] input."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (directions, 4 * hidden, features)).astype(np.float32)
+    r = rng.normal(0, 0.3, (directions, 4 * hidden, hidden)).astype(np.float32)
+    b = rng.normal(0, 0.1, (directions, 8 * hidden)).astype(np.float32)
+    lstm = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y", "y_h"], name="lstm", hidden_size=hidden,
+                            direction="bidirectional" if directions == 2 else "forward")
+    return make_model(
+        [lstm], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [12, "N", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [12, directions, "N", hidden]),
+         helper.make_tensor_value_info("y_h", TensorProto.FLOAT, [directions, "N", hidden])],
+        [_init("W", w), _init("R", r), _init("B", b)],
+    )
+
+
+def lstm_batches(count: int, batch: int = 2, features: int = 8, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, (12, batch, features)).astype(np.float32)} for _ in range(count)]
+
+
 def tiny_lm(seed: int = 0) -> onnx.ModelProto:
     """ids -> embedding -> up (MatMul) -> Relu -> down (MatMul) + residual -> tied lm_head
     (MatMul with the transposed embedding), the shape of a one-layer language model."""

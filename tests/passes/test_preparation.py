@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from conftest import run_passes
 from onnx import TensorProto, helper, numpy_helper
-from tiny_models import cnn_batches, make_model, tiny_cnn
+from tiny_models import cnn_batches, make_model, tiny_cnn, tiny_lstm
 
 from qcompile.errors import ModelError
 
@@ -161,19 +161,7 @@ def test_a_shared_weight_is_quantized_once_and_the_output_is_smaller(tmp_path):
     assert (tmp_path / "q.onnx").stat().st_size < proto.ByteSize()
 
 
-def _lstm_model(hidden: int = 16, features: int = 8, directions: int = 2) -> "onnx.ModelProto":
-    rng = np.random.default_rng(0)
-    w = rng.normal(0, 0.3, (directions, 4 * hidden, features)).astype(np.float32)
-    r = rng.normal(0, 0.3, (directions, 4 * hidden, hidden)).astype(np.float32)
-    b = rng.normal(0, 0.1, (directions, 8 * hidden)).astype(np.float32)
-    lstm = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y", "y_h"], name="lstm", hidden_size=hidden,
-                            direction="bidirectional" if directions == 2 else "forward")
-    return make_model(
-        [lstm], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [12, "N", features])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [12, directions, "N", hidden]),
-         helper.make_tensor_value_info("y_h", TensorProto.FLOAT, [directions, "N", hidden])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R"), numpy_helper.from_array(b, "B")],
-    )
+_lstm_model = tiny_lstm
 
 
 def test_lstm_weights_are_quantized_with_the_integer_lstm_kernel(tmp_path):
