@@ -234,9 +234,20 @@ class Target:
     # Measured facts a user of this target should know before deploying, each carried by every
     # report as a warning (and logged): e.g. that the provider runs the QDQ model slower than fp32.
     warnings: tuple[str, ...] = ()
+    # The default weight type where the run's activation type calls for another than
+    # ``default_weight_type`` (CPU: int7 weights keep its 8-bit kernels from saturating; with
+    # 16-bit activations there are no such kernels, so the weights keep all of int8's range).
+    default_weight_type_by_activation: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def rule(self, op_type: str) -> OpRule | None:
         return self.rules.get(op_type)
+
+    def weight_type_name(self, config) -> str:
+        """The run's weight type: the config's, else the default for its activation type."""
+        if config.weight_type:
+            return config.weight_type
+        activation_type = config.activation_type or self.default_activation_type
+        return self.default_weight_type_by_activation.get(activation_type, self.default_weight_type)
 
     @property
     def int32_bias(self) -> bool:
@@ -259,6 +270,7 @@ class Target:
             "weight_types": list(self.weight_types),
             "default_activation_type": self.default_activation_type,
             "default_weight_type": self.default_weight_type,
+            "default_weight_type_by_activation": dict(self.default_weight_type_by_activation),
             "activation_symmetric": self.activation_symmetric,
             "weight_per_channel": self.weight_per_channel,
             "quantized_ops": sorted(self.rules),

@@ -179,9 +179,14 @@ TARGET = Target(
     # float8 QuantizeLinear/DequantizeLinear but no FP8 Conv/MatMul kernel, so it simulates the
     # accuracy an FP8 GPU (CUDA/TensorRT on Hopper) gets, at float speed or slower.
     activation_types=("uint8", "int8", "uint16", "int16", "float8e4m3fn", "float8e5m2"),
-    weight_types=("int8", "float8e4m3fn", "float8e5m2"),
+    # int7 (int8 codes in [-64, 63]) by default: on x86-64 CPUs without VNNI (AVX2 only) ORT's
+    # u8s8/s8s8 kernels saturate int16 pair sums with full-range int8 weights, and the model runs
+    # less accurately than its QDQ arithmetic says (see qparams). int8 is for CPUs with VNNI
+    # (AVX512-VNNI, AVX-VNNI) or Arm, where it buys one more bit of weight precision.
+    weight_types=("int7", "int8", "float8e4m3fn", "float8e5m2"),
     default_activation_type="uint8",
-    default_weight_type="int8",
+    default_weight_type="int7",
+    default_weight_type_by_activation={"uint16": "int8", "int16": "int8"},
     activation_symmetric=False,
     weight_per_channel=True,
     rules=COMMON_RULES,

@@ -99,7 +99,7 @@ def _verify(compiled_proto, batches, config) -> dict:
     from qcompile.providers import verify_if_installed
 
     check_zero_points(compiled_proto, TARGET.name)
-    weight_type = config.weight_type or TARGET.default_weight_type
+    weight_type = TARGET.weight_type_name(config)
     target = dataclasses.replace(TARGET, provider_options=lambda: provider_options(weight_type))
     return verify_if_installed(compiled_proto, batches, target, allow_fallback=config.allow_fallback)
 

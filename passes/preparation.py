@@ -368,7 +368,7 @@ class UpgradeOpset(ir.passes.InPlacePass):
         return max(
             self.option_min_opset,
             quant_type(config.activation_type or target.default_activation_type).min_opset,
-            quant_type(config.weight_type or target.default_weight_type).min_opset,
+            quant_type(target.weight_type_name(config)).min_opset,
             # Mixed precision: a 16-bit override needs opset 21 as much as a 16-bit default does.
             *(quant_type(name).min_opset for name in config.activation_type_overrides.values()),
         )

@@ -262,7 +262,7 @@ class _ActivationTypes:
 
 
 def _weight_settings(config: CompileConfig, target: Target) -> tuple[QuantType, bool]:
-    name = config.weight_type or target.default_weight_type
+    name = target.weight_type_name(config)
     if name not in target.weight_types:
         raise ConfigError(
             f"Target {target.name!r} does not accelerate {name} weights; it supports "

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 @register_pass("dynamic-quantize-lstm")
 class DynamicQuantizeLSTM(ir.passes.InPlacePass):
-    """Replace each LSTM with constant weights by ``com.microsoft.DynamicQuantizeLSTM``: int8 W and R,
+    """Replace each LSTM with constant weights by ``com.microsoft.DynamicQuantizeLSTM``: int7 W and R (int8 where the run asks for it),
     symmetric, one scale per gate row and direction; the input and hidden state are quantized by
     the kernel at run time, so no calibration is needed.
 
@@ -31,10 +31,15 @@ class DynamicQuantizeLSTM(ir.passes.InPlacePass):
     def __init__(self, context):
         super().__init__()
         self.exclusions = _Exclusions(context.config)
+        # The kernel multiplies dynamically quantized uint8 activations by these weights in ORT's
+        # u8s8 GEMM, which saturates on AVX2-only CPUs unless the weights are int7 (see qparams):
+        # the run's integer weight type where it has one, int7 otherwise.
+        name = context.target.weight_type_name(context.config)
+        self.weight_type = QUANT_TYPES[name if name in ("int7", "int8") else "int7"]
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        int8 = QUANT_TYPES["int8"]
+        weight_type = self.weight_type
         # LSTMs inside If branches and Loop/Scan bodies too (silero-vad's sits in an If branch):
         # the kernel needs no calibration, so any scope will do. Names are unique across scopes.
         nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
@@ -55,8 +60,8 @@ class DynamicQuantizeLSTM(ir.passes.InPlacePass):
                 array = value.const_value.numpy().astype(np.float32)  # [directions, 4 * hidden, columns]
                 directions, rows, columns = array.shape
                 flat = array.reshape(directions * rows, columns)
-                scale, zero_point = weight_qparams(flat, 0, int8)
-                codes = quantize(flat, scale, zero_point, int8, 0).reshape(directions, rows, columns)
+                scale, zero_point = weight_qparams(flat, 0, weight_type)
+                codes = quantize(flat, scale, zero_point, weight_type, 0).reshape(directions, rows, columns)
                 # The kernel reads W and R transposed: [directions, columns, 4 * hidden].
                 codes = np.ascontiguousarray(codes.transpose(0, 2, 1))
                 base = value.name or node.name
@@ -81,7 +86,7 @@ class DynamicQuantizeLSTM(ir.passes.InPlacePass):
                 old.name, new.name = None, name
             graph.remove(node, safe=True)
             modified = True
-            logger.info("LSTM %r -> DynamicQuantizeLSTM (int8 weights)", node.name)
+            logger.info("LSTM %r -> DynamicQuantizeLSTM (%s weights)", node.name, weight_type.name)
         if modified and "com.microsoft" not in model.opset_imports:
             model.opset_imports["com.microsoft"] = 1
         return ir.passes.PassResult(model, modified)

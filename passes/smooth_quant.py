@@ -84,7 +84,7 @@ class SmoothQuant(ir.passes.InPlacePass):
         config, target = self.context.config, self.context.target
         act_type = quant_type(config.activation_type or target.default_activation_type)
         symmetric = target.activation_symmetric if config.activation_symmetric is None else config.activation_symmetric
-        weight_type = quant_type(config.weight_type or target.default_weight_type)
+        weight_type = quant_type(target.weight_type_name(config))
         per_channel = target.weight_per_channel if config.per_channel is None else config.per_channel
         smoothed, not_finite = {}, {}
         for group in groups:

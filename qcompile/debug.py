@@ -83,7 +83,8 @@ OUTLIER_STDS = 6.0
 HISTOGRAM_BINS = 64
 
 _QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
-_BY_IR_DTYPE = {t.ir_dtype: t for t in QUANT_TYPES.values()}
+# A stored element type's full range (int8, not the narrower int7 that shares its storage).
+_BY_IR_DTYPE = {t.ir_dtype: t for t in sorted(QUANT_TYPES.values(), key=lambda t: t.qmax - t.qmin)}
 
 DEFINITIONS = {
     "accumulated_sqnr_db": "10 log10(sum x^2 / sum (x - q)^2): x the float value of the tensor, q the "

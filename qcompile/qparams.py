@@ -67,6 +67,11 @@ QUANT_TYPES = {
     for t in (
         QuantType("uint8", ir.DataType.UINT8, np.uint8, 0, 255, 13),
         QuantType("int8", ir.DataType.INT8, np.int8, -128, 127, 13),
+        # int8 storage with codes in [-64, 63] (ONNX Runtime's "reduce_range"): the CPU target's
+        # weights. On an x86-64 CPU without VNNI (AVX2 only), ORT's u8s8 kernels sum pairs of
+        # uint8 x int8 products in int16 (vpmaddubsw), which saturates past 32767: with full-range
+        # int8 weights a 6-conv CNN came out at 27.1 dB instead of 31.7 dB, at the same speed.
+        QuantType("int7", ir.DataType.INT8, np.int8, -64, 63, 13),
         QuantType("uint16", ir.DataType.UINT16, np.uint16, 0, 65535, 21),
         QuantType("int16", ir.DataType.INT16, np.int16, -32768, 32767, 21),
         QuantType("int32", ir.DataType.INT32, np.int32, -(2**31), 2**31 - 1, 13),
