@@ -33,6 +33,7 @@ from qcompile.qparams import (
     activation_qparams,
     activation_zero_point,
     constant_qparams,
+    full_range,
     power_of_two_multiple,
     quant_type,
 )
@@ -435,7 +436,8 @@ def _build_once(
             axis = rule.table_axis(node) % len(table.shape)
             # ONNX Gather reads no float8 table: with FP8 weights a table is stored as int8 rows
             # (weight-only: looked-up rows are dequantized to float, no integer kernel involved).
-            table_type = quant_type("int8") if weight_type.is_float else weight_type
+            # A looked-up row is dequantized to float, no kernel multiplies it: all of int8's range.
+            table_type = quant_type("int8") if weight_type.is_float else full_range(weight_type)
             plan.weights.append(WeightQuant(node.name, 0, axis if per_channel else None, table_type))
 
     # 2. Followers: join while every activation input is already quantized; repeat to a fixed point.

@@ -84,6 +84,12 @@ QUANT_TYPES = {
 _FLOAT8_DTYPES = {np.dtype(t.numpy_dtype) for t in QUANT_TYPES.values() if t.is_float}
 
 
+def full_range(qtype: QuantType) -> QuantType:
+    """The type with ``qtype``'s storage and all of its range (int7 -> int8; others: themselves)."""
+    return max((t for t in QUANT_TYPES.values() if t.ir_dtype == qtype.ir_dtype and t.is_float == qtype.is_float),
+               key=lambda t: t.qmax - t.qmin)
+
+
 def quant_type(name: str) -> QuantType:
     try:
         return QUANT_TYPES[name]
