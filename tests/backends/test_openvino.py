@@ -53,15 +53,16 @@ def _sigmoid_model():
 
 # --- The rule table: no provider needed ---------------------------------------------------------
 
-def test_defaults_are_uint8_asymmetric_activations_and_per_channel_int8_weights():
+def test_defaults_are_uint8_asymmetric_activations_and_per_channel_int7_weights():
+    """int7: int8 codes in [-64, 63], NNCF's overflow_fix (no u8s8 saturation without VNNI)."""
     model, context = run_passes(tiny_cnn(), PLAN, data=cnn_batches(2), target="openvino")
     plan = context.analyses["plan"]
     assert {q.qtype.name for q in plan.activations.values()} == {"uint8"}
     assert any(q.zero_point != 0 for q in plan.activations.values())  # asymmetric: a zero point
     conv_weights = [w for w in plan.weights if w.node.startswith("conv")]
-    assert conv_weights and all(w.qtype.name == "int8" and w.axis == 0 and w.symmetric for w in conv_weights)
+    assert conv_weights and all(w.qtype.name == "int7" and w.axis == 0 and w.symmetric for w in conv_weights)
     weight = model.graph.initializers["w1_quantized"].const_value.numpy()
-    assert weight.dtype == np.int8
+    assert weight.dtype == np.int8 and np.abs(weight).max() == 63
     assert model.graph.initializers["w1_scale"].const_value.numpy().shape == (8,)  # one per channel
 
 
