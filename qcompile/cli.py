@@ -115,7 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-dir", help="where --dump-after writes (default: OUTPUT.dumps/)")
     c.add_argument("--activation-type", help="uint8 (default on cpu), int8, uint16, int16, "
                    "float8e4m3fn, float8e5m2 (FP8: with an FP8 --weight-type)")
-    c.add_argument("--weight-type", help="the target's default (cpu: int7, int8 codes in [-64, 63] "
+    c.add_argument("--weight-type", help="the target's default (cpu, openvino: int7, int8 codes in [-64, 63] "
                    "that AVX2-only CPUs' integer kernels do not saturate; elsewhere int8), int8 (cpu: for CPUs with VNNI "
                    "or Arm), float8e4m3fn, float8e5m2")
     c.add_argument("--calibration-method", help="mse (default), minmax, percentile, entropy, or auto (per tensor, "
