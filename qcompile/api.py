@@ -47,6 +47,7 @@ from qcompile.runtime import make_session
 from qcompile.workspace import (
     LARGE_MODEL_BYTES,
     Workspace,
+    drop_dead_initializers,
     serialize_inline,
     weight_bytes,
 )
@@ -299,6 +300,11 @@ def compile(  # the verb users expect: qcompile.compile
                                              cache=cache)
         finally:
             context.close()
+        # Whatever the pipeline (a user's may lack remove-unused): no weight nothing reads ships, is
+        # measured or is hashed. Here, not in a pass, so that no pipeline can leave it out.
+        dropped = drop_dead_initializers(compiled)
+        if dropped["count"]:
+            context.records["dead-initializers"] = {"dropped": dropped["count"], "bytes": dropped["bytes"]}
         plan = context.analyses.get("plan")
         warnings = _target_warnings(float_model, compiled, target_spec)
         evaluation, latency, fusion = _evaluate(float_model, compiled, data, config, target_spec, plan, workspace)
