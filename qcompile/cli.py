@@ -402,14 +402,15 @@ def _compile_search(args, config, model_path: Path, output: Path, report_path: P
 
 def _progress(args):
     """How compile shows calibration progress: a rewritten line on a terminal, log records in
-    JSON mode, nothing with -q (or when stderr is a file)."""
+    JSON mode, nothing with -q. When stderr is a file or a pipe (a CI log), a log line every 10 s
+    and one when the step ends: a build log shows the compile is alive without a line per batch."""
     from qcompile.log import LogProgress, TerminalProgress
 
     if args.quiet:
         return False
     if args.log_format == "json":
         return LogProgress()
-    return TerminalProgress() if sys.stderr.isatty() else False
+    return TerminalProgress() if sys.stderr.isatty() else LogProgress(interval=10.0)
 
 
 def _same_file(a: Path, b: Path) -> bool:

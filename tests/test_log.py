@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +158,23 @@ def test_log_progress_is_throttled(caplog):
         for batch in range(1, 6):
             progress("calibrating", batch, 0.1 * batch, batch == 5)
     assert [r.batches for r in caplog.records] == [1, 5]
+
+
+def test_progress_reaches_a_build_log_when_stderr_is_not_a_terminal(tmp_path):
+    """A compile whose stderr is a pipe (a CI log) still says calibration is running and when it
+    ended, as log lines; -q keeps it silent."""
+    model, calib = tmp_path / "m.onnx", tmp_path / "calib"
+    onnx.save(tiny_cnn(), model)
+    calib.mkdir()
+    for i, batch in enumerate(cnn_batches(3)):
+        np.savez(calib / f"b{i}.npz", **batch)
+    command = [sys.executable, "-c", "import sys; from qcompile.cli import main; sys.exit(main())", "compile", str(model), "--calib", str(calib),
+               "--no-latency", "--no-cache"]
+    piped = subprocess.run([*command, "-o", str(tmp_path / "a.onnx")], capture_output=True, text=True)
+    assert piped.returncode == 0, piped.stderr
+    assert "calibrating: 3 batches" in piped.stderr
+    quiet = subprocess.run([*command, "-q", "-o", str(tmp_path / "b.onnx")], capture_output=True, text=True)
+    assert quiet.returncode == 0 and "calibrating" not in quiet.stderr
 
 
 def _print_calls(path: Path) -> list[int]:
