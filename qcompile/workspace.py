@@ -68,22 +68,15 @@ def drop_dead_initializers(model: ir.Model) -> dict[str, int]:
     graph inputs (a caller may feed them), and any initializer whose name a node input names, in any
     scope: a body reads outer-scope values by name, so a name read anywhere keeps the value (a
     conservative rule: a shadowed name keeps both). No weight is read (external ones stay on disk)."""
-    read_values: set[int] = set()
-    read_names: set[str] = set()
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for value in node.inputs:
-            if value is not None:
-                read_values.add(id(value))
-                if value.name:
-                    read_names.add(value.name)
+    # By name alone: an initializer's name is its key, so a node reading the value names it too.
+    kept = {v.name for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.inputs if v is not None}
     graphs = list(model.graphs())
     for graph in graphs:  # a body may return an outer-scope value as its output
-        read_values.update(id(v) for v in (*graph.outputs, *graph.inputs))
-        read_names.update(v.name for v in graph.outputs if v.name)
+        kept.update(v.name for v in (*graph.outputs, *graph.inputs))
     count = nbytes = 0
     for graph in graphs:
         for name, value in list(graph.initializers.items()):
-            if id(value) in read_values or name in read_names:
+            if name in kept:
                 continue
             graph.initializers.pop(name)
             count += 1
