@@ -335,6 +335,15 @@ def compile(  # the verb users expect: qcompile.compile
             saved_seconds=round(sum(t.saved_seconds for t in timings), 4),
             restore_seconds=round(cache.restore_seconds, 4), store_seconds=round(cache.store_seconds, 4),
         )
+    size = {"float_bytes": _model_bytes(float_model), "quantized_bytes": _model_bytes(compiled)}
+    if size["quantized_bytes"] > size["float_bytes"]:
+        # Quantization metadata (scales, zero points, Q/DQ nodes) costs a fixed amount per tensor: on a
+        # model whose weights are tinier than that, the file grows. Say so rather than ship it silently.
+        warnings.append(
+            f"the quantized model ({size['quantized_bytes']} bytes) is larger than the float model "
+            f"({size['float_bytes']} bytes): its weights are too small for 8-bit storage to pay for the "
+            "scales and Q/DQ nodes. Quantize it only for speed, or keep the float model.")
+        logger.warning("size: %s", warnings[-1])
     report = Report(
         versions=versions,
         source=describe_source(model),
@@ -346,7 +355,7 @@ def compile(  # the verb users expect: qcompile.compile
         plan=plan.summary() if plan is not None else {},
         calibration=_calibration_summary(context, config),
         evaluation=evaluation,
-        size={"float_bytes": _model_bytes(float_model), "quantized_bytes": _model_bytes(compiled)},
+        size=size,
         latency=latency,
         fusion=fusion,
         accuracy_gate=gate,

@@ -89,7 +89,7 @@ class Report:
             )
         before, after = self.size.get("float_bytes", 0), self.size.get("quantized_bytes", 0)
         if before:
-            lines.append(f"  size: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({after / before:.1%})")
+            lines.append(f"  size: {_readable_bytes(before)} -> {_readable_bytes(after)} ({after / before:.1%})")
         for name, metrics in self.evaluation.get("outputs", {}).items():
             lines.append(
                 f"  output {name}: SQNR {metrics['sqnr_db']} dB, cosine {metrics['cosine']}, "
@@ -153,3 +153,12 @@ def _verification_lines(verification: dict[str, Any]) -> list[str]:
                      if "within_1_step" in m else "")
         lines.append(f"  {placed['provider']} vs CPU reference, output {name}: {agreement}SQNR {m['sqnr_db']} dB")
     return lines
+
+
+def _readable_bytes(count: int) -> str:
+    """``count`` in the unit that shows it: bytes, KiB or MB (as the README's tables write sizes)."""
+    if count < 1024:
+        return f"{count} bytes"
+    if count < 1_000_000:
+        return f"{count / 1024:.1f} KiB"
+    return f"{count / 1e6:.2f} MB"

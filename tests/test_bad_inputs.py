@@ -877,7 +877,9 @@ def test_a_signal_during_the_final_renames_leaves_the_complete_pair(tmp_path, si
 def test_sigterm_while_writing_leaves_nothing(tmp_path):
     """SIGTERM before the renames: the temp files are removed, no model, no report, one clean line."""
     run = _compile_interrupted(tmp_path, "write", "SIGTERM")
-    assert run.returncode == 143 and run.stderr.strip() == "qcompile: interrupted (SIGTERM)", run.stderr
+    # The tiny model's size warning may come before; the interruption is the one last line.
+    assert run.returncode == 143 and run.stderr.strip().splitlines()[-1] == "qcompile: interrupted (SIGTERM)", run.stderr
+    assert "Traceback" not in run.stderr
     assert _written(tmp_path) == []
 
 

@@ -77,3 +77,19 @@ def test_api_accepts_a_directory_of_npz(tmp_path):
         np.savez(tmp_path / f"b{i}.npz", **batch)
     result = qcompile.compile(tiny_cnn(), str(tmp_path), config={"measure_latency": False})
     assert result.report.calibration["batches"] == 3
+
+
+def test_a_model_that_grows_when_quantized_is_reported_not_shipped_silently():
+    # A 4x4 MatMul: its 64 weight bytes are fewer than the scales and Q/DQ nodes quantization adds.
+    from onnx import TensorProto, helper, numpy_helper
+    weight = numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(4, 4) / 7 - 1, "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    batches = [{"x": np.random.default_rng(i).standard_normal((1, 4)).astype(np.float32)} for i in range(4)]
+    result = qcompile.compile(model, batches, config={"measure_latency": False})
+    size = result.report.size
+    assert size["quantized_bytes"] > size["float_bytes"]
+    assert any("larger than the float model" in w for w in result.report.warnings)
+    assert f"{size['float_bytes']} bytes ->" in str(result.report)
