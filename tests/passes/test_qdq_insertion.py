@@ -36,6 +36,10 @@ def test_bias_is_int32_with_input_scale_times_weight_scale():
     np.testing.assert_allclose(_initializer(model, "b2_scale"), expected_scale, rtol=1e-6)
     original = onnx.numpy_helper.to_array(next(i for i in tiny_cnn().graph.initializer if i.name == "b2"))
     np.testing.assert_allclose(bias * expected_scale, original, atol=float(expected_scale.max()) / 2 + 1e-7)
+    # Its zero point is 0, DequantizeLinear's default: not stored (4 bytes a channel; the QLinearConv
+    # fusion still happens: test_end_to_end's fusion counts).
+    bias_dq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name == "b2_quantized")
+    assert len(bias_dq.inputs) == 2 and "b2_zero_point" not in model.graph.initializers
 
 
 def test_each_activation_gets_one_qdq_pair_read_by_all_consumers():
