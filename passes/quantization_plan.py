@@ -124,6 +124,9 @@ class QuantizationPlan:
         }
 
 
+_UNREACHED = "no calibration statistics"
+
+
 def _is_constant(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None and not value.is_graph_input()
 
@@ -392,6 +395,18 @@ def _build_once(
         if blocked:
             reason = excluded_tensors.get(blocked[0], "input is not a float32 tensor")
             plan.float_nodes[node.name] = f"input {blocked[0]!r} stays float: {reason}"
+            if reason.startswith(_UNREACHED):
+                # A branch the calibration data never took (silero's 8 kHz model beside its 16 kHz
+                # one): no activation scale, but its weights still need no data. Stored as integers
+                # and dequantized to float (weight-only), the branch keeps working and the file
+                # shrinks. All of the type's range: no integer kernel multiplies them.
+                stored = weight_type if weight_type.is_float else full_range(weight_type)
+                for index in weights:
+                    if rule.role(index) is InputRole.WEIGHT:
+                        axis = rule.weight_axis(node) if per_channel and rule.weight_axis is not None else None
+                        rank = node.inputs[index].const_value.numpy().ndim
+                        plan.weights.append(WeightQuant(node.name, index, None if axis is None or rank < 2 else axis % rank, stored))
+                        plan.float_nodes[node.name] += "; weights stored as integers (weight-only)"
             continue
         if any(not _is_constant(node.inputs[i]) or node.inputs[i].const_value.numpy().ndim != 1 for i in biases):
             plan.float_nodes[node.name] = "bias is not a constant vector"
@@ -587,7 +602,7 @@ def build_plan(
             if name in table.non_float:
                 newly_excluded[name] = f"not a float32 tensor ({table.non_float[name]} at calibration)"
             elif stats is None or stats.is_empty:
-                newly_excluded[name] = "no calibration statistics (never computed on the calibration data)"
+                newly_excluded[name] = f"{_UNREACHED} (never computed on the calibration data)"
             elif stats.nonfinite:
                 newly_excluded[name] = f"{stats.nonfinite} non-finite values in calibration (a mask or sentinel)"
             elif stats.abs_max >= config.sentinel_threshold:
