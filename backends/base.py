@@ -84,6 +84,9 @@ class OpRule:
     # Activation type name -> (scale, zero point) the output must have whatever calibration says
     # (e.g. Softmax on QNN: uint8 1/256, zp 0). Such outputs are not calibrated.
     fixed_output: Mapping[str, tuple[float, int]] = dataclasses.field(default_factory=dict)
+    # The op copies values without arithmetic (Concat, Reshape, MaxPool): in float it costs what it
+    # costs on integers, so where no quantized node reads its output it is left float.
+    moves_data: bool = False
 
     def role(self, index: int) -> InputRole:
         if index < len(self.inputs):

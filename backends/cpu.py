@@ -51,7 +51,7 @@ def _clip_clamp(node):
 
 def shared_rule(op_type: str, inputs=(A,)) -> OpRule:
     """Data movement: integers in, integers out, the output keeps the input's scale."""
-    return OpRule(op_type, inputs, OutputRole.SHARED)
+    return OpRule(op_type, inputs, OutputRole.SHARED, moves_data=True)
 
 
 # The data movement every target runs on integers with its input's parameters.
@@ -77,7 +77,7 @@ COMMON_RULES = {
         # Followers with integer kernels.
         OpRule("Add", (A, A), OutputRole.QUANTIZE),
         OpRule("Mul", (A, A), OutputRole.QUANTIZE),
-        OpRule("Concat", (A,), OutputRole.QUANTIZE),
+        OpRule("Concat", (A,), OutputRole.QUANTIZE, moves_data=True),
         OpRule("AveragePool", (A,), OutputRole.QUANTIZE),
         OpRule("GlobalAveragePool", (A,), OutputRole.QUANTIZE),
         OpRule("Sigmoid", (A,), OutputRole.QUANTIZE),

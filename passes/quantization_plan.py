@@ -507,6 +507,13 @@ def _build_once(
                 plan.absorbed.add(node.name)
             changed = True
 
+    # 2b. Followers whose outputs no quantized node reads give nothing back for their rounding:
+    # a Concat of a YOLO head's box and class logits, read only by a float Sigmoid, would put the
+    # class logits on the box logits' grid (nudenet: box F1 73 %). They stay float, reading the
+    # dequantized inputs. An NPU runs every op on integers: it keeps them.
+    if not target.quantize_all:
+        wanted = _drop_unread_followers(graph, nodes, quantized, rule_for, is_anchor, wanted)
+
     # 3. Tensors: what quantized nodes read, and what they write where their kernels write integers.
     activations: dict[str, ActivationQuant] = {}
     absorbed_inputs = {n.inputs[0].name for n in quantized if n.name in plan.absorbed}
@@ -526,6 +533,12 @@ def _build_once(
             elif rule.output is OutputRole.SHARED:
                 # Data movement keeps its input's type too (set from the root once planned).
                 activations[out.name] = ActivationQuant(out.name, qtype, symmetric, shares=node.inputs[0].name)
+            elif is_anchor(rule) and not target.quantize_all and _feeds_only_float_data_movement(graph, out, quantized, rule_for):
+                # A detection head's logits into a float Concat/Reshape (2b), a network's output:
+                # the QuantizeLinear would only round them. The node writes float (ORT runs a Conv
+                # on the dequantized inputs; Gemm and MatMul keep integer kernels with a float output).
+                plan.float_tensors.setdefault(out.name, "only float data movement or the graph output reads it")
+                continue
             elif rule.output in (OutputRole.QUANTIZE, OutputRole.ABSORBED) or out.name in wanted:
                 encoding = rule.fixed_output.get(qtype.name)
                 fixed = _fixed(*encoding) if encoding is not None else None
@@ -560,6 +573,63 @@ def _build_once(
         if node not in quantized and rule_for(node) is not None and node.name not in plan.float_nodes:
             plan.float_nodes[node.name] = "its inputs are not quantized (it would need a requantization)"
     return plan
+
+
+def _read_quantized(graph: ir.Graph, value: ir.Value, quantized: set, rule_for) -> bool:
+    """Whether a quantized node reads ``value`` as a quantized input. An output of an If branch
+    counts as read: what reads the If's output decides, and the branch must keep its form."""
+    if value.is_graph_output() and value.graph is not graph:
+        return True
+    return any(
+        user in quantized and rule_for(user).role(index) is not InputRole.FLOAT for user, index in value.uses()
+    )
+
+
+def _feeds_only_float_data_movement(graph: ir.Graph, value: ir.Value, quantized: set, rule_for) -> bool:
+    """Whether ``value`` is read only by float data-movement nodes (``OpRule.moves_data``, not
+    quantized) or as an output of the main graph. An If branch's output is not: what reads the
+    If decides."""
+    if value.is_graph_output() and value.graph is not graph:
+        return False
+    uses = list(value.uses())
+    if not uses and not value.is_graph_output():
+        return False
+    for user, _ in uses:
+        rule = rule_for(user)
+        if user in quantized or rule is None or not rule.moves_data:
+            return False
+    return True
+
+
+def _drop_unread_followers(
+    graph: ir.Graph, nodes, quantized: set, rule_for, is_anchor, wanted: set[str]
+) -> set[str]:
+    """Remove from ``quantized`` the data-movement followers (``OpRule.moves_data``: Concat,
+    Reshape, MaxPool, ...) none of whose outputs a quantized node reads as a quantized input;
+    return the activation tensors the remaining quantized nodes read. Reverse graph order: one read
+    only by a dropped one is dropped too. Followers that compute (Add, GlobalAveragePool) keep
+    their integer kernels: they cost time in float, data movement does not."""
+    dropped = False
+    for node in reversed(nodes):
+        rule = rule_for(node)
+        if (
+            node in quantized and not is_anchor(rule) and rule.moves_data
+            and not any(_read_quantized(graph, out, quantized, rule_for) for out in node.outputs)
+        ):
+            quantized.discard(node)
+            dropped = True
+    if not dropped:
+        return wanted
+    # What only dropped followers read is wanted no more; what an anchor or a kept node reads is.
+    still = set()
+    for node in nodes:
+        if node not in quantized:
+            continue
+        rule = rule_for(node)
+        for index, value in enumerate(node.inputs):
+            if value is not None and value.name in wanted and rule.role(index) is not InputRole.FLOAT:
+                still.add(value.name)
+    return still
 
 
 def _root(plan: QuantizationPlan, name: str) -> ActivationQuant:

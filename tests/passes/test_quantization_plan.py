@@ -152,3 +152,32 @@ def test_relu_whose_output_is_a_sentinel_is_not_absorbed():
     got = session.run(None, data[0])[0]
     expected = np.maximum(data[0]["x"] @ np.full((4, 4), 50.0, np.float32), 0)
     np.testing.assert_allclose(got, expected, rtol=0.02, atol=1.0)
+
+
+def test_a_concat_only_float_ops_read_stays_float_and_so_do_the_logits_it_reads():
+    """nudenet's YOLOv8 head: Concat(box logits, class logits) -> Split -> Sigmoid (float, after
+    a Split the CPU target has no kernel for). Quantized, the Concat put the class logits on the
+    box logits' grid (box F1 73 %); unread by any quantized node, it stays float, and so do the
+    logits it reads."""
+    rng = np.random.default_rng(0)
+    w_box = numpy_helper.from_array(rng.normal(0, 1, (4, 3, 1, 1)).astype(np.float32), "w_box")
+    w_cls = numpy_helper.from_array(rng.normal(0, 0.05, (2, 3, 1, 1)).astype(np.float32) - 1, "w_cls")
+    proto = make_model(
+        [helper.make_node("Conv", ["x", "w_box"], ["box"], name="box_conv"),
+         helper.make_node("Conv", ["x", "w_cls"], ["cls"], name="cls_conv"),
+         helper.make_node("Concat", ["box", "cls"], ["both"], name="head_concat", axis=1),
+         helper.make_node("Split", ["both", "sizes"], ["box_out", "cls_logits"], name="head_split", axis=1),
+         helper.make_node("Sigmoid", ["cls_logits"], ["y"], name="head_sigmoid")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("box_out", TensorProto.FLOAT, [1, 4, 4, 4]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [w_box, w_cls, numpy_helper.from_array(np.array([4, 2], np.int64), "sizes")],
+    )
+    data = [{"x": np.abs(rng.normal(0, 1, (1, 3, 4, 4))).astype(np.float32)} for _ in range(4)]
+    _, context = run_passes(proto, PREP + ",plan-quantization,calibrate", data=data)
+    plan = context.analyses["plan"]
+    assert {"box_conv", "cls_conv"} <= plan.anchors and "head_concat" not in plan.nodes
+    # The Convs keep integer inputs and weights, and write float: a QuantizeLinear there would
+    # only round what float data movement reads.
+    assert {"box", "cls", "both"}.isdisjoint(plan.activations) and "x" in plan.activations
+    assert {w.node for w in plan.weights} == {"box_conv", "cls_conv"}
