@@ -164,8 +164,10 @@ def test_fp8_model_compiles_runs_in_ort_and_reaches_its_sqnr(case, fmt):
     out, ref = [], []
     for batch in batches:
         y = optimized.run(None, batch)[0]
-        # Equal up to float fusions' rounding (LayerNorm, Gelu); a dropped Relu would be far off.
-        np.testing.assert_allclose(y, plain.run(None, batch)[0], rtol=1e-4, atol=1e-5)
+        # Equal up to float fusions' rounding (Conv, LayerNorm, Gelu), which can flip an FP8 code
+        # at a rounding tie (one sample's logits then move by ~0.1: about 40 dB); a dropped Relu
+        # would be far off.
+        assert _sqnr(plain.run(None, batch)[0], y) >= 30.0
         out.append(y.ravel())
         ref.append(reference.run(None, batch)[0].ravel())
     assert _sqnr(np.concatenate(ref), np.concatenate(out)) >= floors[fmt]
