@@ -196,6 +196,7 @@ TARGET = Target(
         "lift-constants",
         "fold-constants",
         "fold-batchnorm",
+        "fold-conv-bias",
         "deduplicate-initializers",
         "remove-identity",
         "hoist-loop-invariants",

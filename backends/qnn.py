@@ -128,6 +128,7 @@ TARGET = Target(
         "lift-constants",
         "fold-constants",
         "fold-batchnorm",
+        "fold-conv-bias",
         "deduplicate-initializers",
         "remove-identity",
         "lower-gathernd",

@@ -11,6 +11,7 @@ __all__ = [
     "LiftConstants",
     "FoldConstants",
     "FoldBatchNorm",
+    "FoldConvBiasAdd",
     "DeduplicateInitializers",
     "RemoveIdentity",
     "RemoveUnused",
@@ -23,6 +24,7 @@ __all__ = [
 import hashlib
 import logging
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -196,6 +198,88 @@ class FoldBatchNorm(ir.passes.InPlacePass):
 
 
 _BN_HOSTS = ("Conv", "ConvTranspose", "Gemm")
+
+
+@register_pass("fold-conv-bias")
+class FoldConvBiasAdd(ir.passes.InPlacePass):
+    """Fold an ``Add`` of a per-channel constant after a Conv or ConvTranspose into its bias.
+
+    paddle2onnx writes every convolution as ``Conv`` (no bias) then ``Add(conv, bias)``: quantized,
+    the Conv's output is rounded before the bias is added and again after (PP-OCRv6's recognizer
+    has 54 such pairs). Requires: constant weights; the Conv's output read by that Add only and not
+    a graph output; the constant broadcasting along the channel axis alone. Guarantees: the sum is
+    the Conv's output (``Conv(x, W, b + c)``), under the Add's output name; If/Loop bodies too.
+    """
+
+    def __init__(self, context):
+        super().__init__()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        folded = 0
+        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+            if node.op_type in ("Conv", "ConvTranspose") and node.domain in ("", "ai.onnx"):
+                folded += _fold_bias_add(node)
+        if folded:
+            logger.info("fold-conv-bias: %d Add(s) folded into convolution biases", folded)
+        return ir.passes.PassResult(model, folded > 0)
+
+
+def _constant_array(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    if value.const_value is not None and not value.is_graph_input():
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].as_tensor().numpy()
+    return None
+
+
+def _fold_bias_add(conv: ir.Node) -> int:
+    out = conv.outputs[0]
+    uses = list(out.uses())
+    weight = _constant_array(conv.inputs[1] if len(conv.inputs) > 1 else None)
+    if len(uses) != 1 or out.is_graph_output() or weight is None or weight.dtype != np.float32:
+        return 0
+    add, _ = uses[0]
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return 0
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    addend = _constant_array(other)
+    rank = weight.ndim  # the output's rank: (N, C, spatial...)
+    group = conv.attributes["group"].as_int() if "group" in conv.attributes else 1
+    channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * group
+    if addend is None or addend.dtype != np.float32 or addend.ndim > rank or add.inputs[0] is add.inputs[1]:
+        return 0
+    shape = (1,) * (rank - addend.ndim) + addend.shape
+    if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, channels):
+        return 0
+    bias = np.broadcast_to(addend.reshape(-1), (channels,)).astype(np.float32)
+    if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+        existing = _constant_array(conv.inputs[2])
+        if existing is None:
+            return 0
+        bias = bias + existing.astype(np.float32)
+    graph = conv.graph
+    name = f"{add.name or out.name}_folded_bias"
+    while name in graph.initializers:
+        name += "_"
+    bias_value = ir.Value(name=name, const_value=ir.tensor(bias, name=name))
+    bias_value.dtype, bias_value.shape = ir.DataType.FLOAT, ir.Shape([channels])
+    graph.register_initializer(bias_value)
+    inputs = list(conv.inputs[:2]) + [bias_value]
+    new_conv = ir.Node(conv.domain, conv.op_type, inputs, attributes=list(conv.attributes.values()),
+                       name=conv.name, num_outputs=1)
+    total = add.outputs[0]
+    new_out = new_conv.outputs[0]
+    new_out.dtype, new_out.shape = total.dtype or out.dtype, total.shape or out.shape
+    graph.insert_before(conv, new_conv)
+    ir.convenience.replace_all_uses_with(total, new_out, replace_graph_outputs=True)
+    # The sum's name (a graph output's, or what later passes and reports know it by) is kept.
+    was, total.name = total.name, None
+    new_out.name = was
+    graph.remove([add, conv], safe=True)
+    return 1
 
 
 def _lift_constant_inputs(graph: ir.Graph, node: ir.Node) -> None:

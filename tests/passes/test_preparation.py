@@ -24,6 +24,50 @@ def test_fold_batchnorm_removes_bn_and_keeps_outputs():
     np.testing.assert_allclose(_run(folded, batch), _run(proto, batch), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias_shape", [(1, 4, 1, 1), (4, 1, 1), (1,), ()])
+def test_fold_conv_bias_folds_paddles_conv_then_add(bias_shape):
+    """paddle2onnx's convolution: Conv without bias, then Add of a [1, C, 1, 1] constant. Left
+    apart, quantization rounds the Conv's output before the bias and again after (PP-OCRv6's
+    recognizer: 54 pairs); folded, the Conv carries the bias and the Add's output name."""
+    rng = np.random.default_rng(0)
+    conv_w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "cw")
+    bias = numpy_helper.from_array(rng.normal(0, 1, bias_shape).astype(np.float32), "cb")
+    proto = make_model(
+        [helper.make_node("Conv", ["x", "cw"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+         helper.make_node("Add", ["c", "cb"], ["y"], name="bias_add"),
+         helper.make_node("Relu", ["y"], ["r"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6]),
+         helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 4, 6, 6])], [conv_w, bias],
+    )
+    model, _ = run_passes(proto, "fold-conv-bias")
+    assert [n.op_type for n in model.graph] == ["Conv", "Relu"]
+    folded = ir.serde.serialize_model(model)
+    assert [o.name for o in folded.graph.output] == ["y", "r"]
+    batch = {"x": rng.normal(0, 1, (1, 3, 6, 6)).astype(np.float32)}
+    session, reference = ort.InferenceSession(folded.SerializeToString()), ort.InferenceSession(proto.SerializeToString())
+    for got, want in zip(session.run(None, batch), reference.run(None, batch)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_conv_bias_leaves_adds_it_cannot_fold():
+    """A bias that varies along a spatial axis, or a Conv output read twice, stays an Add."""
+    rng = np.random.default_rng(1)
+    conv_w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 1, 1)).astype(np.float32), "cw")
+    spatial = numpy_helper.from_array(rng.normal(0, 1, (1, 4, 6, 1)).astype(np.float32), "sb")
+    channel = numpy_helper.from_array(rng.normal(0, 1, (1, 4, 1, 1)).astype(np.float32), "chb")
+    proto = make_model(
+        [helper.make_node("Conv", ["x", "cw"], ["c"]), helper.make_node("Add", ["c", "sb"], ["y"]),
+         helper.make_node("Conv", ["x", "cw"], ["d"]), helper.make_node("Add", ["d", "chb"], ["z"]),
+         helper.make_node("Mul", ["d", "z"], ["w"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 4, 6, 6])], [conv_w, spatial, channel],
+    )
+    model, _ = run_passes(proto, "fold-conv-bias")
+    assert [n.op_type for n in model.graph].count("Add") == 2
+
+
 def test_fold_batchnorm_folds_small_parameters_held_in_constant_nodes():
     """PP-OCR's direction classifier kept six 8-channel BatchNorms float: lift-constants leaves
     tensors under 16 elements as Constant nodes, which the folding rules did not read."""
