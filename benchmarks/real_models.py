@@ -1184,18 +1184,14 @@ def _vad_agreement(fp32: Path, candidate: Path, model: Path) -> tuple[float, dic
 
 
 def _escalation(report: dict) -> str | None:
-    """What the report says qcompile changed to recover accuracy, if it has such a section."""
-    found = {k: v for k, v in report.items() if re.search(r"recover|escalat|fallback|retry", k, re.I)}
-    if not found:
+    """What qcompile's recovery changed (``transformations.recovery`` of its report): the step
+    chosen and the SQNR before and after; None when the plain compile met the floor."""
+    recovery = (report.get("transformations") or {}).get("recovery")
+    if not recovery:
         return None
-    parts = []
-    for key, value in found.items():
-        if isinstance(value, dict):
-            summary = value.get("summary") or value.get("action") or value.get("steps") or value.get("changes")
-            parts.append(f"{key}: {json.dumps(summary if summary is not None else value, default=str)[:160]}")
-        elif value:
-            parts.append(f"{key}: {json.dumps(value, default=str)[:160]}")
-    return "; ".join(parts) or None
+    return (f"{recovery.get('plain_min_sqnr_db')} -> {recovery.get('final_min_sqnr_db')} dB: {recovery.get('changed')}"
+            f" ({'floor met' if recovery.get('met') else 'floor missed'}, {recovery.get('candidates')} candidates,"
+            f" {recovery.get('seconds')} s)")
 
 
 STATUS_CHARS = 90  # the table's cell; the whole message is in the notes and the JSON
@@ -1297,7 +1293,7 @@ def _measure(spec: ModelSpec, workdir: Path, calibration: int, evaluation: int) 
                "report_plan": plan, "report_transformations": report.get("transformations"),
                "qcompile": {k: v for k, v in qc.items() if k != "report"}, "ort": ort_result, "measured": measured,
                "report_keys": sorted(report), "report_evaluation": report.get("evaluation"),
-               "report_escalation": {k: v for k, v in report.items() if re.search(r"recover|escalat|fallback", k, re.I)}}
+               "report_recovery": (report.get("transformations") or {}).get("recovery")}
     return row, details
 
 
