@@ -533,7 +533,10 @@ def _build_once(
             elif rule.output is OutputRole.SHARED:
                 # Data movement keeps its input's type too (set from the root once planned).
                 activations[out.name] = ActivationQuant(out.name, qtype, symmetric, shares=node.inputs[0].name)
-            elif is_anchor(rule) and not target.quantize_all and _feeds_only_float_data_movement(graph, out, quantized, rule_for):
+            elif (
+                is_anchor(rule) and not target.quantize_all
+                and _feeds_only_float_data_movement(graph, out, quantized, rule_for)
+            ):
                 # A detection head's logits into a float Concat/Reshape (2b), a network's output:
                 # the QuantizeLinear would only round them. The node writes float (ORT runs a Conv
                 # on the dequantized inputs; Gemm and MatMul keep integer kernels with a float output).

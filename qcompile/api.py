@@ -252,7 +252,8 @@ def compile(  # the verb users expect: qcompile.compile
     files (one batch each, keys = input names) or an iterable of ``{input_name: array}``.
     The input model is never modified. Raises ``AccuracyGateError`` (with ``.result``) when
     ``config.min_sqnr`` is set and an output falls below it. ``show_progress``: True shows
-    calibration progress on stderr, or pass a ``qcompile.log.Progress`` callback to get it.
+    the progress of calibration, evaluation and latency runs on stderr, or pass a
+    ``qcompile.log.Progress`` callback to get it.
     ``executor``: a ``qcompile.executors.Executor`` to run repeated work on (sharded calibration),
     kept open for the caller; by default the config's (``executor``, ``workers``, ``ray_address``),
     made for this call and closed after it.
@@ -307,7 +308,8 @@ def compile(  # the verb users expect: qcompile.compile
             context.records["dead-initializers"] = {"dropped": dropped["count"], "bytes": dropped["bytes"]}
         plan = context.analyses.get("plan")
         warnings = _target_warnings(float_model, compiled, target_spec)
-        evaluation, latency, fusion = _evaluate(float_model, compiled, data, config, target_spec, plan, workspace)
+        evaluation, latency, fusion = _evaluate(float_model, compiled, data, config, target_spec, plan, workspace,
+                                                progress)
         verification = _verify_on_target(compiled, data, config, target_spec)
     except BaseException:
         if workspace is not None:
@@ -448,7 +450,10 @@ def _model_bytes(model: ir.Model) -> int:
 
 
 def _evaluate(float_model: ir.Model, compiled: ir.Model, data: BatchSource | None, config: CompileConfig,
-              target, plan, workspace: Workspace | None):
+              target, plan, workspace: Workspace | None, progress: Progress | None = None):
+    """Accuracy on the evaluation batches, latency, and the fusion report; ``progress`` hears of
+    each evaluation batch and latency run (steps ``evaluating``, ``latency (float model)``,
+    ``latency (compiled model)``)."""
     if data is None:
         return {"data": None, "outputs": {}}, {}, {}
     description, batches = data.evaluation()
@@ -462,7 +467,8 @@ def _evaluate(float_model: ir.Model, compiled: ir.Model, data: BatchSource | Non
         names = [o.name for o in float_session.get_outputs()]
         expected = [float_session.run(names, batch) for batch in batches]
         if config.measure_latency:
-            float_latency = measure_latency(float_session, batches[0], config.latency_runs)
+            float_latency = measure_latency(float_session, batches[0], config.latency_runs, progress=progress,
+                                            step="latency (float model)")
         float_session = None
     with tempfile.TemporaryDirectory(prefix="qcompile-") as tmp:
         # ORT cannot write an optimized model over 2 GB; the fusion report is for small models.
@@ -480,14 +486,16 @@ def _evaluate(float_model: ir.Model, compiled: ir.Model, data: BatchSource | Non
     latency = {}
     if batches:
         if expected is None:
-            evaluation["outputs"] = compare_outputs(float_session, quant_session, batches)
+            evaluation["outputs"] = compare_outputs(float_session, quant_session, batches, progress=progress)
         else:
-            evaluation["outputs"] = compare_to_outputs(names, expected, quant_session, batches)
+            evaluation["outputs"] = compare_to_outputs(names, expected, quant_session, batches, progress=progress)
         if config.measure_latency:
             latency = {
                 "batch_shapes": {k: list(v.shape) for k, v in batches[0].items()},
-                "float": float_latency or measure_latency(float_session, batches[0], config.latency_runs),
-                "quantized": measure_latency(quant_session, batches[0], config.latency_runs),
+                "float": float_latency or measure_latency(float_session, batches[0], config.latency_runs,
+                                                          progress=progress, step="latency (float model)"),
+                "quantized": measure_latency(quant_session, batches[0], config.latency_runs, progress=progress,
+                                             step="latency (compiled model)"),
                 "threads": config.threads or "onnxruntime default",
                 "provider": quant_session.get_providers()[0],
             }

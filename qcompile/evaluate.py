@@ -9,9 +9,13 @@ import math
 import statistics
 import time
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
+
+if TYPE_CHECKING:
+    from qcompile.log import Progress
 
 
 def sqnr_db(signal_power: float, noise_power: float) -> float:
@@ -55,36 +59,50 @@ class OutputError:
 
 
 def compare_outputs(
-    reference: ort.InferenceSession, candidate: ort.InferenceSession, batches: Sequence[dict]
+    reference: ort.InferenceSession, candidate: ort.InferenceSession, batches: Sequence[dict], *,
+    progress: Progress | None = None,
 ) -> dict[str, dict]:
     """Per-output SQNR (dB), cosine similarity and max abs error of candidate vs reference."""
     names = [o.name for o in reference.get_outputs()]
-    return compare_to_outputs(names, (reference.run(names, batch) for batch in batches), candidate, batches)
+    return compare_to_outputs(names, (reference.run(names, batch) for batch in batches), candidate, batches,
+                              progress=progress)
 
 
 def compare_to_outputs(
     names: Sequence[str], expected: Iterable[Sequence[np.ndarray]], candidate: ort.InferenceSession,
-    batches: Sequence[dict],
+    batches: Sequence[dict], *, progress: Progress | None = None,
 ) -> dict[str, dict]:
     """``compare_outputs`` against outputs computed earlier (``expected``: one list per batch), so
-    the reference session need not be alive at the same time as the candidate (large models)."""
+    the reference session need not be alive at the same time as the candidate (large models).
+    ``progress`` hears of every batch (step ``evaluating``)."""
     errors = {name: OutputError() for name in names}
+    start, done = time.perf_counter(), 0
     for batch, outputs in zip(batches, expected, strict=True):
         for name, x, y in zip(names, outputs, candidate.run(list(names), batch)):
             if np.issubdtype(np.asarray(x).dtype, np.floating):
                 errors[name].update(np.asarray(x), np.asarray(y))
+        done += 1
+        if progress is not None:
+            progress("evaluating", done, time.perf_counter() - start, done == len(batches))
     return {name: e.summary() for name, e in errors.items()}
 
 
-def measure_latency(session: ort.InferenceSession, batch: dict, runs: int = 20, warmup: int = 3) -> dict:
-    """Median and 90th percentile of wall time per run, in milliseconds, after warm-up runs."""
-    for _ in range(warmup):
+def measure_latency(session: ort.InferenceSession, batch: dict, runs: int = 20, warmup: int = 3, *,
+                    progress: Progress | None = None, step: str = "latency") -> dict:
+    """Median and 90th percentile of wall time per run, in milliseconds, after warm-up runs.
+    ``progress`` hears of every run, warm-up included (step ``step``, the runs as its batches)."""
+    begin = time.perf_counter()
+    for index in range(warmup):
         session.run(None, batch)
+        if progress is not None:
+            progress(step, index + 1, time.perf_counter() - begin, False)
     times = []
-    for _ in range(runs):
+    for index in range(runs):
         start = time.perf_counter()
         session.run(None, batch)
         times.append((time.perf_counter() - start) * 1000.0)
+        if progress is not None:
+            progress(step, warmup + index + 1, time.perf_counter() - begin, index == runs - 1)
     times.sort()
     return {
         "median_ms": round(statistics.median(times), 3),

@@ -90,6 +90,11 @@ class Progress(Protocol):
     def __call__(self, step: str, batches: int, seconds: float, finished: bool) -> None: ...
 
 
+def _unit(step: str) -> str:
+    # Latency steps count runs of one batch; the others count batches.
+    return "runs" if step.startswith("latency") else "batches"
+
+
 class TerminalProgress:
     """Progress on one line of a terminal, rewritten in place: ``calibrating: 12 batches, 3.1s``."""
 
@@ -98,7 +103,7 @@ class TerminalProgress:
 
     def __call__(self, step: str, batches: int, seconds: float, finished: bool) -> None:
         stream = self.stream or sys.stderr
-        stream.write(f"\r{step}: {batches} batches, {seconds:.1f}s" + ("\n" if finished else ""))
+        stream.write(f"\r{step}: {batches} {_unit(step)}, {seconds:.1f}s" + ("\n" if finished else ""))
         stream.flush()
 
 
@@ -116,6 +121,6 @@ class LogProgress:
             return
         self._last = now
         logger.info(
-            "%s: %d batches, %.1fs", step, batches, seconds,
+            "%s: %d %s, %.1fs", step, batches, _unit(step), seconds,
             extra={"step": step, "batches": batches, "seconds": round(seconds, 3), "finished": finished},
         )

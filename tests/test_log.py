@@ -143,6 +143,25 @@ def test_progress_reaches_a_callback_not_stderr(capsys):
     assert "calibrating" not in capsys.readouterr().err
 
 
+def test_evaluation_and_latency_report_progress_too():
+    """A newcomer saw progress for calibration only; evaluation and both latency measurements
+    (float and compiled model) report theirs, each ending with a finished call."""
+    calls = []
+    qcompile.compile(tiny_cnn(), cnn_batches(6), config={"eval_batches": 2, "latency_runs": 4, "cache": False},
+                     eval_data=cnn_batches(3), show_progress=lambda *args: calls.append(args))
+    steps = {c[0] for c in calls}
+    assert {"calibrating", "evaluating", "latency (float model)", "latency (compiled model)"} <= steps
+    evaluating = [c for c in calls if c[0] == "evaluating"]
+    assert [c[1] for c in evaluating] == [1, 2] and evaluating[-1][3] is True  # eval_batches caps the 3
+    compiled = [c for c in calls if c[0] == "latency (compiled model)"]
+    assert compiled[-1][1] == 3 + 4 and compiled[-1][3] is True  # 3 warm-up runs, then the 4 timed
+
+
+def test_terminal_progress_says_runs_for_latency(capsys):
+    TerminalProgress()("latency (float model)", 7, 0.2, True)
+    assert "latency (float model): 7 runs, 0.2s" in capsys.readouterr().err
+
+
 def test_terminal_progress_rewrites_one_line(capsys):
     """TerminalProgress: carriage returns while running, a newline when finished."""
     progress = TerminalProgress()
