@@ -147,6 +147,13 @@ class _Weights:
         self.weight[second] = (grouped * factor).reshape(w.shape)
 
 
+# A channel whose weight range is under this share of its layer's largest is dead for equalization.
+DEAD_RANGE = 1e-6
+# No channel is scaled by more than this (or less than its inverse) per iteration: a bias divided
+# by the scale must stay on the activations' scale.
+MAX_SCALE = 1e3
+
+
 @register_pass("cross-layer-equalization")
 class CrossLayerEqualization(ir.passes.InPlacePass):
     """Equalize per-channel weight ranges of consecutive convolutions (Nagel et al. 2019).
@@ -189,10 +196,12 @@ class CrossLayerEqualization(ir.passes.InPlacePass):
             for pair in pairs:
                 r1, r2 = weights.output_ranges(pair.first), weights.input_ranges(pair.second)
                 # s_i = sqrt(r1_i / r2_i): both ranges become sqrt(r1_i * r2_i). A dead channel
-                # (a zero range on either side) is left alone.
-                alive = (r1 > 0) & (r2 > 0)
+                # (a range under DEAD_RANGE of its layer's largest, on either side) is left alone:
+                # PP-OCRv4's recognizer has channels of weights ~1e-39 beside a bias, and dividing
+                # that bias by s ~1e-19 made an activation range of 1e18 that no grid survives.
+                alive = (r1 > DEAD_RANGE * r1.max(initial=0.0)) & (r2 > DEAD_RANGE * r2.max(initial=0.0))
                 s = np.ones_like(r1)
-                s[alive] = np.sqrt(r1[alive] / r2[alive])
+                s[alive] = np.clip(np.sqrt(r1[alive] / r2[alive]), 1 / MAX_SCALE, MAX_SCALE)
                 weights.scale(pair, s)
                 total[id(pair)] *= s
                 largest = max(largest, float(np.abs(np.log(s)).max(initial=0.0)))
@@ -225,7 +234,7 @@ class CrossLayerEqualization(ir.passes.InPlacePass):
 
     @staticmethod
     def _spread(weights: _Weights, pair: Pair) -> float:
-        """max / min over channels of the first conv's output-channel ranges (1: all equal)."""
+        """max / min over the live channels of the first conv's output-channel ranges (1: all equal)."""
         r = weights.output_ranges(pair.first)
-        r = r[r > 0]
+        r = r[r > DEAD_RANGE * r.max(initial=0.0)]
         return round(float(r.max() / r.min()), 3) if r.size else 1.0

@@ -140,3 +140,22 @@ def test_reports_modified_only_when_it_rescales():
 def test_refused_after_calibration():
     with pytest.raises(PipelineError, match="before 'calibrate'"):
         run_passes(_depthwise_cnn(), ["plan-quantization", "calibrate", "cross-layer-equalization"], data=_batches(2, seed=1))
+
+
+def test_a_near_dead_channel_beside_a_bias_is_left_alone():
+    """PP-OCRv4's recognizer has channels of weights ~1e-39 beside a bias: s = sqrt(r1 / r2) was
+    ~1e-19, and the bias divided by it made an activation of 1e18 that no 8-bit grid survives."""
+    proto = _depthwise_cnn(scaled=False)
+    w1 = next(i for i in proto.graph.initializer if i.name == "w1")
+    array = np.frombuffer(w1.raw_data, np.float32).reshape(C, 3, 3, 3).copy()
+    array[2] *= 1e-36  # channel 2: dead weights, its bias (b1[2]) kept
+    w1.raw_data = array.tobytes()
+    model, context = run_passes(proto, ["cross-layer-equalization"])
+    conv1 = next(n for n in model.graph if n.name == "conv1")
+    bias_before = np.frombuffer(next(i for i in proto.graph.initializer if i.name == "b1").raw_data, np.float32)
+    bias_after = conv1.inputs[2].const_value.numpy()
+    assert abs(bias_after[2]) == pytest.approx(abs(bias_before[2]))  # the dead channel is not rescaled
+    assert np.abs(bias_after).max() < 1e3 * np.abs(bias_before).max()
+    for batch in _batches(2, seed=5):
+        expected = _run(proto, batch)
+        np.testing.assert_allclose(_run(model, batch), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
