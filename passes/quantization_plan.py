@@ -537,10 +537,10 @@ def _build_once(
                 is_anchor(rule) and not target.quantize_all
                 and _feeds_only_float_data_movement(graph, out, quantized, rule_for)
             ):
-                # A detection head's logits into a float Concat/Reshape (2b), a network's output:
-                # the QuantizeLinear would only round them. The node writes float (ORT runs a Conv
-                # on the dequantized inputs; Gemm and MatMul keep integer kernels with a float output).
-                plan.float_tensors.setdefault(out.name, "only float data movement or the graph output reads it")
+                # A detection head's logits into a float Concat/Reshape (2b): the QuantizeLinear
+                # would only round them. The node writes float (ORT runs that Conv on the
+                # dequantized inputs).
+                plan.float_tensors.setdefault(out.name, "only float data movement reads it")
                 continue
             elif rule.output in (OutputRole.QUANTIZE, OutputRole.ABSORBED) or out.name in wanted:
                 encoding = rule.fixed_output.get(qtype.name)
@@ -589,13 +589,14 @@ def _read_quantized(graph: ir.Graph, value: ir.Value, quantized: set, rule_for) 
 
 
 def _feeds_only_float_data_movement(graph: ir.Graph, value: ir.Value, quantized: set, rule_for) -> bool:
-    """Whether ``value`` is read only by float data-movement nodes (``OpRule.moves_data``, not
-    quantized) or as an output of the main graph. An If branch's output is not: what reads the
-    If decides."""
+    """Whether ``value`` is read, and only by float data-movement nodes (``OpRule.moves_data``, not
+    quantized), besides being an output of the main graph. An If branch's output is not: what
+    reads the If decides. A Conv that writes a graph output and nothing else keeps its
+    QuantizeLinear: without it ONNX Runtime has no integer kernel for it."""
     if value.is_graph_output() and value.graph is not graph:
         return False
     uses = list(value.uses())
-    if not uses and not value.is_graph_output():
+    if not uses:
         return False
     for user, _ in uses:
         rule = rule_for(user)
