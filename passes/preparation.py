@@ -38,6 +38,7 @@ from onnxscript.rewriter.rules.common import (
 )
 
 from qcompile.errors import ModelError, detail
+from qcompile.passes.qdq_insertion import add_initializer
 from qcompile.passes.registry import register_pass
 from qcompile.qparams import quant_type
 
@@ -225,14 +226,11 @@ class FoldConvBiasAdd(ir.passes.InPlacePass):
 
 
 def _constant_array(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
+    """An initializer's or a Constant node's array (lift-constants leaves small ones as nodes)."""
+    if value is None or value.is_graph_input():
         return None
-    if value.const_value is not None and not value.is_graph_input():
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return producer.attributes["value"].as_tensor().numpy()
-    return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
 
 
 def _fold_bias_add(conv: ir.Node) -> int:
@@ -261,12 +259,7 @@ def _fold_bias_add(conv: ir.Node) -> int:
             return 0
         bias = bias + existing.astype(np.float32)
     graph = conv.graph
-    name = f"{add.name or out.name}_folded_bias"
-    while name in graph.initializers:
-        name += "_"
-    bias_value = ir.Value(name=name, const_value=ir.tensor(bias, name=name))
-    bias_value.dtype, bias_value.shape = ir.DataType.FLOAT, ir.Shape([channels])
-    graph.register_initializer(bias_value)
+    bias_value = add_initializer(graph, f"{add.name or out.name}_folded_bias", bias)
     inputs = list(conv.inputs[:2]) + [bias_value]
     new_conv = ir.Node(conv.domain, conv.op_type, inputs, attributes=list(conv.attributes.values()),
                        name=conv.name, num_outputs=1)

@@ -401,12 +401,13 @@ def _build_once(
                 # and dequantized to float (weight-only), the branch keeps working and the file
                 # shrinks. All of the type's range: no integer kernel multiplies them.
                 stored = weight_type if weight_type.is_float else full_range(weight_type)
-                for index in weights:
-                    if rule.role(index) is InputRole.WEIGHT:
-                        axis = rule.weight_axis(node) if per_channel and rule.weight_axis is not None else None
-                        rank = node.inputs[index].const_value.numpy().ndim
-                        plan.weights.append(WeightQuant(node.name, index, None if axis is None or rank < 2 else axis % rank, stored))
-                        plan.float_nodes[node.name] += "; weights stored as integers (weight-only)"
+                axis = rule.weight_axis(node) if per_channel and rule.weight_axis is not None else None
+                kept = [i for i in weights if rule.role(i) is InputRole.WEIGHT]
+                for index in kept:
+                    rank = node.inputs[index].const_value.numpy().ndim
+                    plan.weights.append(WeightQuant(node.name, index, None if axis is None or rank < 2 else axis % rank, stored))
+                if kept:
+                    plan.float_nodes[node.name] += "; weights stored as integers (weight-only)"
             continue
         if any(not _is_constant(node.inputs[i]) or node.inputs[i].const_value.numpy().ndim != 1 for i in biases):
             plan.float_nodes[node.name] = "bias is not a constant vector"
@@ -507,7 +508,7 @@ def _build_once(
                 plan.absorbed.add(node.name)
             changed = True
 
-    # 2b. Followers whose outputs no quantized node reads give nothing back for their rounding:
+    # 2b. Data-movement followers whose outputs no quantized node reads give nothing back for their rounding:
     # a Concat of a YOLO head's box and class logits, read only by a float Sigmoid, would put the
     # class logits on the box logits' grid (nudenet: box F1 73 %). They stay float, reading the
     # dequantized inputs. An NPU runs every op on integers: it keeps them.
