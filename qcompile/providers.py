@@ -38,6 +38,7 @@ import onnx
 import onnxruntime as ort
 
 from qcompile.errors import PlacementError, ProviderError, detail
+from qcompile.runtime import qdq_safe_config
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def _session(model, target, *, allow_fallback: bool, config: dict[str, str]) -> 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    config = {**qdq_safe_config(model), **config}
     if not allow_fallback and provider != _CPU:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     for key, value in config.items():

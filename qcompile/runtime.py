@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["make_session", "model_bytes_or_path", "session_proto", "session_source"]
+__all__ = [
+    "FP8_QDQ_FUSION_BROKEN",
+    "has_fp8_qdq",
+    "make_session",
+    "model_bytes_or_path",
+    "qdq_safe_config",
+    "session_proto",
+    "session_source",
+]
 
 import contextlib
 import os
@@ -66,6 +74,48 @@ def session_source(model: ir.Model, extra_outputs: Sequence[str] = (), workspace
             yield loadable
 
 
+def _ort_version() -> tuple[int, ...]:
+    parts = []
+    for piece in ort.__version__.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+# ONNX Runtime before 1.32 (onnxruntime-gpu's newest release is 1.31.1) fuses FP8
+# QuantizeLinear/DequantizeLinear around a Conv or MatMul into its integer kernels, which reject
+# FP8 inputs: the session fails with INVALID_GRAPH. With its QDQ fusions off
+# (``session.disable_quant_qdq``) the model loads and computes what it says.
+FP8_QDQ_FUSION_BROKEN = _ort_version() < (1, 32)
+_FP8 = {ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2, ir.DataType.FLOAT8E5M2FNUZ}
+
+
+def has_fp8_qdq(model: onnx.ModelProto | ir.Model | bytes | str) -> bool:
+    """Whether ``model`` quantizes to or dequantizes from an FP8 type anywhere (subgraphs too)."""
+    if isinstance(model, (bytes, str)):
+        model = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "DequantizeLinear" and node.inputs and node.inputs[0] is not None:
+            if node.inputs[0].dtype in _FP8:
+                return True
+        elif node.op_type == "QuantizeLinear" and node.outputs[0].dtype in _FP8:
+            return True
+        elif node.op_type == "QuantizeLinear" and "output_dtype" in node.attributes:
+            if ir.DataType(node.attributes["output_dtype"].as_int()) in _FP8:
+                return True
+    return False
+
+
+def qdq_safe_config(model) -> dict[str, str]:
+    """Session config entries ``model`` needs on this ONNX Runtime: the QDQ fusions off for an FP8
+    model before 1.32 (``FP8_QDQ_FUSION_BROKEN``), nothing otherwise."""
+    if FP8_QDQ_FUSION_BROKEN and has_fp8_qdq(model):
+        return {"session.disable_quant_qdq": "1"}
+    return {}
+
+
 def make_session(
     model: onnx.ModelProto | ir.Model,
     *,
@@ -99,7 +149,7 @@ def make_session(
         options.intra_op_num_threads = threads
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
-    for key, value in (config_entries or {}).items():
+    for key, value in {**qdq_safe_config(model), **(config_entries or {})}.items():
         options.add_session_config_entry(key, value)
     if isinstance(model, (bytes, str)):
         source = contextlib.nullcontext(model)  # already what InferenceSession loads (session_source)

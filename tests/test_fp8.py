@@ -14,6 +14,7 @@ import qcompile
 from qcompile.config import CompileConfig
 from qcompile.errors import ConfigError
 from qcompile.qparams import QUANT_TYPES, activation_qparams, dequantize, quantize, weight_qparams
+from qcompile.runtime import qdq_safe_config
 from qcompile.statistics import TensorStatistics
 
 E4M3, E5M2 = QUANT_TYPES["float8e4m3fn"], QUANT_TYPES["float8e5m2"]
@@ -137,6 +138,16 @@ CASES = {
 }
 
 
+def _fp8_options(model) -> ort.SessionOptions:
+    """Every optimization on, as a user's session; before ONNX Runtime 1.32 the QDQ fusions off,
+    as qcompile's own sessions have them (``qcompile.runtime.qdq_safe_config``): that ORT fuses
+    FP8 Q/DQ into integer kernels that reject FP8."""
+    options = ort.SessionOptions()
+    for key, value in qdq_safe_config(model).items():
+        options.add_session_config_entry(key, value)
+    return options
+
+
 @pytest.mark.parametrize("fmt", ["float8e4m3fn", "float8e5m2"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fp8_model_compiles_runs_in_ort_and_reaches_its_sqnr(case, fmt):
@@ -156,7 +167,7 @@ def test_fp8_model_compiles_runs_in_ort_and_reaches_its_sqnr(case, fmt):
         len(n.input) == 2 and helper.get_attribute_value(n.attribute[0]) == fp8 for n in quantize_nodes
     ), "activation Qs name their FP8 type in output_dtype and have no zero point"
     # ORT with every optimization on (its Relu-into-Q fusion included) computes what the model says.
-    optimized = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    optimized = ort.InferenceSession(model.SerializeToString(), _fp8_options(model), providers=["CPUExecutionProvider"])
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     plain = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -195,4 +206,16 @@ def test_fp8_embedding_table_is_stored_as_int8_rows():
     gathered = {tables.get(n.input[0]) for n in model.graph.node if n.op_type == "Gather"}
     assert TensorProto.INT8 in gathered and TensorProto.FLOAT8E4M3FN not in gathered
     assert TensorProto.FLOAT8E4M3FN in tables.values()  # the other weights are FP8
-    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, ids[0])
+    ort.InferenceSession(model.SerializeToString(), _fp8_options(model), providers=["CPUExecutionProvider"]).run(None, ids[0])
+
+
+def test_fp8_models_are_recognized_for_onnx_runtime_1_31s_qdq_fusion():
+    """ONNX Runtime 1.31 (onnxruntime-gpu's newest) fuses FP8 Q/DQ into integer kernels that reject
+    FP8 (INVALID_GRAPH): sessions on it need the QDQ fusions off, for FP8 models only."""
+    from qcompile.runtime import FP8_QDQ_FUSION_BROKEN, has_fp8_qdq
+
+    fp8 = qcompile.compile(tiny_cnn(), cnn_batches(4), config={**FP8, "measure_latency": False}).to_proto()
+    int8 = qcompile.compile(tiny_cnn(), cnn_batches(4), config={"measure_latency": False}).to_proto()
+    assert has_fp8_qdq(fp8) and has_fp8_qdq(fp8.SerializeToString()) and not has_fp8_qdq(int8)
+    assert qdq_safe_config(int8) == {}
+    assert qdq_safe_config(fp8) == ({"session.disable_quant_qdq": "1"} if FP8_QDQ_FUSION_BROKEN else {})
