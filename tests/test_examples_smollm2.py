@@ -27,7 +27,9 @@ def bigram_model(table: np.ndarray, path: Path) -> Path:
         ],
         [numpy_helper.from_array(table.astype(np.float32), "table")],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # onnx's default (IR 14 with onnx 1.23) is newer than ONNX Runtime 1.31 reads
+    onnx.save(model, str(path))
     return path
 
 
