@@ -35,10 +35,10 @@ import time
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.chunked_runs import DEFAULT_CHUNK
 from qcompile.errors import ConfigError
-from qcompile.passes.calibration import DEFAULT_CHUNK
+from qcompile.graph_edit import add_initializer
 from qcompile.passes.layer_statistics import linear_layer, observe_layers
-from qcompile.passes.qdq_insertion import add_initializer
 from qcompile.passes.registry import register_pass
 from qcompile.qparams import constant_qparams, quantize
 

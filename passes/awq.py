@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.calibration import DEFAULT_CHUNK
+from qcompile.chunked_runs import DEFAULT_CHUNK
 from qcompile.passes.channel_scaling import Group, apply_channel_scale, matmul_input_groups, observe_groups
 from qcompile.passes.registry import register_pass
 from qcompile.passes.weight_only import quantize_rtn

@@ -23,9 +23,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.calibration import DEFAULT_CHUNK
+from qcompile.chunked_runs import DEFAULT_CHUNK
+from qcompile.graph_edit import add_initializer
 from qcompile.passes.layer_statistics import Layer, linear_layer, observe_layers
-from qcompile.passes.qdq_insertion import add_initializer
 from qcompile.passes.quantization_plan import WeightQuant
 from qcompile.passes.registry import register_pass
 from qcompile.qparams import constant_qparams, dequantize, quantize

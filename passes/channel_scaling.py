@@ -16,8 +16,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.calibration import ChunkedRunner
-from qcompile.passes.qdq_insertion import add_initializer
+from qcompile.chunked_runs import ChunkedRunner
+from qcompile.graph_edit import add_initializer
 from qcompile.runtime import make_session
 from qcompile.workspace import release_tensor
 

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.calibration import ChunkedRunner
+from qcompile.chunked_runs import ChunkedRunner
 from qcompile.runtime import make_session
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.qdq_insertion import Namer, add_initializer
+from qcompile.graph_edit import Namer, add_initializer
 from qcompile.passes.registry import register_pass
 from qcompile.qparams import QUANT_TYPES, quantize, weight_qparams
 

@@ -38,7 +38,7 @@ from onnxscript.rewriter.rules.common import (
 )
 
 from qcompile.errors import ModelError, detail
-from qcompile.passes.qdq_insertion import add_initializer
+from qcompile.graph_edit import add_initializer
 from qcompile.passes.registry import register_pass
 from qcompile.qparams import quant_type
 

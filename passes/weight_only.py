@@ -29,9 +29,10 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.chunked_runs import DEFAULT_CHUNK, ChunkedRunner
 from qcompile.errors import ConfigError
-from qcompile.passes.calibration import DEFAULT_CHUNK, ChunkedRunner
-from qcompile.passes.qdq_insertion import Namer, add_initializer, dequantize_after_lookup
+from qcompile.graph_edit import Namer, add_initializer
+from qcompile.passes.qdq_insertion import dequantize_after_lookup
 from qcompile.passes.registry import register_pass
 from qcompile.qparams import dequantize, quant_type, quantize, weight_qparams
 from qcompile.runtime import make_session

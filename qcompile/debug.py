@@ -51,12 +51,12 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from qcompile.chunked_runs import DEFAULT_CHUNK, ChunkedRunner, split_batch
 from qcompile.data import input_specs, npz_headers, validate_batch
 from qcompile.errors import CalibrationDataError, ModelError, detail
 from qcompile.evaluate import OutputError, sqnr_db
+from qcompile.graph_edit import add_initializer
 from qcompile.loader import describe_source, load_model
-from qcompile.passes.calibration import DEFAULT_CHUNK, ChunkedRunner, split_batch
-from qcompile.passes.qdq_insertion import add_initializer
 from qcompile.qparams import QUANT_TYPES, QuantType, dequantize, quantize
 from qcompile.runtime import make_session
 from qcompile.statistics import HALF_BINS, TensorStatistics

@@ -19,11 +19,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from qcompile.passes.qdq_insertion import (
-    Namer,
-    add_initializer,
-    dequantize_after_lookup,
-)
+from qcompile.graph_edit import Namer, add_initializer
+from qcompile.passes.qdq_insertion import dequantize_after_lookup
 from tiny_models import make_model, tiny_transformer, transformer_batches
 
 import qcompile
