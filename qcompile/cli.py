@@ -554,14 +554,9 @@ def _run_inputs(path: str | None, session, np) -> dict:
             dtype = np.dtype({"float": "float32", "double": "float64"}.get(name, name))
             feed[meta.name] = (rng.normal(size=meta.shape) if dtype.kind == "f" else np.zeros(meta.shape)).astype(dtype)
         return feed
-    from qcompile.data import npz_headers
+    from qcompile.data import read_npz
 
-    npz_headers(Path(path))  # a damaged header or a zip bomb is refused before its data is read
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            feed = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
-        raise CalibrationDataError(f"Cannot read --inputs {path!r}: {error}. Write it with numpy.savez.") from None
+    feed = read_npz(Path(path), label="--inputs")
     missing = [meta.name for meta in inputs if meta.name not in feed]
     if missing:
         raise CalibrationDataError(f"--inputs {path!r} lacks {', '.join(missing)}; its arrays are: {', '.join(feed)}.")

@@ -7,7 +7,7 @@ batch, except up to ``eval_batches`` held-out batches when the source can only b
 
 from __future__ import annotations
 
-__all__ = ["BatchSource", "InputSpec", "check_npz_headers", "input_specs", "npz_headers", "read_items"]
+__all__ = ["BatchSource", "InputSpec", "check_npz_headers", "input_specs", "npz_headers", "read_items", "read_npz"]
 
 import dataclasses
 import logging
@@ -289,7 +289,7 @@ def read_items(items: list[Any], specs: list[InputSpec]) -> Iterator[Batch]:
     """The validated batches of a shard from ``BatchSource.calibration_shards`` (in a worker)."""
     for item in items:
         if isinstance(item, Path):
-            (where, batch), = _read_npz_files([item], specs)
+            where, batch = item.name, read_npz(item, specs)
         else:
             where, batch = item
         yield validate_batch(batch, specs, f"calibration data, {where}")
@@ -298,8 +298,9 @@ def read_items(items: list[Any], specs: list[InputSpec]) -> Iterator[Batch]:
 _PICKLE_HINT = " (save strings as np.array(values, dtype=str))"
 
 
-def _cannot_read(path: Path, error: Exception | str, hint: str = "") -> CalibrationDataError:
-    return CalibrationDataError(f"Cannot read calibration file {str(path)!r}: {error}. Write it with numpy.savez{hint}.")
+def _cannot_read(path: Path, error: Exception | str, hint: str = "", what: str = "calibration data") -> CalibrationDataError:
+    what = "calibration file" if what == "calibration data" else f"{what} file"
+    return CalibrationDataError(f"Cannot read {what} {str(path)!r}: {error}. Write it with numpy.savez{hint}.")
 
 
 def _available_memory() -> int | None:
@@ -309,11 +310,15 @@ def _available_memory() -> int | None:
         return None
 
 
-def npz_headers(path: Path) -> dict[str, np.ndarray]:
+def npz_headers(path: Path, label: str = "calibration data") -> dict[str, np.ndarray]:
     """The arrays of an .npz file as their headers describe them, without reading their data:
     zero-stride views of the declared shape and dtype (they take no memory). Refused before any
     data is read: a header whose array would not fit in the member that holds it (a 14 TiB shape in
     a small file), an array larger than the free memory (a zip bomb), object arrays (pickle)."""
+
+    def cannot(error, hint: str = "") -> CalibrationDataError:
+        return _cannot_read(path, error, hint, label)
+
     arrays, total = {}, 0
     try:
         with zipfile.ZipFile(path) as archive:
@@ -332,12 +337,12 @@ def npz_headers(path: Path) -> dict[str, np.ndarray]:
                     header_bytes = member.tell()
                 name = info.filename[: -len(".npy")]
                 if dtype.hasobject:
-                    raise _cannot_read(path, f"array {name!r} has dtype object, which only pickle can read, and "
+                    raise cannot(f"array {name!r} has dtype object, which only pickle can read, and "
                                        "qcompile never unpickles data files (unpickling can run code)", _PICKLE_HINT)
                 declared = math.prod(shape) * dtype.itemsize
                 stored = info.file_size - header_bytes
                 if declared > stored:
-                    raise _cannot_read(path, f"array {name!r} declares shape {list(shape)} {dtype} ({declared:,} bytes) "
+                    raise cannot(f"array {name!r} declares shape {list(shape)} {dtype} ({declared:,} bytes) "
                                        f"but its member holds {stored:,} bytes: the file is damaged")
                 total += declared
                 arrays[name] = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape),
@@ -345,31 +350,36 @@ def npz_headers(path: Path) -> dict[str, np.ndarray]:
     except CalibrationDataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as error:
-        raise _cannot_read(path, error) from None
+        raise cannot(error) from None
     free = _available_memory()
     if free is not None and total > free:
-        raise _cannot_read(path, f"its arrays take {total / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of free memory; "
+        raise cannot(f"its arrays take {total / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of free memory; "
                            "split it into smaller batches")
     return arrays
 
 
+def read_npz(path: Path, specs: list[InputSpec] | None = None, label: str = "calibration data") -> Batch:
+    """One .npz file's batch. Its headers are read first, so a damaged header or a zip bomb is
+    refused before any data is decompressed; with ``specs``, a wrong name or shape is too."""
+    headers = npz_headers(path, label)
+    if specs is not None:
+        validate_batch(headers, specs, f"{label}, {path.name}", values=False)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as error:
+        # Object arrays need pickle, which could run code from the file: strings must be str arrays.
+        # numpy's own message suggests allow_pickle, an option qcompile does not have: say why instead.
+        if "allow_pickle" in str(error):
+            error = "it holds object arrays, which only pickle can read, and qcompile never unpickles data files"
+            raise _cannot_read(path, error, _PICKLE_HINT, label) from None
+        raise _cannot_read(path, error if str(error) else type(error).__name__, what=label) from None
+
+
 def _read_npz_files(files: list[Path], specs: list[InputSpec] | None = None) -> Iterator[tuple[str, Batch]]:
-    """Each file's batch; with ``specs``, each file's headers are checked against them first, so a
-    wrong shape or name is refused before its data is read (decompressed)."""
+    """Each file's batch, read with ``read_npz``."""
     for path in files:
-        if specs is not None:
-            validate_batch(npz_headers(path), specs, f"calibration data, {path.name}", values=False)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                batch = {key: data[key] for key in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as error:
-            # Object arrays need pickle, which could run code from the file: strings must be str arrays.
-            # numpy's own message suggests allow_pickle, an option qcompile does not have: say why instead.
-            if "allow_pickle" in str(error):
-                error = "it holds object arrays, which only pickle can read, and qcompile never unpickles data files"
-                raise _cannot_read(path, error, _PICKLE_HINT) from None
-            raise _cannot_read(path, error if str(error) else type(error).__name__) from None
-        yield path.name, batch
+        yield path.name, read_npz(path, specs)
 
 
 def check_npz_headers(source: Any, specs: list[InputSpec]) -> None:

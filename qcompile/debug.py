@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import time
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompile.chunked_runs import DEFAULT_CHUNK, ChunkedRunner, split_batch
-from qcompile.data import input_specs, npz_headers, validate_batch
+from qcompile.data import input_specs, read_npz, validate_batch
 from qcompile.errors import CalibrationDataError, ModelError, detail
 from qcompile.evaluate import OutputError, sqnr_db
 from qcompile.graph_edit import add_initializer
@@ -678,21 +677,12 @@ class _QuantizedGraph:
 # ----------------------------------------------------------------------------- data
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    npz_headers(path)  # a damaged header or a zip bomb is refused before its data is read
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise CalibrationDataError(f"Cannot read data file {str(path)!r}: {error}. Write it with numpy.savez.") from None
-
-
 def _batch_source(data: Any) -> tuple[str, Callable[[], Iterator[tuple[str, Any]]]]:
     """(description, opener): the opener yields (where, batch) each time it is called."""
     if isinstance(data, (str, Path)):
         path = Path(data)
         if path.is_file() and path.suffix == ".npz":
-            return str(path), lambda: iter([(path.name, _read_npz(path))])
+            return str(path), lambda: iter([(path.name, read_npz(path, label="debug data"))])
         if path.is_dir():
             files = sorted(path.glob("*.npz"))
             if not files:
@@ -700,7 +690,7 @@ def _batch_source(data: Any) -> tuple[str, Callable[[], Iterator[tuple[str, Any]
                     f"debug data: directory {str(path)!r} has no .npz files. Save each batch with "
                     "numpy.savez(path, **{input_name: array})."
                 )
-            return f"{len(files)} .npz files in {path}", lambda: ((f.name, _read_npz(f)) for f in files)
+            return f"{len(files)} .npz files in {path}", lambda: ((f.name, read_npz(f, label="debug data")) for f in files)
         raise CalibrationDataError(
             f"debug data: {str(path)!r} is neither a directory of .npz files nor an .npz file."
         )

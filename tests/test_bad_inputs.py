@@ -824,6 +824,26 @@ def test_debug_reports_never_replace_what_the_analysis_reads(tmp_path, capsys):
     assert _snapshot(Setup(tmp_path, model)) == before
 
 
+def test_every_npz_reader_refuses_pickled_arrays_and_says_why(tmp_path, capsys):
+    """`qcompile debug --data` and `qcompile run --inputs` read .npz files with calibration's reader
+    (each had its own copy), and its errors name the file for what it is to that command (they
+    called every such file a "calibration file"): object arrays refused with the reason, a file
+    numpy.savez did not write refused with its path; exit 2, no traceback."""
+    model = good_model(tmp_path)
+    pickled = tmp_path / "pickled.npz"
+    pickled.write_bytes(npz_bytes(x=np.array([{"a": 1}], dtype=object)))
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 not a zip archive")
+    for argv, what in ((["debug", str(model), str(model), "--data"], "debug data file"),
+                       (["run", str(model), "--inputs"], "--inputs file")):
+        assert main([*argv, str(pickled)]) == 2
+        err = capsys.readouterr().err
+        assert f"Cannot read {what} {str(pickled)!r}" in err and "never unpickles" in err, err
+        assert main([*argv, str(corrupt)]) == 2
+        err = capsys.readouterr().err
+        assert f"Cannot read {what} {str(corrupt)!r}" in err and "Traceback" not in err, err
+
+
 # --- interrupted writes: a complete pair or nothing, and the next run sweeps what a kill left ---
 
 _INTERRUPT = """
