@@ -52,6 +52,7 @@ import onnxruntime as ort
 
 from qcompile.chunked_runs import DEFAULT_CHUNK, ChunkedRunner, split_batch
 from qcompile.data import input_specs, read_npz, validate_batch
+from qcompile.debug_html import percent, render_html
 from qcompile.errors import CalibrationDataError, ModelError, detail
 from qcompile.evaluate import OutputError, sqnr_db
 from qcompile.graph_edit import add_initializer
@@ -235,9 +236,7 @@ class DebugReport:
 
     def to_html(self, top: int = 20, histograms: int = 6) -> str:
         """A self-contained HTML page (inline SVG and CSS, no scripts, nothing fetched)."""
-        from qcompile.debug_html import render_html
-
-        return render_html(self, top=top, histograms=histograms)
+        return render_html(self, DEFINITIONS, top=top, histograms=histograms)
 
     def text_table(self, n: int = 10) -> str:
         """The worst ``n`` activations and weights as a plain-text table."""
@@ -253,7 +252,7 @@ class DebugReport:
                 lines.append(
                     f"  {rank:>3} {_clip(t.tensor, 40):40} {_clip(t.consumer_summary, 18):18} "
                     f"{_fmt(t.isolated_sqnr_db):>9} {_fmt(t.accumulated_sqnr_db):>8} "
-                    f"{_pct(t.clipped_fraction):>8} {_pct(t.outlier_fraction):>9} {_scale(t.scale):>10}"
+                    f"{percent(t.clipped_fraction):>8} {percent(t.outlier_fraction):>9} {_scale(t.scale):>10}"
                 )
         matched = [w for w in self.weights if w.worst_channel_sqnr_db is not None]
         if matched:
@@ -276,10 +275,6 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
     return f"{value:.{digits}f}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.3g}%"
 
 
 def _scale(value: float | list[float]) -> str:

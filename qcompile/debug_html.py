@@ -3,16 +3,20 @@ nothing fetched, so it opens offline and can be attached to an issue."""
 
 from __future__ import annotations
 
-__all__ = ["render_html"]
+__all__ = ["percent", "render_html"]
 
 import html
 import math
 from typing import TYPE_CHECKING
 
-from qcompile.debug import _pct  # the text table's percentage format, shared
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a renderer of the report, which qcompile.debug builds: it imports nothing of it at run time
     from qcompile.debug import DebugReport, TensorError
+
+
+def percent(value: float | None) -> str:
+    """A fraction as the text table and the page print it: "-" when there is none."""
+    return "-" if value is None else f"{100 * value:.3g}%"
+
 
 ACCUMULATED, ISOLATED, GRID, WORST = "#1f6fb2", "#e07b00", "#c62828", "#c62828"
 
@@ -187,7 +191,7 @@ def _tensor_rows(tensors, rank: bool) -> str:
             f'<td class="name" title="{_e(t.tensor)}">{_e(t.tensor)}</td>'
             f'<td class="l">{_e(t.producer_op)}</td><td class="l">{_e(t.consumer_summary)}</td>'
             f'<td class="{"bad" if low else ""}">{_db(t.isolated_sqnr_db)}</td><td>{_db(t.accumulated_sqnr_db)}</td>'
-            f"<td>{_pct(t.clipped_fraction)}</td><td>{_pct(t.outlier_fraction)}</td>"
+            f"<td>{percent(t.clipped_fraction)}</td><td>{percent(t.outlier_fraction)}</td>"
             f"<td>{_num(t.min)} .. {_num(t.max)}</td><td>{_num(t.scale)}</td><td>{_num(t.zero_point)}</td>"
             f"<td>{_num(t.grid_steps_used)}</td></tr>"
         )
@@ -214,10 +218,9 @@ def _weight_rows(weights) -> str:
     return f"<div class=\"scroll\"><table>{header}{''.join(rows)}</table></div>"
 
 
-def render_html(report: DebugReport, *, top: int = 20, histograms: int = 6) -> str:
-    """The whole page: summary, SQNR along the graph, worst tensors, their histograms, weights."""
-    from qcompile.debug import DEFINITIONS
-
+def render_html(report: DebugReport, definitions: dict[str, str], *, top: int = 20, histograms: int = 6) -> str:
+    """The whole page: summary, SQNR along the graph, worst tensors, their histograms, weights,
+    and ``definitions`` (what each column means) at the end."""
     worst = report.worst(top)
     ringed = {t.tensor for t in worst[:5]}
     out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
@@ -254,7 +257,7 @@ def render_html(report: DebugReport, *, top: int = 20, histograms: int = 6) -> s
         for t in shown:
             out.append(f'<div class="card"><h3 title="{_e(t.tensor)}">{_e(t.tensor)}</h3>'
                        f'<div class="meta">isolated {_db(t.isolated_sqnr_db)} dB, accumulated {_db(t.accumulated_sqnr_db)} dB, '
-                       f"clipped {_pct(t.clipped_fraction)}, scale {_num(t.scale)}</div>{_histogram_plot(t)}</div>")
+                       f"clipped {percent(t.clipped_fraction)}, scale {_num(t.scale)}</div>{_histogram_plot(t)}</div>")
         out.append("</div>")
 
     weights = report.worst_weights(top)
@@ -266,7 +269,7 @@ def render_html(report: DebugReport, *, top: int = 20, histograms: int = 6) -> s
     out.append(_tensor_rows(report.tensors, rank=False))
     out.append("</details>")
     out.append("<h2>Definitions</h2><dl>")
-    for key, text in DEFINITIONS.items():
+    for key, text in definitions.items():
         out.append(f"<dt>{_e(key)}</dt><dd>{_e(text)}</dd>")
     out.append(f"<dt>simulation</dt><dd>{_e(report.run.get('simulation', ''))}</dd></dl>")
     out.append("</body></html>\n")

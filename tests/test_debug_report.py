@@ -418,3 +418,14 @@ def test_a_weight_before_batchnorm_folding_is_not_taken_as_the_original():
     report = analyze(proto, result.to_proto(), batches)
     conv_weight = next(w for w in report.weights if w.kind == "weight")
     assert conv_weight.float_name is None and conv_weight.match == "not found"
+
+
+def test_the_html_renderer_does_not_import_the_debugger():
+    """debug_html renders the report qcompile.debug builds and imports nothing of it at run time:
+    the two modules imported each other (one of issue 18's import circles)."""
+    import subprocess
+    import sys
+
+    code = "import sys, qcompile.debug_html; print('qcompile.debug' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
