@@ -338,12 +338,12 @@ def npz_headers(path: Path, label: str = "calibration data") -> dict[str, np.nda
                 name = info.filename[: -len(".npy")]
                 if dtype.hasobject:
                     raise cannot(f"array {name!r} has dtype object, which only pickle can read, and "
-                                       "qcompile never unpickles data files (unpickling can run code)", _PICKLE_HINT)
+                                 "qcompile never unpickles data files (unpickling can run code)", _PICKLE_HINT)
                 declared = math.prod(shape) * dtype.itemsize
                 stored = info.file_size - header_bytes
                 if declared > stored:
                     raise cannot(f"array {name!r} declares shape {list(shape)} {dtype} ({declared:,} bytes) "
-                                       f"but its member holds {stored:,} bytes: the file is damaged")
+                                 f"but its member holds {stored:,} bytes: the file is damaged")
                 total += declared
                 arrays[name] = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape),
                                                                writeable=False)
@@ -354,7 +354,7 @@ def npz_headers(path: Path, label: str = "calibration data") -> dict[str, np.nda
     free = _available_memory()
     if free is not None and total > free:
         raise cannot(f"its arrays take {total / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of free memory; "
-                           "split it into smaller batches")
+                     "split it into smaller batches")
     return arrays
 
 
