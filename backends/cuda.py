@@ -20,6 +20,7 @@ __all__ = ["TARGET", "SLOWER_THAN_FP32"]
 import dataclasses
 
 from qcompile.backends.tensorrt import TARGET as TENSORRT, check_zero_points
+from qcompile.providers import verify_if_installed
 
 
 SLOWER_THAN_FP32 = (
@@ -31,8 +32,6 @@ SLOWER_THAN_FP32 = (
 
 
 def _verify(compiled_proto, batches, config) -> dict:
-    from qcompile.providers import verify_if_installed
-
     check_zero_points(compiled_proto, TARGET.name)
     return verify_if_installed(compiled_proto, batches, TARGET, allow_fallback=config.allow_fallback)
 

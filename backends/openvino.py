@@ -30,6 +30,7 @@ __all__ = ["TARGET", "RULES"]
 
 from qcompile.backends.base import InputRole, OpRule, OutputRole, Target
 from qcompile.backends.cpu import COMMON_RULES, PROVIDER_NEUTRAL_PIPELINE, shared_rule
+from qcompile.providers import verify_if_installed
 
 A, F = InputRole.ACTIVATION, InputRole.FLOAT
 
@@ -59,8 +60,6 @@ def _provider_options() -> dict[str, str]:
 
 
 def _verify(compiled_proto, batches, config) -> dict:
-    from qcompile.providers import verify_if_installed
-
     return verify_if_installed(compiled_proto, batches, TARGET, allow_fallback=config.allow_fallback)
 
 

@@ -35,6 +35,7 @@ import dataclasses
 
 from qcompile.backends.base import ConstantFormat, InputRole, OpRule, OutputRole, Target, TypeSource
 from qcompile.backends.cpu import COMMON_RULES, DATA_MOVEMENT_RULES, shared_rule
+from qcompile.providers import verify_on_target
 
 A, W, B, F = InputRole.ACTIVATION, InputRole.WEIGHT, InputRole.BIAS, InputRole.FLOAT
 
@@ -104,8 +105,6 @@ def _htp_provider_options() -> dict[str, str]:
 
 
 def _verify(compiled_proto, batches, config) -> dict:
-    from qcompile.providers import verify_on_target
-
     return verify_on_target(compiled_proto, batches, TARGET, allow_fallback=config.allow_fallback,
                             ep_context_path=config.ep_context_path)
 

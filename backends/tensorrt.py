@@ -43,7 +43,9 @@ from onnx import numpy_helper
 from qcompile.backends.base import OutputRole, Target
 from qcompile.backends.cpu import COMMON_RULES, PROVIDER_NEUTRAL_PIPELINE
 from qcompile.backends.cuda_kernels import CUDA_KERNELS
+from qcompile.cache import cache_directory
 from qcompile.errors import ConfigError
+from qcompile.providers import verify_if_installed
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +65,6 @@ WEIGHT_TYPES = ("int8", "float8e4m3fn")
 
 
 def _engine_cache_dir() -> str:
-    from qcompile.cache import cache_directory
-
     return str(cache_directory() / "tensorrt-engines")
 
 
@@ -96,8 +96,6 @@ def check_zero_points(proto: onnx.ModelProto, target_name: str) -> None:
 
 
 def _verify(compiled_proto, batches, config) -> dict:
-    from qcompile.providers import verify_if_installed
-
     check_zero_points(compiled_proto, TARGET.name)
     weight_type = TARGET.weight_type_name(config)
     target = dataclasses.replace(TARGET, provider_options=lambda: provider_options(weight_type))

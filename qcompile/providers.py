@@ -38,7 +38,7 @@ import onnx
 import onnxruntime as ort
 
 from qcompile.errors import PlacementError, ProviderError, detail
-from qcompile.runtime import qdq_safe_config
+from qcompile.runtime import make_session, qdq_safe_config
 
 logger = logging.getLogger(__name__)
 
@@ -384,8 +384,6 @@ EXACT_REFERENCE_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
 def reference_session(compiled_proto: onnx.ModelProto) -> ort.InferenceSession:
     """The CPU provider running ``compiled_proto`` as written: the reference a target's provider is
     compared with (what the QDQ model means, not what a CPU kernel rewrite approximates)."""
-    from qcompile.runtime import make_session
-
     return make_session(compiled_proto, what="compiled model (CPU reference)", config_entries=EXACT_REFERENCE_CONFIG,
                         optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
 
