@@ -47,6 +47,7 @@ from typing import Any
 import onnx
 
 from qcompile.api import CompileResult, resolve_config
+from qcompile.api import compile as plain_compile
 from qcompile.backends import get_target
 from qcompile.candidates import (
     Budget,
@@ -60,6 +61,7 @@ from qcompile.candidates import (
     run_candidates,
 )
 from qcompile.config import CompileConfig
+from qcompile.debug import activation_errors
 from qcompile.errors import AccuracyGateError, ConfigError, ModelError
 from qcompile.executors import Executor, make_executor
 from qcompile.loader import load_model
@@ -407,8 +409,6 @@ def _rank(float_model, result: CompileResult, plain: CompileResult | None, batch
     tensor; one run of the evaluation batches each): the tensor whose rounding costs the outputs
     most comes first. A tensor with little error of its own can still ruin the outputs (a large
     channel that the next layer ignores sets a grid too coarse for the channels it reads)."""
-    from qcompile.debug import activation_errors
-
     start = time.perf_counter()
     try:
         errors = activation_errors(float_model, result.model, batches, threads=config.threads)
@@ -505,8 +505,6 @@ def compile_or_recover(
     when the floor is still missed, ``AccuracyGateError`` is raised with that best result as
     ``.result`` (the command line writes it and exits 3).
     """
-    from qcompile.api import compile as plain_compile
-
     config = resolve_config(config, target=target)
     calibration_data, eval_data = repeatable(calibration_data), repeatable(eval_data)
     start = time.perf_counter()

@@ -60,10 +60,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from qcompile.config import read_toml
+from qcompile.accuracy_search import compile_within_budget
+from qcompile.api import compile as compile_model
+from qcompile.backends import get_target
+from qcompile.config import CompileConfig, read_toml
 from qcompile.errors import AccuracyGateError, ConfigError, OutputError, QcompileError, detail
-from qcompile.executors import Executor, make_executor
-from qcompile.outputs import report_path_for
+from qcompile.executors import Executor, InProcessExecutor, make_executor
+from qcompile.outputs import report_path_for, write_text_atomically
+from qcompile.passes.registry import registered_passes
+from qcompile.pipeline import parse_pipeline
+from qcompile.recipes import pipeline_for
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +237,6 @@ def _resolve(base: Path, value: str) -> Path:
 def _config_values(value: Any, base: Path, where: str, key: str) -> dict[str, Any]:
     """The CompileConfig keys a table gives, or a qcompile.toml path names, checked on their own
     (so an unknown key is reported where it is written) and with their paths resolved."""
-    from qcompile.config import CompileConfig
-
     if isinstance(value, str):
         config_path = _resolve(base, value)
         values = read_toml(config_path, "Config file")
@@ -258,11 +262,6 @@ def _config_values(value: Any, base: Path, where: str, key: str) -> dict[str, An
 def _entries_of(table: dict, number: int, path: Path, base: Path, out: Path, defaults: dict,
                 cache: bool | None) -> list[BuildEntry]:
     """The entries of one [[model]] table: one per target."""
-    from qcompile.backends import get_target
-    from qcompile.config import CompileConfig
-    from qcompile.pipeline import parse_pipeline
-    from qcompile.recipes import pipeline_for
-
     where = f"{path.name}, [[model]] #{number}"
     _check_keys(table, ENTRY_KEYS, where)
     if not isinstance(table.get("model"), str) or not table["model"]:
@@ -326,8 +325,6 @@ def _entries_of(table: dict, number: int, path: Path, base: Path, out: Path, def
 
 def _check_pass_names(specs) -> None:
     """parse_pipeline checks options; an unknown pass name is otherwise found only when it runs."""
-    from qcompile.passes.registry import registered_passes
-
     known = registered_passes()
     for spec in specs:
         if spec.name not in known:
@@ -343,8 +340,6 @@ def build_entry(entry: BuildEntry, shared: Any, threads: int) -> dict[str, Any]:
     """Compile one entry with the executor "inprocess" and ``threads`` ORT threads (unless its config
     sets threads), write its model and report atomically, and return plain data. Every error is
     caught and returned: one entry's failure is recorded for it, never raised into the build."""
-    from qcompile.config import CompileConfig
-
     start = time.perf_counter()
     outcome: dict[str, Any] = {
         "name": entry.name, "target": entry.target, "model": entry.model, "status": None, "exit_code": None,
@@ -360,8 +355,6 @@ def build_entry(entry: BuildEntry, shared: Any, threads: int) -> dict[str, Any]:
             outcome["output"] = entry.output
         else:
             # As `qcompile compile`: the report says how far it missed; no model, so nothing ships it.
-            from qcompile.api import write_text_atomically
-
             write_text_atomically(Path(entry.report), result.report.to_json())
         outcome.update(report=entry.report, **_measures(result))
         code, message = (0, None) if missed is None else (missed.exit_code, detail(missed, 1000))
@@ -381,13 +374,8 @@ def _searched(config) -> bool:
 
 def _compile(entry: BuildEntry, config):
     """(result, None), or (result, the AccuracyGateError) when it missed its accuracy target."""
-    from qcompile.api import compile as compile_model
-    from qcompile.executors import InProcessExecutor
-
     try:
         if _searched(config):
-            from qcompile.accuracy_search import compile_within_budget
-
             if config.max_loss is None and config.min_sqnr is None:
                 raise ConfigError("The accuracy search needs a budget: max_loss (with or without a metric) or min_sqnr.")
             result, _ = compile_within_budget(
@@ -429,8 +417,6 @@ def build(build_file: str | Path, out_dir: str | Path | None = None, *, executor
     ``ConfigError`` for a bad build file before anything compiles; an entry's own failure is in its
     row of the report (``BuildReport.exit_code`` is the worst entry's), not raised.
     """
-    from qcompile.api import write_text_atomically
-
     plan = load_build_file(build_file, out_dir, cache=cache)
     if isinstance(executor, Executor):
         own, runner = False, executor

@@ -17,6 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.errors import ModelError, detail
+from qcompile.workspace import release_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -304,8 +305,6 @@ def refuse_non_finite_weights(model: ir.Model, where: str) -> None:
     """Refuse a model whose MatMul/Gemm/Conv weights hold NaN or Inf, naming them: every output
     that reads such a weight is NaN or Inf in float already, and no scale can quantize it.
     (Inf elsewhere, e.g. an additive attention mask, is legitimate and left alone.)"""
-    from qcompile.workspace import release_tensor
-
     bad = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.domain not in ("", "ai.onnx") or node.op_type not in _WEIGHTED_OPS or len(node.inputs) < 2:

@@ -10,6 +10,7 @@ __all__ = ["ACCURACY_PASSES", "RECIPES", "pipeline_for"]
 
 from qcompile.backends.base import Target
 from qcompile.errors import ConfigError
+from qcompile.pipeline import parse_pipeline
 
 _PREPARE = ("fix-names", "shape-inference", "lift-constants", "fold-constants",
             "deduplicate-initializers", "remove-identity",
@@ -92,8 +93,6 @@ def _with_accuracy_passes(pipeline: list[str], config) -> list[str]:
     wanted = [(field, *where) for field, where in ACCURACY_PASSES.items() if getattr(config, field)]
     if not wanted:
         return pipeline
-    from qcompile.pipeline import parse_pipeline
-
     specs = [str(spec) for spec in parse_pipeline(pipeline)]
     names = [spec.split("(", 1)[0] for spec in specs]
     for field, pass_name, before in wanted:

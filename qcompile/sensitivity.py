@@ -25,10 +25,13 @@ from typing import Any
 
 import onnx
 
+from qcompile.api import resolve_config
+from qcompile.candidates import Budget, check_parallel_size, evaluation_batches, repeatable, run_candidates
 from qcompile.data import input_specs, validate_batch
+from qcompile.debug import _batch_source, _check_interfaces, _load
 from qcompile.errors import CalibrationDataError, QcompileError
 from qcompile.evaluate import compare_to_outputs
-from qcompile.executors import Executor, InProcessExecutor
+from qcompile.executors import Executor, InProcessExecutor, make_executor
 from qcompile.runtime import make_session
 from qcompile.workspace import serialize_inline
 
@@ -116,8 +119,6 @@ def activation_sensitivity(
     Models: .onnx paths, protos or onnx-ir models; ``data``: as ``qcompile.debug.analyze`` takes it.
     ``executor`` (default: this process) runs one task per tensor; the result does not depend on it.
     """
-    from qcompile.debug import _batch_source, _check_interfaces, _load
-
     start = time.perf_counter()
     executor = executor or InProcessExecutor()
     float_ir, quant_ir = _load(float_model, "float model"), _load(quant_model, "quantized model")
@@ -183,11 +184,6 @@ def node_sensitivity(
 
     Each node is one candidate compile: ``executor`` (default: the config's) compiles them at once on
     its workers. The rows do not depend on the executor."""
-    from qcompile.api import resolve_config
-    from qcompile.candidates import Budget, check_parallel_size, evaluation_batches, repeatable, run_candidates
-    from qcompile.debug import _load
-    from qcompile.executors import make_executor
-
     start = time.perf_counter()
     config = resolve_config(config, target=target).replace(min_sqnr=None, measure_latency=False)
     own_executor = executor is None
