@@ -56,6 +56,12 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
         parts = path.relative_to(ROOT).with_suffix("").parts
         package = {"qcompile": "qcompile", "passes": "qcompile.passes", "backends": "qcompile.backends"}[parts[0]]
         names.append(package if parts[-1] == "__init__" else f"{package}.{parts[-1]}")
-    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n    " \
-           "[sys.modules.pop(m) for m in list(sys.modules) if m.startswith('qcompile')]"
+    # One interpreter for all of them; qcompile's modules are dropped after each, so the next comes first.
+    code = """
+import importlib, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+    for loaded in [m for m in sys.modules if m.startswith("qcompile")]:
+        del sys.modules[loaded]
+"""
     subprocess.run([sys.executable, "-c", code, *names], check=True, timeout=300)
