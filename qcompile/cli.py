@@ -58,6 +58,7 @@ _CONFIG_FLAGS = {
     "cross_layer_equalization": "cross_layer_equalization",
     "bias_correction": "bias_correction",
     "adaround": "adaround",
+    "gptq_rounding": "gptq_rounding",
     "executor": "executor",
     "workers": "workers",
     "ray_address": "ray_address",
@@ -137,7 +138,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="ship the plain compile even when its worst output SQNR is below the recovery floor "
                         "(default: search for accuracy measures, see recover_min_sqnr, and exit 3 if still below)")
     for name, what in (("cross-layer-equalization", "cross-layer equalization"), ("bias-correction", "bias correction"),
-                       ("adaround", "AdaRound")):
+                       ("adaround", "AdaRound"), ("gptq-rounding", "GPTQ rounding (per-channel weights)")):
         c.add_argument(f"--{name}", action="store_true", default=None, help=f"add the {what} pass to the pipeline")
     c.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
     c.add_argument("--eval-batches", type=int, help="at most this many evaluation batches (default 8)")

@@ -52,10 +52,11 @@ class CompileConfig:
     # Quantize MatMuls whose both inputs are activations (attention scores); weights are always quantized.
     quantize_activation_matmul: bool = True
     # Accuracy-recovery passes added to the pipeline (qcompile.recipes.ACCURACY_PASSES says where):
-    # cross-layer-equalization, bias-correction, adaround.
+    # cross-layer-equalization, bias-correction, adaround, gptq-rounding.
     cross_layer_equalization: bool = False
     bias_correction: bool = False
     adaround: bool = False
+    gptq_rounding: bool = False
     # A tensor whose calibrated magnitude reaches this is a mask or sentinel, not a signal: it stays float.
     sentinel_threshold: float = 1e6
     # Evaluation: at most this many held-out batches; latency measured with this many timed runs.

@@ -53,11 +53,12 @@ _INSERTED: dict[str, tuple[tuple[str, str], ...]] = {
 # Accuracy-recovery passes that a config switch adds to the pipeline a run uses (the target's
 # default, a recipe's or an explicit one): config field -> (pass, the pass it goes right before).
 # Equalization rewrites the float model, so it precedes planning and calibration; adaround and
-# bias-correction change weights and biases once the plan says how they will be quantized, adaround
-# first so that bias-correction corrects the shift its rounding leaves.
+# bias-correction change weights and biases once the plan says how they will be quantized, the
+# roundings (adaround, gptq-rounding) first so that bias-correction corrects the shift they leave.
 ACCURACY_PASSES: dict[str, tuple[str, str]] = {
     "cross_layer_equalization": ("cross-layer-equalization", "plan-quantization"),
     "adaround": ("adaround", "insert-qdq"),
+    "gptq_rounding": ("gptq-rounding", "insert-qdq"),
     "bias_correction": ("bias-correction", "insert-qdq"),
 }
 
