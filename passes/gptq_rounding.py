@@ -23,11 +23,9 @@ import numpy as np
 
 from qcompile.chunked_runs import DEFAULT_CHUNK
 from qcompile.errors import ConfigError
+from qcompile.gptq import gptq_order, gptq_sweep
 from qcompile.passes.adaround import AdaRound, Rounding, _reconstruction
 from qcompile.passes.registry import register_pass
-
-_LAZY_BATCH = 128
-
 
 def gptq_layer(w: np.ndarray, scale: np.ndarray, qmax: int, gram: np.ndarray, fixed: np.ndarray, *,
                damp: float = 0.01, act_order: bool = True) -> Rounding:
@@ -49,32 +47,21 @@ def gptq_layer(w: np.ndarray, scale: np.ndarray, qmax: int, gram: np.ndarray, fi
 
 
 def _gptq_group(w, scale, nearest, qmax, gram, fixed, damp, act_order) -> np.ndarray:
-    d = w.shape[1]
-    h = gram.astype(np.float64).copy()
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(d)
-    h = h[np.ix_(order, order)]
-    h[np.diag_indices(d)] += damp * np.mean(np.diag(h))
     try:
-        upper = np.linalg.cholesky(np.linalg.inv(h)).T
+        order, upper, _ = gptq_order(gram, damp, act_order)
     except np.linalg.LinAlgError:  # not positive definite even damped: keep round-to-nearest
         return nearest
-    w, scale = w[:, order].copy(), scale[:, order]
+    w = np.asfortranarray(w[:, order], dtype=np.float32)
+    scale = np.asfortranarray(scale[:, order], dtype=np.float32)
     fixed, pinned = fixed[:, order], nearest[:, order]
-    q = np.empty_like(w)
-    for start in range(0, d, _LAZY_BATCH):
-        stop = min(start + _LAZY_BATCH, d)
-        errors = np.empty((w.shape[0], stop - start))
-        for i in range(start, stop):
-            column = np.where(fixed[:, i], pinned[:, i], np.clip(np.rint(w[:, i] / scale[:, i]), -qmax, qmax))
-            q[:, i] = column
-            error = (w[:, i] - column * scale[:, i]) / upper[i, i]
-            w[:, i + 1 : stop] -= np.outer(error, upper[i, i + 1 : stop])
-            errors[:, i - start] = error
-        w[:, stop:] -= errors @ upper[start:stop, stop:]
-    restored = np.empty_like(q)
-    restored[:, order] = q
+
+    def round_column(i: int, column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = np.where(fixed[:, i], pinned[:, i], np.clip(np.rint(column / scale[:, i]), -qmax, qmax))
+        return q, q * scale[:, i]
+
+    codes = gptq_sweep(w, upper, round_column)
+    restored = np.empty(codes.shape)
+    restored[:, order] = codes
     return restored
 
 

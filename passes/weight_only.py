@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from qcompile.chunked_runs import DEFAULT_CHUNK, ChunkedRunner
 from qcompile.errors import ConfigError
+from qcompile.gptq import gptq_order, gptq_sweep
 from qcompile.graph_edit import Namer, add_initializer
 from qcompile.passes.qdq_insertion import dequantize_after_lookup
 from qcompile.passes.registry import register_pass
@@ -122,51 +123,21 @@ def quantize_gptq(
     reference = quantize_rtn(w_t, bits, block, symmetric)  # for the static per-block parameters
     block_of = np.arange(k) // block
     scale_cols, zero_cols = reference.scales[:, block_of], reference.zero_points[:, block_of].astype(np.float64)
+    order, inverse, dead = gptq_order(hessian, damp, act_order)
     w = w_t.astype(np.float64).copy()
-    h = hessian.astype(np.float64).copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    w, h = w[:, order], h[np.ix_(order, order)]
-    scale_cols, zero_cols = scale_cols[:, order], zero_cols[:, order]
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    # Upper Cholesky factor of H^-1: row i holds how rounding column i moves the later columns.
-    inverse = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
-    # Column-major: the loop below reads and writes one column at a time.
-    w = np.asfortranarray(w, dtype=np.float32)
-    scale_cols = np.asfortranarray(scale_cols, dtype=np.float32)
-    zero_cols = np.asfortranarray(zero_cols, dtype=np.float32)
-    codes = np.zeros((n, k), dtype=np.float32, order="F")
+    # Column-major: the sweep reads and writes one column at a time.
+    w = np.asfortranarray(w[:, order], dtype=np.float32)
+    scale_cols = np.asfortranarray(scale_cols[:, order], dtype=np.float32)
+    zero_cols = np.asfortranarray(zero_cols[:, order], dtype=np.float32)
     top = 2**bits - 1
 
-    def round_columns(first: int, last: int) -> np.ndarray:
-        """Round columns first..last-1 one by one, each error moving the columns after it up to
-        ``last`` (rank-1 updates on a narrow slice); returns the scaled errors for the caller to
-        propagate further with one matrix product."""
-        errors = np.empty((n, last - first), dtype=np.float32, order="F")
-        for i in range(first, last):
-            column, s, z = w[:, i], scale_cols[:, i], zero_cols[:, i]
-            q = np.clip(np.round(column / s + z), 0, top)
-            codes[:, i] = q
-            error = (column - (q - z) * s) / inverse[i, i]
-            w[:, i + 1 : last] -= np.outer(error, inverse[i, i + 1 : last])
-            errors[:, i - first] = error
-        return errors
+    def round_column(i: int, column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s, z = scale_cols[:, i], zero_cols[:, i]
+        q = np.clip(np.round(column / s + z), 0, top)
+        return q, (q - z) * s
 
-    # Lazy batch updates at two levels (the paper's Algorithm 1 uses one): errors of 16 columns
-    # reach the rest of their 128-column batch, and errors of a batch reach all later columns, as
-    # matrix products; rank-1 updates touch only 16 columns, which keeps them in cache.
-    inner = 16
-    for start in range(0, k, lazy_batch):
-        stop = min(start + lazy_batch, k)
-        batch_errors = np.empty((n, stop - start), dtype=np.float32, order="F")
-        for first in range(start, stop, inner):
-            last = min(first + inner, stop)
-            errors = round_columns(first, last)
-            batch_errors[:, first - start : last - start] = errors
-            w[:, last:stop] -= errors @ inverse[first:last, last:stop]
-        w[:, stop:] -= batch_errors @ inverse[start:stop, stop:]
+    codes = gptq_sweep(w, inverse, round_column, lazy_batch=lazy_batch)
     restored = np.empty_like(codes)
     restored[:, order] = codes
     return BlockQuantized(restored.astype(np.uint8), reference.scales, reference.zero_points, bits, block)
