@@ -459,9 +459,9 @@ def recovery_fallback(config: CompileConfig) -> dict[str, dict[str, Any]]:
     correction cancels it); 8-bit activations lose what is left. Once activations are 16-bit the
     weights' rounding is what remains, and GPTQ removes most of it (the corpus' data, ``qcompile
     compile MODEL --calib C --eval E --no-recover --activation-type uint16 --bias-correction``, then
-    with ``--gptq-rounding``): all-MiniLM-L6-v2 21.6 -> 30.8 dB, PP-OCRv4 recognizer
-    25.6 -> 27.8, PP-OCRv6 recognizer 24.3 -> 29.9, PP-OCRv4 detector 30.8 -> 36.3, YOLOX
-    character detector 35.9 -> 47.1, SLANet 44.5 -> 47.4; at 8-bit activations it is no such
+    with ``--gptq-rounding``): all-MiniLM-L6-v2 21.6 -> 30.6 dB, PP-OCRv4 recognizer
+    25.6 -> 27.6, PP-OCRv6 recognizer 24.3 -> 30.0, PP-OCRv4 detector 30.8 -> 36.3, YOLOX
+    character detector 35.9 -> 47.1, SLANet 44.5 -> 47.4, PicoDet 29.5 -> 32.3; at 8-bit activations it is no such
     win (PP-LCNet direction classifier 24.7 -> 18.5 dB), so the plain compile does not run it.
     Equalization is not tried: these backbones put hard-swish between their convolutions, which
     it cannot scale through. The cost: ONNX Runtime's CPU provider has no 16-bit integer kernels,
