@@ -850,6 +850,9 @@ _INTERRUPT = """
 import os, signal, sys
 import qcompile.api, qcompile.outputs
 from qcompile.cli import main
+# A shell runs background jobs with SIGINT ignored, and the child inherits that: give it what an
+# interactive run has, or SIGINT would be (rightly) ignored when the suite runs as `... &`.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 when, sig = sys.argv[1], getattr(signal, sys.argv[2])
 if when == "rename":  # the signal arrives between the model's rename and the report's
     real = qcompile.outputs.os.replace
