@@ -75,20 +75,25 @@ def test_lowers_the_layer_output_error_against_round_to_nearest(pass_name, build
     assert context.records[pass_name]["layers"]["fc"]["relative_error"] == pytest.approx(rounded / rtn, rel=1e-3)
 
 
-def test_insert_qdq_stores_exactly_the_learned_integers():
+def stored_integers(pass_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``pass_name`` then insert-qdq on the Gemm; check what every rounding pass promises (the
+    float weight kept for bias-correction, the grid unmoved, each channel's largest at qmax) and
+    return the stored integers and W / s."""
     proto, data = _gemm(), _batches((32,))
-    model, context = run_passes(proto, ["plan-quantization", "calibrate", "adaround", "insert-qdq"], data=data)
+    model, context = run_passes(proto, ["plan-quantization", "calibrate", pass_name, "insert-qdq"], data=data)
     gemm = next(n for n in model.graph if n.op_type == "Gemm")
     dq = gemm.inputs[1].producer()
     q = dq.inputs[0].const_value.numpy().astype(np.int64)
-    stored_scale = dq.inputs[1].const_value.numpy()
-    learned = context.analyses["unrounded_weights"][("fc", 1)]  # the float weight adaround started from
-    assert np.array_equal(learned, _weight(proto))
+    assert np.array_equal(context.analyses["unrounded_weights"][("fc", 1)], _weight(proto))  # where it started
     scale, _ = weight_qparams(_weight(proto), 0, quant_type("int7"))  # the cpu target's weights
-    np.testing.assert_allclose(stored_scale, scale, rtol=1e-6)  # the grid did not move
-    ratio = _weight(proto) / scale[:, None]
-    assert np.all((q == np.floor(ratio)) | (q == np.ceil(ratio)))  # each weight rounded up or down
+    np.testing.assert_allclose(dq.inputs[1].const_value.numpy(), scale, rtol=1e-6)  # the grid did not move
     assert np.array_equal(np.abs(q).max(axis=1), np.full(16, 63))
+    return q, _weight(proto) / scale[:, None]
+
+
+def test_insert_qdq_stores_exactly_the_learned_integers():
+    q, ratio = stored_integers("adaround")
+    assert np.all((q == np.floor(ratio)) | (q == np.ceil(ratio)))  # each weight rounded up or down
     assert np.mean(q != np.rint(ratio)) > 0.02  # and not all to nearest
 
 

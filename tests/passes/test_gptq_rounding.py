@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 from conftest import run_passes
 from onnx import TensorProto, helper
-from test_adaround import _batches, _gemm, _weight
+from test_adaround import _batches, _gemm, stored_integers
 from tiny_models import _init, make_model
 
 from qcompile.errors import ConfigError
 from qcompile.passes.gptq_rounding import GptqRounding, gptq_layer
 from qcompile.passes.layer_statistics import linear_layer, observe_layers
-from qcompile.qparams import quant_type, weight_qparams
 
 
 def _matmuls_sharing_an_input():
@@ -34,17 +33,8 @@ def _matmuls_sharing_an_input():
 
 
 def test_insert_qdq_stores_exactly_the_gptq_integers_on_the_float_weights_grid():
-    proto, data = _gemm(), _batches((32,))
-    model, context = run_passes(proto, ["plan-quantization", "calibrate", "gptq-rounding", "insert-qdq"], data=data)
-    gemm = next(n for n in model.graph if n.op_type == "Gemm")
-    dq = gemm.inputs[1].producer()
-    q = dq.inputs[0].const_value.numpy().astype(np.int64)
-    assert np.array_equal(context.analyses["unrounded_weights"][("fc", 1)], _weight(proto))
-    scale, _ = weight_qparams(_weight(proto), 0, quant_type("int7"))  # the cpu target's weights
-    np.testing.assert_allclose(dq.inputs[1].const_value.numpy(), scale, rtol=1e-6)  # the grid did not move
-    assert np.array_equal(np.abs(q).max(axis=1), np.full(16, 63))  # each channel's largest kept at qmax
+    q, ratio = stored_integers("gptq-rounding")
     # GPTQ moves weights by more than a rounding choice: some integers are neither floor nor ceil.
-    ratio = _weight(proto) / scale[:, None]
     assert np.mean((q != np.floor(ratio)) & (q != np.ceil(ratio))) > 0.02
 
 
