@@ -27,6 +27,7 @@ from qcompile.gptq import gptq_order, gptq_sweep
 from qcompile.passes.adaround import AdaRound, Rounding, _reconstruction
 from qcompile.passes.registry import register_pass
 
+
 def gptq_layer(w: np.ndarray, scale: np.ndarray, qmax: int, gram: np.ndarray, fixed: np.ndarray, *,
                damp: float = 0.01, act_order: bool = True) -> Rounding:
     """GPTQ integers for ``w`` [groups, out, D] on the grid ``scale`` (same shape, broadcast).
@@ -40,9 +41,8 @@ def gptq_layer(w: np.ndarray, scale: np.ndarray, qmax: int, gram: np.ndarray, fi
     w64, scale64 = w.astype(np.float64), scale.astype(np.float64)
     ratio = w64 / scale64
     nearest = np.clip(np.rint(ratio), -qmax, qmax)
-    q = nearest.copy()
-    for g in range(w.shape[0]):
-        q[g] = _gptq_group(w64[g], scale64[g], nearest[g], qmax, gram[g], fixed[g], damp, act_order)
+    q = np.stack([_gptq_group(w64[g], scale64[g], nearest[g], qmax, gram[g], fixed[g], damp, act_order)
+                  for g in range(w.shape[0])])
     return Rounding(q, _reconstruction((nearest - ratio) * scale64, gram), _reconstruction((q - ratio) * scale64, gram))
 
 
