@@ -209,6 +209,7 @@ TARGET = Target(
         "insert-qdq",
         "dynamic-quantize-lstm",
         "quantize-loop-weights",
+        "lower-wide-matmuls",
         "remove-unused",
         "strip-metadata",
         "strip-value-info",
@@ -217,10 +218,11 @@ TARGET = Target(
     fusion_report=cpu_fusion_report,
 )
 
-# Passes of the pipeline above that emit ops only ORT's CPU provider runs: com.microsoft
-# DynamicQuantizeLSTM has no CUDA kernel, no TensorRT layer and no OpenVINO op, so on those
-# providers the LSTM would leave the provider for the CPU. (quantize-loop-weights writes plain
-# DequantizeLinear, which every provider runs.)
-CPU_ONLY_PASSES = ("dynamic-quantize-lstm",)
+# Passes of the pipeline above that exist for ORT's CPU provider: com.microsoft DynamicQuantizeLSTM
+# has no CUDA kernel, no TensorRT layer and no OpenVINO op, so on those providers the LSTM would
+# leave the provider for the CPU; lower-wide-matmuls answers a CPU graph rewrite (its MatMulNBits
+# is no TensorRT layer). (quantize-loop-weights writes plain DequantizeLinear, which every
+# provider runs.)
+CPU_ONLY_PASSES = ("dynamic-quantize-lstm", "lower-wide-matmuls")
 # The CPU pipeline without them, for targets on other providers (tensorrt, cuda, openvino).
 PROVIDER_NEUTRAL_PIPELINE = tuple(p for p in TARGET.default_pipeline if p not in CPU_ONLY_PASSES)

@@ -190,8 +190,10 @@ def _spiky_files(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def test_default_compile_recovers_a_collapsed_model_and_says_what_it_changed(tmp_path, capsys):
-    """The plain compile is far below 20 dB: the command line escalates on its own (float for the
-    Gemm reading the spiky tensor) and reports the change; --no-recover ships the plain compile."""
+    """The plain compile is far below 20 dB: the command line escalates on its own (the fallback:
+    GPTQ, bias correction, 16-bit activations) and reports the change; --no-recover ships the plain
+    compile. (Its 16-bit Gemms must run as written: fused by ONNX Runtime 1.32 at its default
+    accuracy level they came out at 16.9 dB, below the floor, where 1.31 gave 29.4.)"""
     model_path, calib, config = _spiky_files(tmp_path)
     out = tmp_path / "out.onnx"
     code = main(["compile", str(model_path), "--calib", str(calib), "--config", str(config), "--no-latency",
@@ -201,7 +203,7 @@ def test_default_compile_recovers_a_collapsed_model_and_says_what_it_changed(tmp
     report = json.loads((tmp_path / "out.report.json").read_text())
     recovery = report["transformations"]["recovery"]
     assert recovery["met"] and recovery["plain_min_sqnr_db"] < 10 <= 20 <= recovery["final_min_sqnr_db"]
-    assert recovery["stage"] == "float" and "mm2" in recovery["changed"], recovery
+    assert recovery["stage"] == "fallback" and "uint16" in recovery["changed"], recovery
     assert report["evaluation"]["outputs"]["y"]["sqnr_db"] >= 20.0
 
     plain_out = tmp_path / "plain" / "out.onnx"
@@ -253,6 +255,8 @@ def test_a_search_whose_ranking_fails_still_writes_its_best_model(tmp_path, caps
 
     monkeypatch.setattr(search, "_rank", refuse)
     model_path, calib, config = _spiky_files(tmp_path)
+    with open(config, "a") as f:  # out of the fallback's reach: the ranking is needed
+        f.write("recover_min_sqnr = 60.0\n")
     out = tmp_path / "out.onnx"
     code = main(["compile", str(model_path), "--calib", str(calib), "--config", str(config), "--no-latency",
                  "--no-cache", "-o", str(out)])
