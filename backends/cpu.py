@@ -154,6 +154,10 @@ def cpu_fusion_report(optimized_model, quantized_anchor_names: set[str]) -> dict
         "float_compute_nodes": float_compute,
         "dequantize_nodes_left": sum(1 for n in nodes if n.op_type == "DequantizeLinear"),
     }
+    # 8-bit weights, float32 compute: what lower-wide-matmuls writes for 16-bit activations.
+    nbits = sum(1 for n in nodes if n.op_type == "MatMulNBits")
+    if nbits:
+        report["float_compute_int8_weight_matmuls"] = nbits
     float8 = {t.name for t in optimized_model.graph.initializer if t.data_type in _FLOAT8_ELEMENT_TYPES}
     float8_qdq = sum(
         1 for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear") and (

@@ -44,11 +44,12 @@ def _batches(count=4, seed=1):
     return batches
 
 
-def _compile(activation_type, pipeline=None):
+def _compile(activation_type, pipeline=None, result=False):
     config = {"target": "cpu", "measure_latency": False, "recover": False, "activation_type": activation_type}
     if pipeline is not None:
         config["pipeline"] = pipeline
-    return qcompile.compile(_projections(), _batches(), config=config).to_proto()
+    compiled = qcompile.compile(_projections(), _batches(), config=config, eval_data=_batches(2, seed=3))
+    return compiled if result else compiled.to_proto()
 
 
 def _run(model, batch, **options):
@@ -90,6 +91,13 @@ def test_the_integers_and_scales_are_the_ones_insert_qdq_chose():
         blocks = -(-k // block)
         np.testing.assert_array_equal(lowered_inits[nbits.input[2]].reshape(n, blocks), np.repeat(scale.reshape(-1, 1), blocks, 1))
     assert [o.name for o in lowered.graph.output] == ["y"]
+
+
+def test_the_report_says_how_those_matmuls_compute():
+    report = _compile("uint16", result=True).report
+    assert report.transformations["lower-wide-matmuls"]["rewritten"] == ["proj", "head"]
+    assert report.fusion["float_compute_int8_weight_matmuls"] == 2
+    assert "MatMulNBits (int8 weights, float32 compute" in str(report)
 
 
 def test_8_bit_activations_keep_ort_s_integer_kernels():
