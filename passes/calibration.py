@@ -103,7 +103,8 @@ def sharded_statistics(
     return functools.reduce(CalibrationTable.merge, tables)
 
 
-@register_pass("calibrate", needs_data=True)
+@register_pass("calibrate", needs_data=True,
+               config_options={"method": "calibration_method", "percentile": "percentile"})
 class Calibrate(ir.passes.InPlacePass):
     """Collect min/max and a histogram of every tensor the plan quantizes, over the calibration data.
 
@@ -114,6 +115,8 @@ class Calibrate(ir.passes.InPlacePass):
     On a parallel executor (``executor = "local"`` or ``"ray"``) the data is cut into ``shards``
     (default: one per worker) that workers calibrate and the driver merges; the table is identical
     to a single-process run's. A one-shot iterator cannot be sharded and is read here.
+    ``method`` and ``percentile`` are the config's ``calibration_method`` and ``percentile``, for
+    the whole run (the pipeline sets them before any pass is built).
     """
 
     def __init__(self, context, *, method: str | None = None, percentile: float | None = None, chunk: int = DEFAULT_CHUNK,
@@ -121,9 +124,6 @@ class Calibrate(ir.passes.InPlacePass):
         super().__init__()
         self.context = context
         self.chunk, self.shards = chunk, shards
-        changes = {k: v for k, v in (("calibration_method", method), ("percentile", percentile)) if v is not None}
-        if changes:
-            context.config = context.config.replace(**changes)
 
     def requires(self, model: ir.Model) -> None:
         self.context.require_analysis("plan", "calibrate", "plan-quantization")

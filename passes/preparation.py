@@ -439,8 +439,8 @@ class UpgradeOpset(ir.passes.InPlacePass):
 
     @property
     def min_opset(self) -> int:
-        # Read when the pass runs: a later pass's options may set the types for the whole run
-        # (plan-quantization(activation_type=...), as the llm-fp8 recipe does).
+        # The config is resolved before any pass is built, a later pass's run-wide options
+        # included (plan-quantization(activation_type=...), as the llm-fp8 recipe sets).
         config, target = self.context.config, self.context.target
         return max(
             self.option_min_opset,

@@ -770,22 +770,21 @@ def _clamp_implied(graph: ir.Graph, node_name: str, plan: QuantizationPlan, targ
     return q_low >= low - tolerance and q_high <= high + tolerance
 
 
-@register_pass("plan-quantization")
+@register_pass("plan-quantization",
+               config_options={"activation_type": "activation_type", "weight_type": "weight_type"})
 class PlanQuantization(ir.passes.InPlacePass):
     """Decide which nodes and tensors to quantize from the target's rules; the graph is unchanged.
 
     Guarantees: the ``plan`` analysis lists the tensors ``calibrate`` must observe. Quantization
     parameters are fixed later, once ``calibrate`` has produced statistics. ``activation_type`` and
-    ``weight_type`` set those config keys for the whole run (as recipes such as ``llm-fp8`` do), so
-    the passes before it (smooth-quant's scoring) see them too.
+    ``weight_type`` are those config keys, for the whole run (as recipes such as ``llm-fp8`` set
+    them): the pipeline resolves them before any pass is built, so the passes before this one
+    (upgrade-opset, smooth-quant's scoring) see them too.
     """
 
     def __init__(self, context, *, activation_type: str | None = None, weight_type: str | None = None):
         super().__init__()
         self.context = context
-        changes = {k: v for k, v in (("activation_type", activation_type), ("weight_type", weight_type)) if v is not None}
-        if changes:
-            context.config = context.config.replace(**changes)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         plan = build_plan(model, self.context.target, self.context.config)

@@ -6,7 +6,7 @@ __all__ = ["register_pass", "create_pass", "registered_passes", "PassInfo"]
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import onnx_ir as ir
@@ -21,16 +21,23 @@ class PassInfo:
     summary: str
     options: dict[str, Any]  # option name -> default
     needs_data: bool = False  # runs the model on calibration data (skipped by `qcompile inspect`)
+    # Options that are run-wide settings, each another spelling of one CompileConfig key (option ->
+    # key): the pipeline writes them into the config once, before any pass is built
+    # (qcompile.pipeline.resolve_config); the pass reads them from the config, as every pass does.
+    config_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 _REGISTRY: dict[str, PassInfo] = {}
 
 
-def register_pass(name: str, *, needs_data: bool = False):
+def register_pass(name: str, *, needs_data: bool = False, config_options: Mapping[str, str] | None = None):
     """Class decorator: make a pass available to pipelines under ``name``.
 
     The class is built as ``cls(context, **options)``; its keyword-only ``__init__`` parameters
-    are its options, and the first line of its docstring is its summary.
+    are its options, and the first line of its docstring is its summary. ``config_options`` names
+    the options that set a config key for the whole run (``calibrate(method=...)`` is
+    ``calibration_method``); the pass must not act on them itself: by the time it is built, the
+    config holds them.
     """
 
     def decorate(cls):
@@ -41,7 +48,11 @@ def register_pass(name: str, *, needs_data: bool = False):
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
         summary = (inspect.getdoc(cls) or "").splitlines()[0]
-        _REGISTRY[name] = PassInfo(name, cls, summary, options, needs_data)
+        declared = dict(config_options or {})
+        missing = set(declared) - set(options)
+        if missing:
+            raise TypeError(f"pass {name!r}: config_options {sorted(missing)} are not options of {cls.__name__}")
+        _REGISTRY[name] = PassInfo(name, cls, summary, options, needs_data, declared)
         cls.pass_name = name
         return cls
 

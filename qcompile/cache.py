@@ -289,7 +289,7 @@ class PipelineCache:
         self.store_seconds = 0.0
 
     def keys(self, specs: Sequence[PassSpec], context: CompileContext) -> list[str]:
-        # The config as the passes see it: pass constructors may have changed it (calibrate's options).
+        # The config as the passes see it: resolved with the pipeline's run-wide pass options.
         config = {k: v for k, v in context.config.to_dict().items() if k not in NON_BUILD_KEYS}
         key = sha256_hex(canonical_json({"format": FORMAT, "config": config, **self.identity}))
         keys = []
@@ -317,10 +317,8 @@ class PipelineCache:
                         model = ir.external_data.load_to_model(model)
                 context.analyses = state["analyses"]
                 context.records = state["records"]
-                # The config as the stored passes left it (calibrate's options), but this run's
-                # non-build keys: where work runs and how it is gated are this run's choice.
-                context.config = state["config"].replace(
-                    **{k: v for k, v in context.config.to_dict().items() if k in NON_BUILD_KEYS})
+                # The config is this run's: resolved before the key (so the stored run's build keys
+                # are the same), and where work runs and how it is gated are this run's choice.
                 if "calibrate" in context.records:
                     # How the stored run calibrated (executor, shards, seconds) is not how this one did.
                     context.records = {**context.records,
@@ -346,7 +344,6 @@ class PipelineCache:
         state = {
             "analyses": context.analyses,
             "records": context.records,
-            "config": context.config,
             "data_read": bool(context.data is not None and context.data.calibration_batches),
         }
         passes = [{"name": t.name, "seconds": round(t.seconds if t.cache != "hit" else t.saved_seconds, 4),

@@ -43,6 +43,23 @@ class CompileContext:
     # first use by ``executor()`` and closed by ``close()``.
     given_executor: Executor | None = None
     _own_executor: Executor | None = dataclasses.field(default=None, repr=False)
+    _config_frozen: bool = dataclasses.field(default=False, repr=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "config" and getattr(self, "_config_frozen", False):
+            raise PipelineError(
+                "A pass tried to change the run's config. The config is resolved once, before the "
+                "first pass (pass options that are run-wide settings included), and no pass writes it: "
+                "declare the option in register_pass(config_options=...) instead."
+            )
+        super().__setattr__(name, value)
+
+    def freeze_config(self, config: CompileConfig) -> None:
+        """Set the run's resolved config; from now on it cannot be replaced."""
+        if self._config_frozen and config != self.config:  # the same config again is fine
+            raise PipelineError("The run's config is already resolved and frozen; a second pipeline cannot change it.")
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "_config_frozen", True)
 
     def executor(self) -> Executor:
         """The run's executor; the config's (``executor``, ``workers``, ``ray_address``) unless one was given."""

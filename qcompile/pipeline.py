@@ -5,7 +5,7 @@ Text form, as in LLVM's ``opt -passes=``: ``fix-names,shape-inference,calibrate(
 
 from __future__ import annotations
 
-__all__ = ["PassSpec", "PassTiming", "format_pipeline", "parse_pipeline", "run_pipeline"]
+__all__ = ["PassSpec", "PassTiming", "format_pipeline", "parse_pipeline", "resolve_config", "run_pipeline"]
 
 import ast
 import contextlib
@@ -27,6 +27,7 @@ from qcompile.passes.registry import create_pass, registered_passes
 
 if TYPE_CHECKING:
     from qcompile.cache import PipelineCache
+    from qcompile.config import CompileConfig
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,27 @@ def parse_pipeline(items: str | Sequence[str]) -> list[PassSpec]:
     return specs
 
 
+def resolve_config(specs: Sequence[PassSpec], config: CompileConfig) -> CompileConfig:
+    """``config`` with the run-wide settings the pipeline's pass options spell (a pass's
+    ``config_options``: ``calibrate(method=percentile)`` is ``calibration_method = "percentile"``).
+    A pass option wins over the config's value; two passes that set one key differently are an error."""
+    known = registered_passes()
+    changes: dict[str, tuple[Any, str]] = {}
+    for spec in specs:
+        info = known.get(spec.name)
+        for option, value in spec.options:
+            key = info.config_options.get(option) if info is not None else None
+            if key is None:
+                continue
+            if key in changes and changes[key][0] != value:
+                raise PipelineError(
+                    f"The pipeline sets {key} twice: {changes[key][1]} and {spec.name}({option}={value}). "
+                    "It is one setting for the whole run; give it once."
+                )
+            changes[key] = (value, f"{spec.name}({option}={value})")
+    return config.replace(**{k: v for k, (v, _) in changes.items()}) if changes else config
+
+
 def format_pipeline(specs: Sequence[PassSpec]) -> str:
     return ",".join(str(s) for s in specs)
 
@@ -133,8 +155,10 @@ def run_pipeline(
     Timing, dumps and the pass cache are instruments around the passes, not code inside them
     (TVM's PassContext instruments). ``dump_after`` takes pass names or ``all``. With ``cache``,
     the run starts after the last pass whose result is cached (never past a pass to dump), and
-    stores the results of passes worth keeping (qcompile.cache).
+    stores the results of passes worth keeping (qcompile.cache). The config is resolved once
+    (``resolve_config``), before the first pass is built, and frozen: no pass writes it.
     """
+    context.freeze_config(resolve_config(specs, context.config))
     instances = [create_pass(spec.name, context, dict(spec.options)) for spec in specs]
     dump_all = "all" in dump_after
     unknown_dumps = set(dump_after) - {"all"} - {s.name for s in specs}
