@@ -456,7 +456,7 @@ class UpgradeOpset(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         try:
             converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), self.min_opset)
-        except Exception as error:  # the converter raises bare RuntimeErrors from C++
+        except Exception as error:  # noqa: BLE001  (the converter raises bare RuntimeErrors from C++)
             raise ModelError(
                 f"Could not convert the model from opset {current} to {self.min_opset}, which the "
                 f"chosen quantization formats need: {detail(error)}. Export the model "

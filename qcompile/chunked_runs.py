@@ -65,7 +65,7 @@ class ChunkedRunner:
     def _run(self, names: list[str], feed: dict[str, np.ndarray], where: str) -> list[np.ndarray]:
         try:
             return self.session.run(names, feed)
-        except Exception as error:  # ORT raises its own exception types from C++
+        except Exception as error:  # noqa: BLE001  (ORT raises its own exception types from C++)
             raise CalibrationDataError(f"ONNX Runtime failed on {where}: {detail(error)}") from None
 
     def _samples_are_independent(self, batch, piece, where: str) -> bool:

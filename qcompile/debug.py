@@ -427,7 +427,7 @@ def _match_floor_db(code_dtype: np.dtype) -> float:
 
 
 def _float_original(dequantized: np.ndarray, candidates: list[tuple[str, np.ndarray]],
-                    code_dtype: np.dtype = np.dtype(np.int8)) -> tuple[str, np.ndarray, str] | None:
+                    code_dtype: np.dtype = np.dtype(np.int8)) -> tuple[str, np.ndarray, str] | None:  # noqa: B008
     """The float constant ``dequantized`` was quantized from: (name, the float values in the
     quantized graph's form, how they were matched), or None. The match must be as close as codes
     of ``code_dtype`` allow (``_match_floor_db``).

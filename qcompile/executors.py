@@ -113,7 +113,7 @@ class Executor(abc.ABC):
             retries: int = DEFAULT_RETRIES, what: str = "task") -> list[Any]:
         """``[function(item, shared, threads) for item in items]``, run by this executor's workers."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: most executors hold nothing to release)
         """Release the workers (a Ray connection this executor opened is closed)."""
 
     def describe(self) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def _load_file(path: Path) -> ir.Model:
     try:
         # External data (models over 2 GB) stays on disk: onnx-ir maps each weight when a pass reads it.
         proto = onnx.load_model(str(path), load_external_data=False)
-    except Exception as error:  # protobuf's DecodeError, onnx's own errors, missing external data
+    except Exception as error:  # noqa: BLE001  (protobuf's DecodeError, onnx's own errors, missing external data)
         raise ModelError(
             f"{str(path)!r} is not a readable ONNX model ({type(error).__name__}: "
             f"{detail(error)}).{_looks_like(path)} "
@@ -100,7 +100,7 @@ def _load_file(path: Path) -> ir.Model:
     _check_external_data(external, path)
     try:
         model = ir.serde.deserialize_model(proto)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001  (re-raised as a QcompileError that names the input)
         raise ModelError(f"{str(path)!r} could not be read into the IR: {error}") from None
     ir.external_data.set_base_dir(model.graph, path.parent)
     return model
@@ -173,7 +173,7 @@ def _upgrade_old_opset(model: ir.Model, version: int, where: str) -> ir.Model:
     try:
         converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), _OLDEST_OPSET)
         onnx.checker.check_model(converted)
-    except Exception as error:  # the converter raises bare RuntimeErrors from C++
+    except Exception as error:  # noqa: BLE001  (the converter raises bare RuntimeErrors from C++)
         raise ModelError(
             f"{where} uses opset {version}, older than ONNX Runtime runs (opset {_OLDEST_OPSET} and newer), "
             f"and onnx's version converter cannot convert it: {detail(error)}. Export it with a newer opset."
@@ -256,7 +256,7 @@ def _export_torch(module, example_inputs: tuple | None, dynamic_shapes: Any) -> 
             program = torch.onnx.export(
                 module, example_inputs, dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False
             )
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001  (re-raised as a QcompileError that names the input)
         raise ModelError(
             f"torch.onnx.export(dynamo=True) failed: {detail(error)} "
             "Export the model yourself and pass the .onnx file, or fix what the exporter names."

@@ -92,7 +92,7 @@ def _register_plugin(name: str) -> ProviderStatus:
         module = importlib.import_module(plugin.module)
         # Registering twice raises, hence the check above.
         ort.register_execution_provider_library(name, module.get_library_path())
-    except Exception as error:  # ORT raises its own types; a broken install must not crash discovery
+    except Exception as error:  # noqa: BLE001  (ORT raises its own types; a broken install must not crash discovery)
         return ProviderStatus(name, False, f"{plugin.package} {version} is installed but its library does not load: {detail(error)}")
     if not _registered(name):
         return ProviderStatus(name, False, f"{plugin.package} {version} registered no device")
@@ -180,14 +180,14 @@ def open_session(
         return _session(model, target, allow_fallback=allow_fallback, config=config or {})
     except (ProviderError, PlacementError):
         raise
-    except Exception as error:  # ORT raises its own exception types from C++
+    except Exception as error:  # noqa: BLE001  (ORT raises its own exception types from C++)
         message = detail(error)
     if allow_fallback:
         raise PlacementError(f"{provider} cannot compile this model: {message}")
     # Fallback disabled: ORT says only that some node went to the CPU. Ask it which ones.
     try:
         fallback = _session(model, target, allow_fallback=True, config={})
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001  (re-raised as a QcompileError that names the input)
         raise PlacementError(
             f"{provider} cannot compile this model: {message} (with the CPU fallback allowed too: {detail(error)})"
         ) from None

@@ -168,7 +168,7 @@ def make_session(
     with source as loadable:
         try:
             return ort.InferenceSession(loadable, options, providers=list(providers))
-        except Exception as error:  # ORT raises its own exception types from C++
+        except Exception as error:  # noqa: BLE001  (ORT raises its own exception types from C++)
             raise ModelError(
                 f"ONNX Runtime cannot load the {what}: {detail(error)}"
             ) from None

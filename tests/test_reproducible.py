@@ -81,7 +81,7 @@ def test_two_processes_write_identical_bytes(tmp_path, cnn_files):
         env = {**os.environ, "PYTHONHASHSEED": seed}
         runs.append((out, subprocess.Popen([sys.executable, "-c", _COMPILE_ALL, str(out), *jobs], env=env,
                                            stderr=subprocess.PIPE, text=True)))
-    for out, process in runs:
+    for _, process in runs:
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr
     (first, _), (second, _) = runs

@@ -153,7 +153,7 @@ def test_strip_metadata_drops_node_metadata_and_keeps_the_computation():
     assert [n.op_type for n in model.graph] == [n.op_type for n in proto.graph.node]
 
 
-def _shared_weight_chain(steps: int = 6, hidden: int = 64) -> "onnx.ModelProto":
+def _shared_weight_chain(steps: int = 6, hidden: int = 64) -> "onnx.ModelProto":  # noqa: F821  (onnx is not imported here)
     """An unrolled recurrence: every step reads ``Transpose(W)`` of the same W (as an exported GRU
     does), which constant folding turns into one copy per step."""
     rng = np.random.default_rng(0)

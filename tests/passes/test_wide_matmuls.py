@@ -2,7 +2,6 @@
 says on every ONNX Runtime version and session setting, from the same integers."""
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
