@@ -76,7 +76,8 @@ class LowerWideMatMuls(ir.passes.InPlacePass):
     not fuse) gives other numbers than 1.32. Written as MatMulNBits at level 0, ORT computes it in
     float32 from the same int8 weight, on every version, with no float copy of the weight.
     Requires: ``insert-qdq`` has run. Guarantees: each rewritten node keeps its name and output; its
-    weight's integers and scales are unchanged (a per-channel scale repeats over the row's blocks);
+    weight's integers and scales are unchanged (a per-channel scale repeats over the row's blocks;
+    symmetric weights use MatMulNBits' default zero point, 128 on its unsigned grid);
     MatMuls with 8-bit activations (ORT's QLinearMatMul/QGemm), Gemms with transA, alpha != 1 or
     a bias that is not a float vector are left as they are; ``records['lower-wide-matmuls']``
     lists the rewritten nodes.
@@ -113,6 +114,8 @@ class LowerWideMatMuls(ir.passes.InPlacePass):
             inputs = [node.inputs[0], b, scales, zero_points]
             if bias is not None:
                 inputs += [None, bias]  # g_idx unused
+            while inputs[-1] is None:
+                inputs.pop()
             new = ir.node("MatMulNBits", inputs, domain="com.microsoft", name=node.name,
                           attributes={"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": 0})
             graph.insert_before(node, new)
@@ -138,9 +141,11 @@ class LowerWideMatMuls(ir.passes.InPlacePass):
         padded = np.zeros((n, blocks * block), dtype=np.uint8)
         padded[:, :k] = codes
         base = dq.inputs[0].name or "weight"
+        # Symmetric int8 weights are 128 on the unsigned grid: MatMulNBits' default zero point.
+        zero_points = None if np.all(zero_point == 128) else add_initializer(
+            graph, f"{base}_nbits_zero_points", np.repeat(zero_point, blocks).astype(np.uint8), namer)
         return (
             add_initializer(graph, f"{base}_nbits", padded.reshape(n, blocks, block), namer),
             add_initializer(graph, f"{base}_nbits_scales", np.repeat(scale, blocks), namer),
-            add_initializer(graph, f"{base}_nbits_zero_points", np.repeat(zero_point, blocks).astype(np.uint8), namer),
-            k, n, block,
+            zero_points, k, n, block,
         )

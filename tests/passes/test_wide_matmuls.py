@@ -89,6 +89,8 @@ def test_the_integers_and_scales_are_the_ones_insert_qdq_chose():
         np.testing.assert_array_equal(packed[:, :k].astype(np.int16) - 128, rows.astype(np.int16))
         blocks = -(-k // block)
         np.testing.assert_array_equal(lowered_inits[nbits.input[2]].reshape(n, blocks), np.repeat(scale.reshape(-1, 1), blocks, 1))
+        # Symmetric int8 weights: no zero-point input (MatMulNBits' default, 128); the head keeps its bias.
+        assert (len(nbits.input), nbits.input[3:5]) == ((6, ["", ""]) if name == "head" else (3, []))
     assert [o.name for o in lowered.graph.output] == ["y"]
 
 
