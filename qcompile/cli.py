@@ -447,7 +447,7 @@ def _cmd_config(args) -> int:
     elif args.check:
         print(json.dumps(load_config(args.check).to_dict(), indent=2))
     else:
-        print(config_reference_markdown(), end="")
+        print(config_reference_markdown(compile_flag_keys()), end="")
     return 0
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import json
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 from qcompile.config import CompileConfig
@@ -106,21 +107,22 @@ def config_schema() -> dict[str, Any]:
     }
 
 
-def cli_flags_by_key() -> dict[str, list[str]]:
-    """Config key -> the ``qcompile compile`` flags that set it (from the parser itself)."""
-    from qcompile.cli import compile_flag_keys
-
+def cli_flags_by_key(flag_keys: Mapping[str, str | None]) -> dict[str, list[str]]:
+    """Config key -> the ``qcompile compile`` flags that set it, from ``flag_keys`` (flag -> key or
+    None: ``qcompile.cli.compile_flag_keys()``, read from the parser itself). The command line
+    passes it in: this module is what the CLI's ``config`` command prints, so it does not import
+    the CLI back."""
     flags: dict[str, list[str]] = {}
-    for flag, key in compile_flag_keys().items():
+    for flag, key in flag_keys.items():
         if key is not None:
             flags.setdefault(key, []).append(flag)
     return flags
 
 
-def config_reference_markdown() -> str:
-    """The reference table: key, type, default, flag, description."""
+def config_reference_markdown(flag_keys: Mapping[str, str | None]) -> str:
+    """The reference table: key, type, default, flag (from ``flag_keys``, see ``cli_flags_by_key``), description."""
     descriptions = field_descriptions()
-    flags = cli_flags_by_key()
+    flags = cli_flags_by_key(flag_keys)
     rows = ["| key | type | default | flag | description |", "|---|---|---|---|---|"]
     for field in dataclasses.fields(CompileConfig):
         kind = str(field.type).replace(" | ", " or ")

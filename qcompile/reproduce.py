@@ -24,6 +24,7 @@ __all__ = [
 
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import zipfile
@@ -98,15 +99,14 @@ def config_digest(config: CompileConfig, pipeline: str) -> str:
 
 @functools.cache
 def code_digest() -> str:
-    """sha256 over qcompile's own source files: an editable install changes code, not its version."""
-    import qcompile
-    from qcompile import backends, passes
-
+    """sha256 over qcompile's own source files: an editable install changes code, not its version.
+    The packages' folders come from their import specs, not from importing them: the backends
+    import the pass cache, which imports this module."""
     hasher = hashlib.sha256(b"qcompile-source-v1\0")
-    for package in (qcompile, passes, backends):
-        for directory in map(Path, package.__path__):
+    for package in ("qcompile", "qcompile.passes", "qcompile.backends"):
+        for directory in map(Path, importlib.util.find_spec(package).submodule_search_locations):
             for path in sorted(directory.glob("*.py")):
-                _update_framed(hasher, f"{package.__name__}/{path.name}".encode())
+                _update_framed(hasher, f"{package}/{path.name}".encode())
                 _update_framed(hasher, path.read_bytes())
     return hasher.hexdigest()
 

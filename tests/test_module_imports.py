@@ -20,7 +20,6 @@ NESTED_ON_PURPOSE = {
     "qcompile/cli.py": "the command line imports a subcommand's modules when it runs, so `qcompile --help` starts fast",
     "qcompile/reproduce.py": "code_digest hashes the qcompile package it is part of",
     "qcompile/context.py": "an executor is made only when a pass asks for one",
-    "qcompile/config_reference.py": "cli imports it for its --help text; it reads cli's flags back (a circle to undo)",
 }
 
 
@@ -65,3 +64,65 @@ for name in sys.argv[1:]:
         del sys.modules[loaded]
 """
     subprocess.run([sys.executable, "-c", code, *names], check=True, timeout=300)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    package = {"qcompile": "qcompile", "passes": "qcompile.passes", "backends": "qcompile.backends"}[parts[0]]
+    return package if parts[-1] == "__init__" else f"{package}.{parts[-1]}"
+
+
+def import_graph() -> dict[str, dict[str, int]]:
+    """module -> {module it imports: line}, for qcompile's own modules, read with the AST: imports at
+    the top and inside functions alike; not those under ``if TYPE_CHECKING:`` (annotations only)."""
+    modules = {_module_name(p): p for p in MODULES}
+    graph: dict[str, dict[str, int]] = {name: {} for name in modules}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        annotations_only = {
+            id(n) for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for statement in block.body for n in ast.walk(statement)
+        }
+        for node in ast.walk(tree):
+            if id(node) in annotations_only:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # from qcompile import passes: the submodule; from qcompile.x import y: qcompile.x
+                submodules = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
+                targets = submodules or [node.module]
+            else:
+                continue
+            for target in targets:
+                if target in modules and target != name:
+                    graph[name].setdefault(target, node.lineno)
+    return graph
+
+
+def test_no_import_circle_at_the_top_or_inside_functions():
+    """Issue 18: a function-level import hides a circle from the fresh-interpreter test above (it
+    only fails when the function runs). Found and undone: config_reference -> cli (it now takes the
+    CLI's flags as an argument) and reproduce.code_digest -> qcompile.backends -> tensorrt -> cache ->
+    reproduce (the digest finds the package folders from their import specs)."""
+    graph = import_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        state[name] = 1
+        path.append(name)
+        for target in graph[name]:
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (circle := visit(target)):
+                return circle
+        path.pop()
+        state[name] = 2
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (circle := visit(module)):
+            steps = [f"{a} (line {graph[a][b]})" for a, b in zip(circle, circle[1:])]
+            raise AssertionError("import circle: " + " -> ".join(steps) + f" -> {circle[-1]}")
