@@ -832,6 +832,18 @@ def _paired_runs(reference: ChunkedRunner, quantized: ChunkedRunner, batch, wher
     yield from zip(reference_runs, quantized_runs)
 
 
+def _qdq_in_subgraphs(graph: onnx.GraphProto, nested: bool = False) -> int:
+    """QuantizeLinear/DequantizeLinear nodes inside the If/Loop/Scan subgraphs of ``graph``."""
+    count = 0
+    for node in graph.node:
+        if nested and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            count += 1
+        for attribute in node.attribute:
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                count += _qdq_in_subgraphs(subgraph, nested=True)
+    return count
+
+
 def _load(model: Any, role: str) -> ir.Model:
     try:
         return load_model(model)
@@ -882,6 +894,18 @@ def analyze(
     quant_proto = ir.serde.serialize_model(quant_ir)
     structure = _QuantizedGraph(quant_ir, float_ir)  # quant_ir becomes the reference
     del float_ir, quant_ir
+    inside = _qdq_in_subgraphs(quant_proto.graph)
+    if not structure.activations and not structure.weights and inside:
+        # silero-vad: its whole 16 kHz network is one If branch.
+        raise ModelError(
+            f"The quantized model's {inside} QuantizeLinear/DequantizeLinear nodes are all inside "
+            "If/Loop/Scan subgraphs, which qcompile debug does not analyse yet (ONNX Runtime cannot "
+            "return a subgraph's values). Its outputs can still be compared: qcompile compile ... --eval DIR "
+            "reports each output's SQNR, and qcompile sensitivity ranks its nodes."
+        )
+    if inside:
+        logger.warning("qcompile debug analyses the main graph only: %d Q/DQ nodes inside If/Loop/Scan "
+                       "subgraphs are not analysed", inside)
     if not structure.activations and not structure.weights:
         raise ModelError(
             "The quantized model has no QuantizeLinear -> DequantizeLinear pairs and no DequantizeLinear "

@@ -8,11 +8,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 from conftest import run_passes
 from onnx import TensorProto, helper, numpy_helper
 from tiny_models import make_model
 
 import qcompile
+from qcompile.debug import analyze
+from qcompile.errors import ModelError
 from qcompile.passes.calibration import collect_statistics
 from qcompile.passes.quantization_plan import plan_nodes
 
@@ -183,3 +186,12 @@ def test_lstm_inside_an_if_branch_becomes_the_integer_lstm_kernel():
     want = ort.InferenceSession(proto.SerializeToString()).run(None, feed)[0]
     got = ort.InferenceSession(compiled.SerializeToString()).run(None, feed)[0]
     assert _sqnr(want, got) > 30.0
+
+
+def test_debug_says_it_cannot_analyse_quantization_that_lives_inside_if_branches():
+    """silero-vad: its whole 16 kHz network is one If branch, and qcompile debug answered that the
+    compiled model "has no QuantizeLinear -> DequantizeLinear pairs: pass a QDQ model"."""
+    proto = if_model()
+    compiled = qcompile.compile(proto, batches(), config={"measure_latency": False}).to_proto()
+    with pytest.raises(ModelError, match=r"QuantizeLinear/DequantizeLinear nodes are all inside If/Loop/Scan subgraphs"):
+        analyze(proto, compiled, batches(2))
