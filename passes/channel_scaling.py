@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.chunked_runs import ChunkedRunner
-from qcompile.graph_edit import add_initializer
+from qcompile.graph_edit import add_initializer, initializer_array
 from qcompile.runtime import make_session
 from qcompile.workspace import release_tensor
 
@@ -84,16 +84,12 @@ class Group:
             self.seen_rows += len(rows)
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
 
 
 def _reader(node: ir.Node, index: int) -> Reader | None:
     if index != 0 or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
         return None
-    weight = _constant(node.inputs[1])
+    weight = initializer_array(node.inputs[1])
     if weight is None or weight.ndim != 2 or weight.dtype != np.float32 or weight.size == 0:
         return None
     if node.op_type == "MatMul":
@@ -151,8 +147,8 @@ def apply_channel_scale(graph: ir.Graph, group: Group, s: np.ndarray) -> str:
     producer = x.producer()
     reader_nodes = {id(r.node) for r in group.readers}
     only_matmuls = all(id(use.node) in reader_nodes for use in x.uses()) and not x.is_graph_output()
-    gamma = _constant(producer.inputs[1]) if producer is not None and len(producer.inputs) > 1 else None
-    beta = _constant(producer.inputs[2]) if producer is not None and len(producer.inputs) > 2 else None
+    gamma = initializer_array(producer.inputs[1]) if producer is not None and len(producer.inputs) > 1 else None
+    beta = initializer_array(producer.inputs[2]) if producer is not None and len(producer.inputs) > 2 else None
     if (
         producer is not None and producer.op_type == "LayerNormalization" and producer.domain in ("", "ai.onnx")
         and only_matmuls and gamma is not None and gamma.shape == s.shape
@@ -167,7 +163,7 @@ def apply_channel_scale(graph: ir.Graph, group: Group, s: np.ndarray) -> str:
         (index := _per_channel_constant_input(producer, s.shape)) is not None
     ):
         # x = y * w with w a per-channel constant (RMSNorm's weight): fold 1/s into w.
-        w = _constant(producer.inputs[index])
+        w = initializer_array(producer.inputs[index])
         producer.replace_input_with(index, add_initializer(graph, f"{x.name}_smoothed_scale", (w * inverse).astype(np.float32)))
         smoothed, how = x, "Mul"
     else:
@@ -199,7 +195,7 @@ def apply_channel_scale(graph: ir.Graph, group: Group, s: np.ndarray) -> str:
 def _per_channel_constant_input(node: ir.Node, shape: tuple[int, ...]) -> int | None:
     """The index of a Mul input that is a float constant of exactly ``shape`` (one value per channel)."""
     for index, value in enumerate(node.inputs[:2]):
-        array = _constant(value)
+        array = initializer_array(value)
         if array is not None and array.dtype == np.float32 and array.shape == shape:
             return index
     return None

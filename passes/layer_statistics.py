@@ -22,14 +22,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.chunked_runs import ChunkedRunner
+from qcompile.graph_edit import attribute_value
 from qcompile.runtime import make_session
 
 logger = logging.getLogger(__name__)
-
-
-def _attribute(node: ir.Node, name: str, default):
-    attribute = node.attributes.get(name)
-    return default if attribute is None else attribute.value
 
 
 def _constant_float(value: ir.Value | None) -> np.ndarray | None:
@@ -79,8 +75,8 @@ class Layer:
         if x.ndim != w.ndim or x.shape[1] != w.shape[1] * self.groups:
             return None
         spatial = x.shape[2:]
-        strides = _attribute(self.node, "strides", [1] * len(kernel))
-        dilations = _attribute(self.node, "dilations", [1] * len(kernel))
+        strides = attribute_value(self.node, "strides", [1] * len(kernel))
+        dilations = attribute_value(self.node, "dilations", [1] * len(kernel))
         begin, end = _pads(self.node, spatial, kernel, strides, dilations)
         padded = np.pad(x, [(0, 0), (0, 0), *zip(begin, end)])
         out = [
@@ -117,7 +113,7 @@ class Layer:
         key and value projections of an attention block), so their statistics are computed once."""
         if not self.is_conv:
             return (self.node.inputs[0].name, self.weight.shape[0] if self.transposed else self.weight.shape[1])
-        geometry = tuple(repr(_attribute(self.node, name, None)) for name in ("strides", "dilations", "pads", "auto_pad"))
+        geometry = tuple(repr(attribute_value(self.node, name, None)) for name in ("strides", "dilations", "pads", "auto_pad"))
         return (self.node.inputs[0].name, self.weight.shape[1:], self.groups, geometry)
 
     def rows(self, x: np.ndarray) -> np.ndarray | None:
@@ -141,7 +137,7 @@ class Layer:
 
 
 def _pads(node: ir.Node, spatial, kernel, strides, dilations) -> tuple[list[int], list[int]]:
-    auto_pad = _attribute(node, "auto_pad", "NOTSET")
+    auto_pad = attribute_value(node, "auto_pad", "NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         begin, end = [], []
@@ -153,7 +149,7 @@ def _pads(node: ir.Node, spatial, kernel, strides, dilations) -> tuple[list[int]
         return begin, end
     if auto_pad == "VALID":
         return [0] * len(kernel), [0] * len(kernel)
-    pads = list(_attribute(node, "pads", [0] * (2 * len(kernel))))
+    pads = list(attribute_value(node, "pads", [0] * (2 * len(kernel))))
     return pads[: len(kernel)], pads[len(kernel) :]
 
 
@@ -166,7 +162,7 @@ def linear_layer(node: ir.Node) -> Layer | None:
     if weight is None:
         return None
     if node.op_type == "Conv" and weight.ndim >= 3:
-        groups = int(_attribute(node, "group", 1))
+        groups = int(attribute_value(node, "group", 1))
         if groups < 1 or weight.shape[0] % groups:
             return None
         return Layer(node, groups)
@@ -175,9 +171,9 @@ def linear_layer(node: ir.Node) -> Layer | None:
     if node.op_type == "MatMul":
         return Layer(node, transposed=True)
     if node.op_type == "Gemm":
-        if _attribute(node, "transA", 0) or _attribute(node, "alpha", 1.0) != 1.0 or _attribute(node, "beta", 1.0) != 1.0:
+        if attribute_value(node, "transA", 0) or attribute_value(node, "alpha", 1.0) != 1.0 or attribute_value(node, "beta", 1.0) != 1.0:
             return None
-        return Layer(node, transposed=not _attribute(node, "transB", 0))
+        return Layer(node, transposed=not attribute_value(node, "transB", 0))
     return None
 
 

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.graph_edit import Namer, add_initializer
+from qcompile.graph_edit import Namer, add_initializer, attribute_value, initializer_array
 from qcompile.passes.registry import register_pass
 
 logger = logging.getLogger(__name__)
@@ -18,17 +18,6 @@ _EIGHT_BIT = (ir.DataType.INT8, ir.DataType.UINT8)
 # MatMulNBits' largest block: per-channel scales are repeated over the blocks of a row, so any
 # block size is exact; 128 is the one ORT's 8-bit CPU kernels are tuned for.
 _MAX_BLOCK = 128
-
-
-def _attr(node: ir.Node, name: str, default):
-    attribute = node.attributes.get(name)
-    return default if attribute is None else attribute.value
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
 
 
 def _eight_bit_dequantize(value: ir.Value | None) -> ir.Node | None:
@@ -43,18 +32,18 @@ def _weight(node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(codes [N, K] uint8, scale [N], zero point [N] uint8) of the node's int8 weight, when it is a
     per-tensor or per-output-channel DequantizeLinear of a constant 2-D weight; else None."""
     dq = _eight_bit_dequantize(node.inputs[1])
-    if dq is None or "block_size" in dq.attributes and _attr(dq, "block_size", 0):
+    if dq is None or "block_size" in dq.attributes and attribute_value(dq, "block_size", 0):
         return None
-    codes, scale = _constant(dq.inputs[0]), _constant(dq.inputs[1])
+    codes, scale = initializer_array(dq.inputs[0]), initializer_array(dq.inputs[1])
     if codes is None or scale is None or codes.ndim != 2 or scale.dtype != np.float32:
         return None
     has_zero_point = len(dq.inputs) > 2 and dq.inputs[2] is not None
-    zero_point = _constant(dq.inputs[2]) if has_zero_point else np.zeros((), codes.dtype)
+    zero_point = initializer_array(dq.inputs[2]) if has_zero_point else np.zeros((), codes.dtype)
     if zero_point is None:
         return None
-    transposed = node.op_type == "Gemm" and _attr(node, "transB", 0)
+    transposed = node.op_type == "Gemm" and attribute_value(node, "transB", 0)
     output_axis = 0 if transposed else 1
-    if scale.size > 1 and (_attr(dq, "axis", 1) % 2 != output_axis or scale.size != codes.shape[output_axis]):
+    if scale.size > 1 and (attribute_value(dq, "axis", 1) % 2 != output_axis or scale.size != codes.shape[output_axis]):
         return None  # scales along the input channels: not a MatMulNBits layout
     codes = codes if transposed else codes.T  # [N, K]
     n = codes.shape[0]
@@ -99,7 +88,7 @@ class LowerWideMatMuls(ir.passes.InPlacePass):
                 continue  # 8-bit activations: ORT's integer kernels, which compute the QDQ arithmetic
             bias = node.inputs[2] if len(node.inputs) > 2 else None
             if node.op_type == "Gemm" and (
-                _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0
+                attribute_value(node, "transA", 0) or attribute_value(node, "alpha", 1.0) != 1.0 or attribute_value(node, "beta", 1.0) != 1.0
             ):
                 continue
             if bias is not None and (bias.shape is None or bias.shape.rank() != 1 or bias.dtype != ir.DataType.FLOAT):

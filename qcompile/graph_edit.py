@@ -1,8 +1,9 @@
-"""Graph edits every rewriting pass makes: names that collide with nothing, and new initializers."""
+"""Graph edits every rewriting pass makes: names that collide with nothing, new initializers, and
+the two reads they start from (a node's attribute, a constant's array)."""
 
 from __future__ import annotations
 
-__all__ = ["Namer", "add_initializer"]
+__all__ = ["Namer", "add_initializer", "attribute_value", "initializer_array"]
 
 import numpy as np
 import onnx_ir as ir
@@ -34,3 +35,16 @@ def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, namer: Namer 
     value.shape, value.dtype = ir.Shape(array.shape), value.const_value.dtype
     graph.register_initializer(value)
     return value
+
+
+def attribute_value(node: ir.Node, name: str, default):
+    """The value of ``node``'s attribute ``name``, or ``default`` where the node does not set it."""
+    attribute = node.attributes.get(name)
+    return default if attribute is None else attribute.value
+
+
+def initializer_array(value: ir.Value | None) -> np.ndarray | None:
+    """The array of a constant initializer (not one a graph input can override), else None."""
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
