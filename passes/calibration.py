@@ -162,6 +162,6 @@ class Calibrate(ir.passes.InPlacePass):
         if table.batches == 0:
             raise ModelError("Calibration saw no batches.")
         self.context.analyses["calibration"] = table
-        self.context.analyses["plan"] = build_plan(model, self.context.target, self.context.config, table)
+        self.context.analyses["plan"] = build_plan(model, self.context.target, self.context.config, table, planned=plan)
         logger.info("Calibrated %d tensors on %d batches", len(table.tensors), table.batches)
         return ir.passes.PassResult(model, False)

@@ -18,6 +18,7 @@ __all__ = [
 ]
 
 import dataclasses
+import hashlib
 import logging
 import re
 
@@ -100,6 +101,9 @@ class QuantizationPlan:
     calibration_methods: dict[str, str] = dataclasses.field(default_factory=dict)
     # Target.requantization_significand_bits: node -> its output scale, calibrated and as chosen.
     exact_requantization: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # The graph the plan was made for (graph_fingerprint): calibrate refines this plan with its
+    # statistics instead of planning again, unless a pass in between changed the graph.
+    fingerprint: str = ""
 
     def summary(self) -> dict:
         op_counts: dict[str, int] = {}
@@ -646,27 +650,44 @@ def _root(plan: QuantizationPlan, name: str) -> ActivationQuant:
     return quant
 
 
+def graph_fingerprint(graph: ir.Graph) -> str:
+    """A digest of what a plan is made from: every planned-over node's name, type and inputs, in order."""
+    digest = hashlib.sha256()
+    for node in plan_nodes(graph):
+        digest.update(repr((node.name, node.domain, node.op_type, [v.name if v is not None else None for v in node.inputs])).encode())
+    return digest.hexdigest()
+
+
 def build_plan(
     model: ir.Model,
     target: Target,
     config: CompileConfig,
     table: CalibrationTable | None = None,
+    planned: QuantizationPlan | None = None,
 ) -> QuantizationPlan:
     """Plan the quantization of ``model``; with a calibration table, also fix every scale.
 
     Tensors whose statistics show a mask or sentinel (non-finite values, or a magnitude at or
     above ``config.sentinel_threshold``) stay float, and so do the nodes that would read them;
     a Relu/Clip is folded into the QuantizeLinear after it only when that Q's range really
-    performs its clamp. Each exclusion re-plans until nothing changes.
+    performs its clamp. Each exclusion re-plans until nothing changes. ``planned``: the plan
+    ``plan-quantization`` made; when it was made for this very graph, it is refined rather than
+    made again (the same rules on the same graph give the same plan), so a compile plans once
+    unless its statistics exclude a tensor.
     """
     graph = model.graph
+    fingerprint = graph_fingerprint(graph)
+    if planned is not None and planned.fingerprint != fingerprint:
+        logger.info("the graph changed since plan-quantization: planning again")
+        planned = None
     # On a target that runs every op on integers, a mask is quantized too: its two values (0 and
     # the fill) are exact on an 8-bit grid. A sentinel fill (float32 min) still stays float, from
     # its calibrated magnitude.
     excluded = {} if target.quantize_all else _mask_tensors(graph)
     unabsorbable: set[str] = set()
     while True:
-        plan = _build_once(graph, target, config, excluded, unabsorbable)
+        plan, planned = planned or _build_once(graph, target, config, excluded, unabsorbable), None
+        plan.fingerprint = fingerprint
         if table is None:
             return plan
         newly_excluded = {}

@@ -181,3 +181,41 @@ def test_a_concat_only_float_ops_read_stays_float_and_so_do_the_logits_it_reads(
     # only round what float data movement reads.
     assert {"box", "cls", "both"}.isdisjoint(plan.activations) and "x" in plan.activations
     assert {w.node for w in plan.weights} == {"box_conv", "cls_conv"}
+
+
+def test_a_compile_plans_once_and_plans_again_only_when_its_statistics_exclude_a_tensor(monkeypatch):
+    """Issue 18: calibrate refines plan-quantization's plan with its statistics instead of building
+    it again; a sentinel the statistics reveal is the one reason to plan again (what it excludes
+    changes what the nodes around it can be)."""
+    import qcompile
+    from qcompile.passes import quantization_plan
+
+    calls = []
+    build_once = quantization_plan._build_once
+    monkeypatch.setattr(quantization_plan, "_build_once", lambda *a, **k: calls.append(1) or build_once(*a, **k))
+    qcompile.compile(tiny_cnn(), cnn_batches(4), config={"measure_latency": False})
+    assert len(calls) == 1
+    calls.clear()
+    _, context = run_passes(tiny_cnn(), PREP + ",plan-quantization,calibrate", data=cnn_batches(4))
+    assert len(calls) == 1 and context.analyses["plan"].activations
+    # A sentinel found in calibration: one plan more, without the tensor.
+    calls.clear()
+    test_sentinel_detected_from_calibration_statistics()
+    assert len(calls) == 2
+    # A pass between them that changes the graph: the plan is made again for the new graph.
+    from qcompile.passes import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @registry.register_pass("test-rename-a-node")
+    class RenameANode(ir.passes.InPlacePass):
+        def __init__(self, context):
+            super().__init__()
+
+        def call(self, model):
+            next(iter(model.graph)).name = "renamed"
+            return ir.passes.PassResult(model, True)
+
+    calls.clear()
+    _, context = run_passes(tiny_cnn(), PREP + ",plan-quantization,test-rename-a-node,calibrate", data=cnn_batches(4))
+    assert len(calls) == 2 and context.analyses["plan"].activations
