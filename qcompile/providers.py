@@ -38,7 +38,7 @@ import onnx
 import onnxruntime as ort
 
 from qcompile.errors import PlacementError, ProviderError, detail
-from qcompile.runtime import make_session, qdq_safe_config
+from qcompile.runtime import make_session
 
 logger = logging.getLogger(__name__)
 
@@ -134,24 +134,20 @@ def _model_input(model: str | Path | bytes | onnx.ModelProto) -> str | bytes:
 
 def _session(model, target, *, allow_fallback: bool, config: dict[str, str]) -> ort.InferenceSession:
     provider = target.providers[0]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    config = {**qdq_safe_config(model), **config}
+    entries = {"session.record_ep_graph_assignment_info": "1"}
     if not allow_fallback and provider != _CPU:
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    for key, value in config.items():
-        options.add_session_config_entry(key, value)
+        entries["session.disable_cpu_ep_fallback"] = "1"
+    entries.update(config)
     provider_options = target.provider_options() if target.provider_options is not None else {}
+    what = f"model on {provider}"
     if provider in _PLUGINS:
         # A plugin provider named in providers=[...] is silently ignored (a CPU-only session):
         # it must be attached through its device.
         devices = [d for d in ort.get_ep_devices() if d.ep_name == provider]
-        options.add_provider_for_devices(devices, provider_options)
-        return ort.InferenceSession(model, sess_options=options)
+        return make_session(model, config_entries=entries, plugin_devices=(devices, provider_options), what=what)
     # ORT refuses a CPU provider named explicitly while the fallback to it is disabled (1.24 on).
     providers = [(provider, provider_options)] + ([(_CPU, {})] if provider != _CPU and allow_fallback else [])
-    session = ort.InferenceSession(model, sess_options=options, providers=providers)
+    session = make_session(model, providers=providers, config_entries=entries, what=what)
     if session.get_providers()[0] != provider:
         raise ProviderError(f"ONNX Runtime did not enable {provider} for this session; nothing runs on it.")
     return session

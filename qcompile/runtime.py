@@ -16,6 +16,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import onnx
 import onnx_ir as ir
@@ -128,6 +129,7 @@ def make_session(
     what: str = "model",
     low_memory: bool = False,
     config_entries: Mapping[str, str] | None = None,
+    plugin_devices: tuple[Sequence[Any], Mapping[str, str]] | None = None,
 ) -> ort.InferenceSession:
     """A session on ``model`` (a proto, or an onnx-ir model with ``extra_outputs`` exposed too).
 
@@ -135,7 +137,9 @@ def make_session(
     references into the workspace's files, and rewritten weights are spilled there first: no
     protobuf of the whole model is built, and ONNX Runtime maps the weights rather than copying
     them (with ``low_memory``, prepacking, which copies every MatMul weight, is off). ``config_entries``
-    are ONNX Runtime session config entries. ``low_memory`` trades a little
+    are ONNX Runtime session config entries; ``providers`` are names or (name, options) pairs, and
+    ``plugin_devices`` (devices, options) attaches a plugin provider through its devices (named
+    in ``providers`` it would be ignored). ``low_memory`` trades a little
     speed for returning memory after each run (no arena, no memory pattern): for calibration,
     whose runs fetch many large tensors."""
     options = ort.SessionOptions()
@@ -165,8 +169,12 @@ def make_session(
         if isinstance(model, ir.Model):
             model = session_proto(model, extra_outputs)
         source = model_bytes_or_path(model)
+    if plugin_devices is not None:
+        options.add_provider_for_devices(list(plugin_devices[0]), dict(plugin_devices[1]))
     with source as loadable:
         try:
+            if plugin_devices is not None:
+                return ort.InferenceSession(loadable, options)
             return ort.InferenceSession(loadable, options, providers=list(providers))
         except Exception as error:  # noqa: BLE001  (ORT raises its own exception types from C++)
             raise ModelError(
