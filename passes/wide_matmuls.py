@@ -64,7 +64,9 @@ class LowerWideMatMuls(ir.passes.InPlacePass):
     written, 15.1 dB as fused; all-MiniLM-L6-v2 at uint16 29.8 -> 27.7 dB), and 1.31 (which does
     not fuse) gives other numbers than 1.32. Written as MatMulNBits at level 0, ORT computes it in
     float32 from the same int8 weight, on every version, with no float copy of the weight.
-    Requires: ``insert-qdq`` has run. Guarantees: each rewritten node keeps its name and output; its
+    Requires: ``insert-qdq`` has run. Guarantees: in every scope (If branches, loop bodies; a
+    weight dequantized in an outer scope is left, ORT does not fuse across scopes), each
+    rewritten node keeps its name and output; its
     weight's integers and scales are unchanged (a per-channel scale repeats over the row's blocks;
     symmetric weights use MatMulNBits' default zero point, 128 on its unsigned grid);
     MatMuls with 8-bit activations (ORT's QLinearMatMul/QGemm), Gemms with transA, alpha != 1 or
@@ -81,7 +83,10 @@ class LowerWideMatMuls(ir.passes.InPlacePass):
         namer = Namer(graph)
         packed: dict[int, tuple[ir.Value, ...]] = {}  # one MatMulNBits weight per DequantizeLinear
         rewritten = []
-        for node in list(graph):
+        # If branches and loop bodies too, where the weight's DequantizeLinear is in the same
+        # subgraph: ORT fuses there as well. New weights are initializers of the main graph, which
+        # every subgraph may read.
+        for node in list(ir.traversal.RecursiveGraphIterator(graph)):
             if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
                 continue
             if node.inputs[0] is None or _eight_bit_dequantize(node.inputs[0]) is not None:
@@ -97,6 +102,11 @@ class LowerWideMatMuls(ir.passes.InPlacePass):
             if weight is None:
                 continue
             dq = node.inputs[1].producer()
+            if dq.graph is not node.graph:
+                # A weight dequantized in an outer scope (quantize-loop-weights' hoisted DQ): ORT
+                # fuses within one graph only, so the body's MatMul already computes as written,
+                # from a weight dequantized once per run rather than at every iteration.
+                continue
             if id(dq) not in packed:
                 packed[id(dq)] = self._pack(graph, namer, dq, *weight)
             b, scales, zero_points, k, n, block = packed[id(dq)]
@@ -107,12 +117,13 @@ class LowerWideMatMuls(ir.passes.InPlacePass):
                 inputs.pop()
             new = ir.node("MatMulNBits", inputs, domain="com.microsoft", name=node.name,
                           attributes={"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": 0})
-            graph.insert_before(node, new)
+            owner = node.graph
+            owner.insert_before(node, new)
             out, replacement = node.outputs[0], new.outputs[0]
             replacement.dtype, replacement.shape = out.dtype, out.shape
             name = out.name
             ir.convenience.replace_all_uses_with(out, replacement, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
+            owner.remove(node, safe=True)
             out.name, replacement.name = None, name
             rewritten.append(node.name)
         if rewritten:
