@@ -98,14 +98,14 @@ class LowerWideMatMuls(ir.passes.InPlacePass):
                 continue
             if bias is not None and (bias.shape is None or bias.shape.rank() != 1 or bias.dtype != ir.DataType.FLOAT):
                 continue
-            weight = _weight(node)
-            if weight is None:
-                continue
-            dq = node.inputs[1].producer()
-            if dq.graph is not node.graph:
+            dq = node.inputs[1].producer() if node.inputs[1] is not None else None
+            if dq is not None and dq.graph is not node.graph:
                 # A weight dequantized in an outer scope (quantize-loop-weights' hoisted DQ): ORT
                 # fuses within one graph only, so the body's MatMul already computes as written,
                 # from a weight dequantized once per run rather than at every iteration.
+                continue
+            weight = _weight(node)
+            if weight is None:
                 continue
             if id(dq) not in packed:
                 packed[id(dq)] = self._pack(graph, namer, dq, *weight)

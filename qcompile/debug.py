@@ -832,18 +832,6 @@ def _paired_runs(reference: ChunkedRunner, quantized: ChunkedRunner, batch, wher
     yield from zip(reference_runs, quantized_runs)
 
 
-def _qdq_in_subgraphs(graph: onnx.GraphProto, nested: bool = False) -> int:
-    """QuantizeLinear/DequantizeLinear nodes inside the If/Loop/Scan subgraphs of ``graph``."""
-    count = 0
-    for node in graph.node:
-        if nested and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            count += 1
-        for attribute in node.attribute:
-            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                count += _qdq_in_subgraphs(subgraph, nested=True)
-    return count
-
-
 def _load(model: Any, role: str) -> ir.Model:
     try:
         return load_model(model)
@@ -892,9 +880,11 @@ def analyze(
     # One model's session at a time: the float model's outputs on the first chunk, for the check below.
     float_outputs = _run_once(ir.serde.serialize_model(float_ir), piece, threads, "float model")
     quant_proto = ir.serde.serialize_model(quant_ir)
+    # Q/DQ nodes inside If/Loop/Scan subgraphs, which the analysis does not reach.
+    inside = sum(1 for n in ir.traversal.RecursiveGraphIterator(quant_ir.graph)
+                 if n.graph is not quant_ir.graph and n.op_type in ("QuantizeLinear", "DequantizeLinear"))
     structure = _QuantizedGraph(quant_ir, float_ir)  # quant_ir becomes the reference
     del float_ir, quant_ir
-    inside = _qdq_in_subgraphs(quant_proto.graph)
     if not structure.activations and not structure.weights and inside:
         # silero-vad: its whole 16 kHz network is one If branch.
         raise ModelError(
