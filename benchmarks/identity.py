@@ -8,6 +8,9 @@ compiled .onnx must have the same sha256. The corpus, in groups (``--groups``, a
   compiles them (149 models, ~90 s);
 - ``fuzz``: the first ``--fuzz-examples`` graphs of ``tests/test_fuzz.py``'s grammar with its
   configurations, derandomized, so every run draws the same graphs (needs hypothesis);
+- ``configs``: the tests' tiny CNN, transformer block, LSTM and language model under every
+  target, recipe, accuracy pass, calibration method and activation type (the paths the other
+  groups' default configurations do not take: INT4 blocks, GPTQ, bias correction, FP8, 16-bit);
 - ``real-models``: the ``real_models`` benchmark corpus with its cached calibration and evaluation
   data, compiled with the default configuration (recovery included; needs the benchmark's cache,
   ``python -m benchmarks --case real_models`` fills it; ~6 min).
@@ -27,11 +30,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
+
 import qcompile
 from qcompile.accuracy_search import compile_or_recover
 from qcompile.errors import QcompileError
 
-GROUPS = ("onnx-test-models", "fuzz", "real-models")
+GROUPS = ("onnx-test-models", "fuzz", "configs", "real-models")
 FUZZ_EXAMPLES = 120
 
 
@@ -78,6 +83,37 @@ def _fuzz(examples: int) -> Iterator[tuple[str, Callable]]:
         yield f"fuzz/{index:04d}", lambda m=model, c=calibration, s=settings_: qcompile.compile(m, c, config=s)
 
 
+# (model, its batches, the config) for the configs group: each line a path through the compiler.
+_CONFIGS = (
+    *((model, {"target": target}) for model in ("cnn", "transformer") for target in ("cpu", "cuda", "tensorrt", "openvino")),
+    ("cnn", {"target": "qnn-htp"}),
+    *(("cnn", {"calibration_method": method}) for method in ("minmax", "percentile", "entropy", "mse", "auto")),
+    *(("cnn", {switch: True}) for switch in ("bias_correction", "gptq_rounding", "adaround", "cross_layer_equalization")),
+    ("cnn", {"activation_type": "uint16", "bias_correction": True, "gptq_rounding": True}),
+    ("cnn", {"activation_type": "int8"}),
+    ("transformer", {"activation_type": "uint16"}),
+    *(("transformer", {"recipe": recipe}) for recipe in ("llm-w8a8", "llm-w8a8-outliers", "llm-fp8")),
+    *(("lm", {"recipe": recipe}) for recipe in ("llm-int4", "llm-int8-weight")),
+    ("lm", {"pipeline": ["fix-names", "shape-inference", "quantize-weights(bits=4, block=32)", "remove-unused"]}),
+    ("lstm", {"target": "cpu"}),
+)
+
+
+def _configs() -> Iterator[tuple[str, Callable]]:
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    sys.path.insert(0, str(tests))
+    import tiny_models as tm
+
+    models = {"cnn": (tm.tiny_cnn, lambda: tm.cnn_batches(4)), "transformer": (tm.tiny_transformer, lambda: tm.transformer_batches(4)),
+              "lstm": (tm.tiny_lstm, lambda: tm.lstm_batches(4)),
+              "lm": (tm.tiny_lm, lambda: [{"ids": (np.arange(16).reshape(2, 8) * 7 % tm.VOCAB).astype(np.int64)}])}
+    for index, (name, config) in enumerate(_CONFIGS):
+        build, batches = models[name]
+        settings = {"measure_latency": False, "eval_batches": 1, "threads": 1, **config}
+        label = ",".join(f"{k}={v}" for k, v in config.items())[:80]
+        yield f"configs/{index:02d}-{name}-{label}", lambda b=build, d=batches, s=settings: qcompile.compile(b(), d(), config=s)
+
+
 def _real_models() -> Iterator[tuple[str, Callable]]:
     import benchmarks.real_models as rm
 
@@ -97,6 +133,8 @@ def corpus(groups: tuple[str, ...], fuzz_examples: int) -> Iterator[tuple[str, C
         yield from _onnx_test_models()
     if "fuzz" in groups:
         yield from _fuzz(fuzz_examples)
+    if "configs" in groups:
+        yield from _configs()
     if "real-models" in groups:
         yield from _real_models()
 
