@@ -21,7 +21,7 @@ import onnx_ir as ir
 from qcompile.chunked_runs import DEFAULT_CHUNK
 from qcompile.passes.channel_scaling import Group, apply_channel_scale, matmul_input_groups, observe_groups
 from qcompile.passes.registry import register_pass
-from qcompile.passes.weight_only import quantize_rtn
+from qcompile.qparams import quantize_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _output_error(group: Group, x: np.ndarray, s: np.ndarray, bits: int, block: 
     scaled_x = x / s
     for reader in group.readers:
         reference = x @ reader.weight
-        quantized = quantize_rtn(np.ascontiguousarray((reader.weight * s[:, None]).T), bits, block, symmetric).dequantize().T
+        quantized = quantize_blocks(np.ascontiguousarray((reader.weight * s[:, None]).T), bits, block, symmetric).dequantize().T
         total += float(np.sum((reference - scaled_x @ quantized).astype(np.float64) ** 2))
         energy += float(np.sum(reference.astype(np.float64) ** 2))
     return total / max(energy, 1e-30)

@@ -20,7 +20,7 @@ A tied lm_head (``MatMul(h, Transpose(embedding))``) is quantized as its own wei
 
 from __future__ import annotations
 
-__all__ = ["QuantizeWeights", "BlockQuantized", "quantize_rtn", "quantize_gptq", "pack_4bit", "matmul_weights"]
+__all__ = ["QuantizeWeights", "quantize_gptq", "pack_4bit", "matmul_weights"]
 
 import dataclasses
 import logging
@@ -35,76 +35,21 @@ from qcompile.gptq import gptq_order, gptq_sweep
 from qcompile.graph_edit import Namer, add_initializer
 from qcompile.passes.qdq_insertion import dequantize_after_lookup
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import dequantize, quant_type, quantize, weight_qparams
+from qcompile.qparams import (
+    BlockQuantized,
+    dequantize,
+    quant_type,
+    quantize,
+    quantize_blocks,
+    round_to_blocks,
+    weight_qparams,
+)
 from qcompile.runtime import make_session
 
 logger = logging.getLogger(__name__)
 
 _METHODS = ("rtn", "gptq")
 _FORMS = ("matmulnbits", "dq")
-
-
-@dataclasses.dataclass
-class BlockQuantized:
-    """Unsigned codes with per-block scales and zero points: w[n, k] ~ (codes[n, k] - zp[n, b]) * scale[n, b],
-    b = k // block, for a weight stored transposed as [N output channels, K input channels]."""
-
-    codes: np.ndarray  # uint8 [N, K], values in [0, 2**bits)
-    scales: np.ndarray  # float32 [N, blocks]
-    zero_points: np.ndarray  # uint8 [N, blocks]
-    bits: int
-    block: int
-
-    def dequantize(self) -> np.ndarray:
-        """The float weight [N, K] these codes stand for."""
-        expand = np.repeat(np.arange(self.scales.shape[1]), self.block)[: self.codes.shape[1]]
-        return ((self.codes.astype(np.float32) - self.zero_points[:, expand]) * self.scales[:, expand]).astype(np.float32)
-
-
-def _block_params(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point per row of ``w`` [rows, block] (the block's weights of one output channel).
-
-    Symmetric: zp = 2**(bits-1) and scale = e / -2**(bits-1), e the block's value of largest
-    magnitude with its sign, so that e lands exactly on the extra negative level (-8 for 4 bits)
-    and all 2**bits levels are used; the scale is negative when e is positive. This is ONNX
-    Runtime's convention for MatMulNBits, and measured on SmolLM2 (INT4, blocks of 128, 8 windows)
-    it gives perplexity 20.5 where max|w| / 7 over 15 levels gave 25.6.
-    Asymmetric: scale = (max - min) / (2**bits - 1) over [min(w, 0), max(w, 0)], zp = round(-min / scale).
-    """
-    levels = 2**bits - 1
-    if symmetric:
-        half = 2 ** (bits - 1)
-        high, low = w.max(axis=1), w.min(axis=1)
-        extreme = np.where(np.abs(high) > np.abs(low), high, low)
-        scale = extreme / -half
-        zero_point = np.full(w.shape[0], half, dtype=np.float32)
-    else:
-        low, high = np.minimum(w.min(axis=1), 0.0), np.maximum(w.max(axis=1), 0.0)
-        scale = (high - low) / levels
-        zero_point = np.clip(np.round(-low / np.where(scale > 0, scale, 1.0)), 0, levels)
-    scale = np.where(scale != 0, scale, 1.0).astype(np.float32)  # an all-zero block: any scale is exact
-    return scale, zero_point.astype(np.float32)
-
-
-def _round(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int) -> np.ndarray:
-    return np.clip(np.round(w / scale + zero_point), 0, 2**bits - 1)
-
-
-def _blocks(k: int, block: int) -> int:
-    return (k + block - 1) // block
-
-
-def quantize_rtn(w_t: np.ndarray, bits: int, block: int, symmetric: bool) -> BlockQuantized:
-    """Round to nearest, block by block. ``w_t`` is [N, K] (output channels x input channels)."""
-    n, k = w_t.shape
-    codes = np.zeros((n, k), dtype=np.uint8)
-    scales = np.zeros((n, _blocks(k, block)), dtype=np.float32)
-    zeros = np.zeros_like(scales)
-    for b in range(scales.shape[1]):
-        part = w_t[:, b * block : (b + 1) * block].astype(np.float32)
-        scales[:, b], zeros[:, b] = _block_params(part, bits, symmetric)
-        codes[:, b * block : (b + 1) * block] = _round(part, scales[:, b : b + 1], zeros[:, b : b + 1], bits)
-    return BlockQuantized(codes, scales, zeros.astype(np.uint8), bits, block)
 
 
 def quantize_gptq(
@@ -120,7 +65,7 @@ def quantize_gptq(
     the diagonal for numerical stability.
     """
     n, k = w_t.shape
-    reference = quantize_rtn(w_t, bits, block, symmetric)  # for the static per-block parameters
+    reference = quantize_blocks(w_t, bits, block, symmetric)  # for the static per-block parameters
     block_of = np.arange(k) // block
     scale_cols, zero_cols = reference.scales[:, block_of], reference.zero_points[:, block_of].astype(np.float64)
     order, inverse, dead = gptq_order(hessian, damp, act_order)
@@ -130,11 +75,10 @@ def quantize_gptq(
     w = np.asfortranarray(w[:, order], dtype=np.float32)
     scale_cols = np.asfortranarray(scale_cols[:, order], dtype=np.float32)
     zero_cols = np.asfortranarray(zero_cols[:, order], dtype=np.float32)
-    top = 2**bits - 1
 
     def round_column(i: int, column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s, z = scale_cols[:, i], zero_cols[:, i]
-        q = np.clip(np.round(column / s + z), 0, top)
+        q = round_to_blocks(column, s, z, bits)
         return q, (q - z) * s
 
     codes = gptq_sweep(w, inverse, round_column, lazy_batch=lazy_batch)
@@ -240,7 +184,7 @@ class QuantizeWeights(ir.passes.InPlacePass):
             if hessian is not None:
                 quantized = quantize_gptq(w_t, hessian, bits, block, self.symmetric, damp=self.damp, act_order=self.act_order)
             else:
-                quantized = quantize_rtn(w_t, bits, block, self.symmetric)
+                quantized = quantize_blocks(w_t, bits, block, self.symmetric)
             error = float(np.linalg.norm(quantized.dequantize() - w_t) / max(np.linalg.norm(w_t), 1e-12))
             old_weight = weight.node.inputs[1]
             (self._emit_matmulnbits if self.form == "matmulnbits" else self._emit_dq)(model.graph, weight, quantized)
