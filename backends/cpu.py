@@ -210,6 +210,7 @@ TARGET = Target(
         "smooth-quant",
         "plan-quantization",
         "calibrate",
+        "assign-qparams",
         "insert-qdq",
         "dynamic-quantize-lstm",
         "quantize-loop-weights",

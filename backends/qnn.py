@@ -140,6 +140,7 @@ TARGET = Target(
         "plan-quantization",
         # Whole batches: the model's batch axis is now fixed to the calibration batch's size.
         "calibrate(chunk=0)",
+        "assign-qparams",
         "insert-qdq",
         "remove-unused",
         "strip-metadata",

@@ -144,6 +144,9 @@ class AdaRound(ir.passes.InPlacePass):
     pass_name = "adaround"
     suffix = "adarounded"
 
+    # It changes weights' values, not which tensors are quantized or their statistics' meaning.
+    preserves = ("plan", "calibration", "unrounded_weights")
+
     def __init__(
         self, context, *, iterations: int = 1000, reg: float = 3.0, beta_start: float = 20.0, beta_end: float = 2.0,
         warmup: float = 0.2, lr: float = 0.01, batches: int | None = None, chunk: int = DEFAULT_CHUNK,
@@ -163,7 +166,7 @@ class AdaRound(ir.passes.InPlacePass):
                                              f"turn {self.pass_name} off")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        plan = self.context.analyses["plan"]
+        plan = self.context.analyses.plan
         nodes = {node.name: node for node in model.graph}
         records = {"layers": {}, "skipped": {}}
         self.context.records[self.pass_name] = records
@@ -187,7 +190,9 @@ class AdaRound(ir.passes.InPlacePass):
             model, [layer for layer, _ in candidates], self.context, gram=True, batches=self.batches,
             chunk=self.chunk, what=self.pass_name,
         )
-        unrounded = self.context.analyses.setdefault("unrounded_weights", {})
+        if self.context.analyses.unrounded_weights is None:
+            self.context.analyses.unrounded_weights = {}
+        unrounded = self.context.analyses.unrounded_weights
         modified = False
         for layer, quant in candidates:
             name = layer.node.name

@@ -79,6 +79,9 @@ class BiasCorrection(ir.passes.InPlacePass):
     the report, not given one (the plan has no int32 bias for them).
     """
 
+    # It changes biases' values, not which tensors are quantized.
+    preserves = ("plan", "calibration", "unrounded_weights")
+
     def __init__(self, context, *, batches: int | None = None, chunk: int = DEFAULT_CHUNK):
         super().__init__()
         self.context = context
@@ -91,8 +94,8 @@ class BiasCorrection(ir.passes.InPlacePass):
                                              "turn bias_correction off")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        plan = self.context.analyses["plan"]
-        unrounded = self.context.analyses.get("unrounded_weights", {})
+        plan = self.context.analyses.plan
+        unrounded = self.context.analyses.unrounded_weights or {}
         nodes = {node.name: node for node in model.graph}
         records = {"corrected": {}, "skipped": {}}
         self.context.records["bias-correction"] = records

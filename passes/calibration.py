@@ -18,7 +18,7 @@ from qcompile.data import read_items
 from qcompile.errors import CalibrationDataError, ModelError
 from qcompile.executors import Executor
 from qcompile.log import Progress
-from qcompile.passes.quantization_plan import build_plan
+from qcompile.passes.quantization_plan import require_plan
 from qcompile.passes.registry import register_pass
 from qcompile.runtime import make_session, session_source
 from qcompile.statistics import CalibrationTable
@@ -109,14 +109,15 @@ class Calibrate(ir.passes.InPlacePass):
     """Collect min/max and a histogram of every tensor the plan quantizes, over the calibration data.
 
     Requires: the ``plan`` analysis and calibration data. Guarantees: the ``calibration``
-    analysis has statistics per planned tensor, and the plan's scales and zero points are fixed
-    from them with the configured method (minmax, percentile, entropy, mse). The graph is unchanged.
+    analysis (a ``CalibrationTable``) has statistics per tensor the plan observes, and nothing
+    else changes: ``assign-qparams`` turns them into scales. The graph is unchanged.
 
     On a parallel executor (``executor = "local"`` or ``"ray"``) the data is cut into ``shards``
     (default: one per worker) that workers calibrate and the driver merges; the table is identical
     to a single-process run's. A one-shot iterator cannot be sharded and is read here.
     ``method`` and ``percentile`` are the config's ``calibration_method`` and ``percentile``, for
-    the whole run (the pipeline sets them before any pass is built).
+    the whole run (the pipeline sets them before any pass is built); here the method only decides
+    whether histograms are collected (minmax needs none).
     """
 
     def __init__(self, context, *, method: str | None = None, percentile: float | None = None, chunk: int = DEFAULT_CHUNK,
@@ -126,7 +127,7 @@ class Calibrate(ir.passes.InPlacePass):
         self.chunk, self.shards = chunk, shards
 
     def requires(self, model: ir.Model) -> None:
-        self.context.require_analysis("plan", "calibrate", "plan-quantization")
+        require_plan(self.context, model, "calibrate")
         if self.context.data is None:
             raise CalibrationDataError(
                 "This pipeline calibrates, but no calibration data was given. Pass --calib DIR "
@@ -134,7 +135,7 @@ class Calibrate(ir.passes.InPlacePass):
             )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        plan = self.context.analyses["plan"]
+        plan = self.context.analyses.plan
         config, data = self.context.config, self.context.data
         histograms = config.calibration_method != "minmax"
         executor = self.context.executor()
@@ -161,7 +162,6 @@ class Calibrate(ir.passes.InPlacePass):
             )
         if table.batches == 0:
             raise ModelError("Calibration saw no batches.")
-        self.context.analyses["calibration"] = table
-        self.context.analyses["plan"] = build_plan(model, self.context.target, self.context.config, table, planned=plan)
+        self.context.analyses.calibration = table
         logger.info("Calibrated %d tensors on %d batches", len(table.tensors), table.batches)
         return ir.passes.PassResult(model, False)

@@ -176,7 +176,7 @@ class CrossLayerEqualization(ir.passes.InPlacePass):
         self.tolerance = tolerance
 
     def requires(self, model: ir.Model) -> None:
-        if "calibration" in self.context.analyses:
+        if self.context.analyses.calibration is not None:
             raise PipelineError(
                 "cross-layer-equalization changes the activations between convolutions, so it must run "
                 "before 'calibrate'. Move it before 'plan-quantization'."

@@ -14,7 +14,7 @@ from qcompile.errors import PipelineError
 from qcompile.graph_edit import Namer, add_initializer
 from qcompile.passes.quantization_plan import QuantizationPlan, plan_nodes
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import QUANT_TYPES, bias_safe_weight_scale, constant_qparams, quantize, round_up_significand
+from qcompile.qparams import bias_qparams, bias_safe_weight_scale, constant_qparams, quantize, raise_to_floor
 from qcompile.workspace import release_tensor
 
 logger = logging.getLogger(__name__)
@@ -99,13 +99,11 @@ class _Rewriter:
             weight = value.const_value.numpy().astype(np.float32)
             release_tensor(value.const_value)  # a large model's float weight: unmap it, the copy is enough
             scale, zero_point = constant_qparams(weight, axis, qtype, symmetric, significand_bits)
-            if min_scale is not None and symmetric and not qtype.is_float and np.any(min_scale > scale):
-                raised = int(np.count_nonzero(min_scale > scale))
-                logger.warning("Weight %r: raised the scale of %d of its %d channel(s) so that the bias "
-                               "fits int32 (near-zero weights beside a bias)", value.name, raised, scale.size)
-                scale = np.maximum(scale, min_scale).astype(np.float32)
-                if significand_bits is not None:
-                    scale = round_up_significand(scale, significand_bits)
+            if min_scale is not None and symmetric and not qtype.is_float:
+                scale, raised = raise_to_floor(scale, min_scale, significand_bits)
+                if raised:
+                    logger.warning("Weight %r: raised the scale of %d of its %d channel(s) so that the bias "
+                                   "fits int32 (near-zero weights beside a bias)", value.name, raised, scale.size)
             q = quantize(weight, scale, zero_point, qtype, axis)
             if axis is None:
                 scale, zero_point = scale.reshape(()), zero_point.reshape(())
@@ -190,14 +188,10 @@ class _Rewriter:
     def quantize_bias(self, node: ir.Node, index: int, activation: str, weight_scale: np.ndarray) -> None:
         quant = self.plan.activations[activation]
         value = node.inputs[index]
-        bias = value.const_value.numpy().astype(np.float64)
-        # Integer kernels add the bias to the int32 accumulator of x_q * w_q, whose scale is
-        # x_scale * w_scale: the bias must be stored on exactly that grid, zero point 0.
-        # One scale when the weight has one: QNN rejects a per-axis bias on a per-tensor weight
-        # (LayerNormalization), and it is the same grid.
-        scale = (np.float64(quant.scale) * weight_scale.astype(np.float64)).astype(np.float32)
-        int32 = QUANT_TYPES["int32"]
-        q = np.clip(np.rint(bias / scale.astype(np.float64)), int32.qmin, int32.qmax).astype(np.int32)
+        # On the int32 grid x_scale * w_scale of the products it is added to. One scale when the
+        # weight has one: QNN rejects a per-axis bias on a per-tensor weight (LayerNormalization),
+        # and it is the same grid.
+        q, scale = bias_qparams(value.const_value.numpy(), quant.scale, weight_scale)
         axis = 0 if scale.size > 1 else None
         if axis is None:
             scale = scale.reshape(())
@@ -261,6 +255,9 @@ class InsertQDQ(ir.passes.InPlacePass):
     biases are int32 with scale = input scale x weight scale; graph input and output names are kept.
     """
 
+    # The layers keep their names, so AdaRound's float weights still say what each one rounded.
+    preserves = ("unrounded_weights",)
+
     def __init__(self, context):
         super().__init__()
         self.context = context
@@ -271,13 +268,15 @@ class InsertQDQ(ir.passes.InPlacePass):
         if missing:
             raise PipelineError(
                 f"insert-qdq: {len(missing)} planned tensors (e.g. {missing[0]!r}) have no scale. "
-                "Put 'calibrate' between 'plan-quantization' and 'insert-qdq'."
+                "Put 'calibrate' between 'plan-quantization' and 'insert-qdq' (assign-qparams follows it "
+                "on its own)."
             )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        plan = self.context.analyses["plan"]
+        plan = self.context.analyses.plan
         _Rewriter(model, plan).run()
-        # The plan's tensor names now describe the rewritten graph; calibration no longer does.
-        self.context.analyses.pop("calibration", None)
+        # The plan is now a record of what was done; the calibration table, of tensors this
+        # rewrite renamed, is dropped as the pass modified the graph (it does not preserve it).
+        plan.applied = True
         modified = bool(plan.activations or plan.weights)
         return ir.passes.PassResult(model, modified)

@@ -12,6 +12,7 @@ __all__ = [
     "BiasQuant",
     "QuantizationPlan",
     "build_plan",
+    "require_plan",
     "PlanQuantization",
     "KEEP_FLOAT",
     "plan_nodes",
@@ -104,6 +105,9 @@ class QuantizationPlan:
     # The graph the plan was made for (graph_fingerprint): calibrate refines this plan with its
     # statistics instead of planning again, unless a pass in between changed the graph.
     fingerprint: str = ""
+    # Set by insert-qdq once the plan is in the graph: from then on it records what was done
+    # (the report reads it) and no graph change drops it (qcompile.context.Analyses).
+    applied: bool = False
 
     def summary(self) -> dict:
         op_counts: dict[str, int] = {}
@@ -791,6 +795,18 @@ def _clamp_implied(graph: ir.Graph, node_name: str, plan: QuantizationPlan, targ
     return q_low >= low - tolerance and q_high <= high + tolerance
 
 
+def require_plan(context, model: ir.Model, pass_name: str) -> QuantizationPlan:
+    """The run's plan for ``pass_name``; planned again for ``model`` when a graph change since
+    ``plan-quantization`` dropped it (LLVM's analysis manager computes an invalidated analysis
+    again when a pass asks for it; a plan needs no data, so it can be)."""
+    if context.analyses.plan is None and "plan" in context.analyses.dropped_by:
+        logger.info("%s: %s changed the graph since plan-quantization: planning again",
+                    pass_name, context.analyses.dropped_by["plan"])
+        context.analyses.plan = build_plan(model, context.target, context.config)
+        del context.analyses.dropped_by["plan"]
+    return context.require_analysis("plan", pass_name, "plan-quantization")
+
+
 @register_pass("plan-quantization",
                config_options={"activation_type": "activation_type", "weight_type": "weight_type"})
 class PlanQuantization(ir.passes.InPlacePass):
@@ -809,7 +825,7 @@ class PlanQuantization(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         plan = build_plan(model, self.context.target, self.context.config)
-        self.context.analyses["plan"] = plan
+        self.context.analyses.plan = plan
         logger.info(
             "Plan: %d nodes to quantize, %d activation tensors, %d weights",
             len(plan.nodes), len(plan.activations), len(plan.weights),

@@ -306,7 +306,7 @@ def compile(  # the verb users expect: qcompile.compile
         dropped = drop_dead_initializers(compiled)
         if dropped["count"]:
             context.records["dead-initializers"] = {"dropped": dropped["count"], "bytes": dropped["bytes"]}
-        plan = context.analyses.get("plan")
+        plan = context.analyses.plan
         warnings = _target_warnings(float_model, compiled, target_spec)
         evaluation, latency, fusion = _evaluate(float_model, compiled, data, config, target_spec, plan, workspace,
                                                 progress)

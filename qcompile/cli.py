@@ -690,7 +690,7 @@ def _cmd_inspect(args) -> int:
              if not passes[s.name].needs_data]
     context = CompileContext(config=CompileConfig(target=target.name), target=target)
     run_pipeline(model, specs, context)
-    plan = context.analyses["plan"].summary()
+    plan = context.analyses.plan.summary()
     info["would_quantize"] = {k: plan[k] for k in ("quantized_nodes", "quantized_by_op_type", "quantized_weights")}
     info["would_stay_float"] = plan["float_tensors"]
     if args.json:

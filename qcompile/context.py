@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CompileContext"]
+__all__ = ["Analyses", "CompileContext"]
 
 import dataclasses
 import logging
@@ -11,27 +11,64 @@ from typing import TYPE_CHECKING, Any
 from qcompile.errors import CalibrationDataError, PipelineError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from qcompile.backends.base import Target
     from qcompile.config import CompileConfig
     from qcompile.data import BatchSource
     from qcompile.executors import Executor
     from qcompile.log import Progress
+    from qcompile.passes.quantization_plan import QuantizationPlan
+    from qcompile.statistics import CalibrationTable
     from qcompile.workspace import Workspace
+
+
+@dataclasses.dataclass
+class Analyses:
+    """What passes compute about the graph for later passes, one typed field each (LLVM's
+    analysis manager). A pass that changes the graph drops every analysis it does not list in its
+    ``preserves`` (``run_pipeline`` does it); a pass that needs one says so in ``requires()``
+    through ``CompileContext.require_analysis``."""
+
+    # plan-quantization: what is quantized, with which types and shared encodings; assign-qparams
+    # adds the scales. Once insert-qdq has written it into the graph it is the record of what was
+    # applied (``plan.applied``): the report reads it, no graph change drops it.
+    plan: QuantizationPlan | None = None
+    # calibrate: the statistics of every tensor the plan observes, on the graph before insert-qdq.
+    calibration: CalibrationTable | None = None
+    # adaround: (node, input index) -> the float weight before its rounding, for bias-correction.
+    unrounded_weights: dict[tuple[str, int], np.ndarray] | None = None
+    # analysis -> the pass whose graph change dropped it (for the error a later pass raises).
+    dropped_by: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    NAMES = ("plan", "calibration", "unrounded_weights")
+
+    def invalidate(self, pass_name: str, preserves: tuple[str, ...] | frozenset[str]) -> list[str]:
+        """Drop the analyses ``preserves`` does not name after ``pass_name`` changed the graph (an
+        applied plan stays: it describes what was done, not the graph); the names dropped."""
+        dropped = []
+        for name in self.NAMES:
+            value = getattr(self, name)
+            if value is None or name in preserves or (name == "plan" and value.applied):
+                continue
+            setattr(self, name, None)
+            self.dropped_by[name] = pass_name
+            dropped.append(name)
+        return dropped
 
 
 @dataclasses.dataclass
 class CompileContext:
     """Options and shared results for all passes of a run, instead of flags in every signature.
 
-    ``analyses`` holds results that passes compute and later passes consume (the calibration
-    table, the quantization plan), like LLVM's analysis manager: a pass that needs one says so in
-    ``requires()`` through ``require_analysis``; a pass that changes what one describes drops it.
+    ``analyses`` holds results that passes compute and later passes consume (``Analyses``: the
+    quantization plan, the calibration table), like LLVM's analysis manager.
     """
 
     config: CompileConfig
     target: Target
     data: BatchSource | None = None
-    analyses: dict[str, Any] = dataclasses.field(default_factory=dict)
+    analyses: Analyses = dataclasses.field(default_factory=Analyses)
     # What passes did that the report shows as is (pass name -> plain data), e.g. what smooth-quant changed.
     records: dict[str, Any] = dataclasses.field(default_factory=dict)
     logger: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("qcompile"))
@@ -89,9 +126,18 @@ class CompileContext:
             self._own_executor = None
 
     def require_analysis(self, name: str, pass_name: str, produced_by: str) -> Any:
-        if name not in self.analyses:
+        """The ``name`` analysis (a field of ``Analyses``), or a PipelineError that says which pass
+        produces it, or which pass's graph change dropped it."""
+        value = getattr(self.analyses, name)
+        if value is None:
+            dropped = self.analyses.dropped_by.get(name)
+            if dropped is not None:
+                raise PipelineError(
+                    f"Pass {pass_name!r} needs the {name!r} analysis, which {dropped!r} dropped: it changes the graph "
+                    f"and does not preserve it. Move {dropped!r} before {produced_by!r}, or {pass_name!r} before {dropped!r}."
+                )
             raise PipelineError(
                 f"Pass {pass_name!r} needs the {name!r} analysis, which no earlier pass produced. "
                 f"Put {produced_by!r} before {pass_name!r} in the pipeline."
             )
-        return self.analyses[name]
+        return value

@@ -5,7 +5,8 @@ Text form, as in LLVM's ``opt -passes=``: ``fix-names,shape-inference,calibrate(
 
 from __future__ import annotations
 
-__all__ = ["PassSpec", "PassTiming", "format_pipeline", "parse_pipeline", "resolve_config", "run_pipeline"]
+__all__ = ["IMPLIED_PASSES", "PassSpec", "PassTiming", "format_pipeline", "parse_pipeline", "resolve_config", "run_pipeline",
+           "with_implied_passes"]
 
 import ast
 import contextlib
@@ -126,6 +127,23 @@ def resolve_config(specs: Sequence[PassSpec], config: CompileConfig) -> CompileC
     return config.replace(**{k: v for k, (v, _) in changes.items()}) if changes else config
 
 
+# Passes a pipeline runs without naming them: pass -> the pass it goes right after. Statistics
+# become scales in assign-qparams only, and a pipeline written before that pass existed
+# (``plan-quantization,calibrate,insert-qdq``) means the same run.
+IMPLIED_PASSES = {"assign-qparams": "calibrate"}
+
+
+def with_implied_passes(specs: Sequence[PassSpec]) -> list[PassSpec]:
+    """``specs`` with each ``IMPLIED_PASSES`` entry right after its pass, where that pass runs and
+    the implied one is not named (once named, with options or not, it is where the user put it)."""
+    specs = list(specs)
+    for implied, after in IMPLIED_PASSES.items():
+        names = [s.name for s in specs]
+        if after in names and implied not in names:
+            specs.insert(names.index(after) + 1, PassSpec(implied))
+    return specs
+
+
 def format_pipeline(specs: Sequence[PassSpec]) -> str:
     return ",".join(str(s) for s in specs)
 
@@ -156,8 +174,10 @@ def run_pipeline(
     (TVM's PassContext instruments). ``dump_after`` takes pass names or ``all``. With ``cache``,
     the run starts after the last pass whose result is cached (never past a pass to dump), and
     stores the results of passes worth keeping (qcompile.cache). The config is resolved once
-    (``resolve_config``), before the first pass is built, and frozen: no pass writes it.
+    (``resolve_config``), before the first pass is built, and frozen: no pass writes it. Passes the
+    pipeline implies (``IMPLIED_PASSES``) run where ``with_implied_passes`` puts them.
     """
+    specs = with_implied_passes(specs)
     context.freeze_config(resolve_config(specs, context.config))
     instances = [create_pass(spec.name, context, dict(spec.options)) for spec in specs]
     dump_all = "all" in dump_after
@@ -192,6 +212,11 @@ def run_pipeline(
         model = result.model
         seconds = time.perf_counter() - start
         timings.append(PassTiming(spec.name, seconds, bool(result.modified)))
+        if result.modified:
+            # LLVM's preserved analyses: a graph change drops what the pass does not say it keeps.
+            dropped = context.analyses.invalidate(spec.name, getattr(instance, "preserves", ()))
+            if dropped:
+                logger.debug("pass %s changed the graph: dropped the %s analyses", spec.name, ", ".join(dropped))
         logger.debug(
             "pass %-20s %7.3fs%s", spec.name, seconds, " (modified)" if result.modified else "",
             extra={"pass": spec.name, "seconds": round(seconds, 6), "modified": bool(result.modified)},

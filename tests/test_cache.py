@@ -22,7 +22,7 @@ import qcompile
 from qcompile import cache as pass_cache
 from qcompile.cli import main
 from qcompile.config import NON_BUILD_KEYS, RUN_KEYS, CompileConfig
-from qcompile.context import CompileContext
+from qcompile.context import Analyses, CompileContext
 from qcompile.pipeline import parse_pipeline
 
 PIPELINE = "fix-names,shape-inference,plan-quantization,calibrate,insert-qdq,lift-constants(size_limit={limit})"
@@ -166,7 +166,7 @@ def test_a_folder_others_can_write_is_refused(tmp_path):
 
 def _entry(index: int) -> pass_cache.CacheEntry:
     model = ir.serde.deserialize_model(tiny_cnn(seed=index))
-    return pass_cache.CacheEntry(model, {"analyses": {}, "records": {}, "config": CompileConfig(), "data_read": False},
+    return pass_cache.CacheEntry(model, {"analyses": Analyses(), "records": {}, "config": CompileConfig(), "data_read": False},
                                  [{"name": "fix-names", "seconds": 0.1, "modified": False}])
 
 

@@ -56,7 +56,7 @@ def _sigmoid_model():
 def test_defaults_are_uint8_asymmetric_activations_and_per_channel_int7_weights():
     """int7: int8 codes in [-64, 63], NNCF's overflow_fix (no u8s8 saturation without VNNI)."""
     model, context = run_passes(tiny_cnn(), PLAN, data=cnn_batches(2), target="openvino")
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     assert {q.qtype.name for q in plan.activations.values()} == {"uint8"}
     assert any(q.zero_point != 0 for q in plan.activations.values())  # asymmetric: a zero point
     conv_weights = [w for w in plan.weights if w.node.startswith("conv")]
@@ -71,9 +71,9 @@ def test_sigmoid_stays_float_on_openvino_but_not_on_cpu():
     data = [{"x": np.random.default_rng(i).normal(size=(1, 4, 3, 3)).astype(np.float32)} for i in range(2)]
     _, openvino = run_passes(_sigmoid_model(), PLAN, data=data, target="openvino")
     _, cpu = run_passes(_sigmoid_model(), PLAN, data=data, target="cpu")
-    assert "sigmoid" not in openvino.analyses["plan"].nodes
-    assert cpu.analyses["plan"].nodes["sigmoid"] == "Sigmoid"
-    assert {"conv1", "conv2"} <= set(openvino.analyses["plan"].anchors)
+    assert "sigmoid" not in openvino.analyses.plan.nodes
+    assert cpu.analyses.plan.nodes["sigmoid"] == "Sigmoid"
+    assert {"conv1", "conv2"} <= set(openvino.analyses.plan.anchors)
 
 
 def test_16_bit_activations_are_refused_with_the_supported_types():

@@ -45,7 +45,7 @@ def _data(shape, count=3, seed=0, **extra):
 def test_softmax_output_has_the_fixed_encoding_whatever_calibration_says(activation_type, expected):
     model, context = run_passes(_softmax_model(), QNN, data=_data((2, 8)), target="qnn-htp",
                                 activation_type=activation_type)
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     assert plan.activations["probs"].fixed is not None
     assert _q_params(model, "probs") == pytest.approx(expected)
     # The calibrated tensors around it keep their own parameters.
@@ -55,7 +55,7 @@ def test_softmax_output_has_the_fixed_encoding_whatever_calibration_says(activat
 def test_cpu_target_calibrates_softmax_output():
     """The CPU rules name no Softmax encoding: nothing changes there."""
     _, context = run_passes(_softmax_model(), PREP + ",plan-quantization", target="cpu")
-    assert all(q.fixed is None for q in context.analyses["plan"].activations.values())
+    assert all(q.fixed is None for q in context.analyses.plan.activations.values())
 
 
 @pytest.mark.parametrize("activation_type, gamma_type", [("uint8", np.uint8), ("uint16", np.uint8), ("int8", np.int8)])
@@ -103,7 +103,7 @@ def test_gather_from_a_constant_table_keeps_the_table_parameters():
 
 def test_data_movement_shares_its_input_parameters():
     model, context = run_passes(tiny_cnn(), "fix-shapes," + QNN, data=_data((2, 3, 16, 16)), target="qnn-htp")
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     assert plan.activations["p"].shares == "r3"  # MaxPool
     assert _q_params(model, "p") == _q_params(model, "r3")
 
@@ -115,9 +115,9 @@ def test_whole_graph_is_quantized_including_constant_operands():
                         data=transformer_batches(1), target="qnn-htp")
     _, cpu = run_passes(tiny_transformer(), PREP + ",plan-quantization", target="cpu")
     for name in ("q_bias", "scale_scores", "ln1", "q_reshape"):
-        assert name in qnn.analyses["plan"].nodes and name not in cpu.analyses["plan"].nodes
-    assert "Gelu" in qnn.analyses["plan"].nodes.values()
-    constants = {(w.node, w.input_index): w for w in qnn.analyses["plan"].weights}
+        assert name in qnn.analyses.plan.nodes and name not in cpu.analyses.plan.nodes
+    assert "Gelu" in qnn.analyses.plan.nodes.values()
+    constants = {(w.node, w.input_index): w for w in qnn.analyses.plan.weights}
     assert constants[("q_bias", 1)].qtype.name == "uint8" and not constants[("q_bias", 1)].symmetric
     assert constants[("q_matmul", 1)].qtype.name == "int8" and constants[("q_matmul", 1)].axis == 1
 
@@ -126,8 +126,8 @@ def test_gemm_output_is_requantized_on_qnn_but_optional_on_cpu():
     _, qnn = run_passes(tiny_cnn(), "fix-shapes," + PREP + ",plan-quantization", data=_data((2, 3, 16, 16)),
                         target="qnn-htp")
     _, cpu = run_passes(tiny_cnn(), PREP + ",plan-quantization", target="cpu")
-    assert "logits" in qnn.analyses["plan"].activations
-    assert "logits" not in cpu.analyses["plan"].activations
+    assert "logits" in qnn.analyses.plan.activations
+    assert "logits" not in cpu.analyses.plan.activations
 
 
 def test_fix_shapes_from_first_calibration_batch_and_records_it():
@@ -238,7 +238,7 @@ def test_mask_and_softmax_input_are_quantized_16_bit_in_a_uint8_model():
     the scores beside it apart (uint16), while the rest stays uint8."""
     model, context = run_passes(tiny_transformer(), "fix-shapes,clamp-mask-fill," + QNN,
                                 data=transformer_batches(2), target="qnn-htp")
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     assert {"add_mask", "softmax", "mask_scale"} <= set(plan.nodes)
     assert _q_type(model, "masked") == _q_type(model, "mask_bias") == ir.DataType.UINT16
     assert _q_type(model, "scaled") == _q_type(model, "probs") == ir.DataType.UINT8

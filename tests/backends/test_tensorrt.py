@@ -65,7 +65,7 @@ def test_weighted_op_inputs_are_quantized_and_their_outputs_are_not(int8_result)
 def test_cpu_target_quantizes_conv_outputs_where_tensorrt_does_not():
     _, trt = run_passes(tiny_cnn(), PLAN, data=cnn_batches(2), target="tensorrt")
     _, cpu = run_passes(tiny_cnn(), PLAN, data=cnn_batches(2), target="cpu")
-    assert "c3" in cpu.analyses["plan"].activations and "c3" not in trt.analyses["plan"].activations
+    assert "c3" in cpu.analyses.plan.activations and "c3" not in trt.analyses.plan.activations
 
 
 def test_compiled_model_agrees_with_float_on_the_cpu_provider(int8_result):

@@ -67,7 +67,7 @@ def _output_error(proto, weight, data):
 def test_lowers_the_layer_output_error_against_round_to_nearest(pass_name, build, shape, limit):
     proto, data = build(), _batches(shape)
     model, context = run_passes(proto, ["plan-quantization", "calibrate", pass_name], data=data)
-    (quant,) = context.analyses["plan"].weights
+    (quant,) = context.analyses.plan.weights
     learned = next(iter(model.graph)).inputs[1].const_value.numpy()
     rtn = _output_error(proto, quantized_weight(_weight(proto), quant), data)
     rounded = _output_error(proto, learned, data)
@@ -84,7 +84,7 @@ def stored_integers(pass_name: str) -> tuple[np.ndarray, np.ndarray]:
     gemm = next(n for n in model.graph if n.op_type == "Gemm")
     dq = gemm.inputs[1].producer()
     q = dq.inputs[0].const_value.numpy().astype(np.int64)
-    assert np.array_equal(context.analyses["unrounded_weights"][("fc", 1)], _weight(proto))  # where it started
+    assert np.array_equal(context.analyses.unrounded_weights[("fc", 1)], _weight(proto))  # where it started
     scale, _ = weight_qparams(_weight(proto), 0, quant_type("int7"))  # the cpu target's weights
     np.testing.assert_allclose(dq.inputs[1].const_value.numpy(), scale, rtol=1e-6)  # the grid did not move
     assert np.array_equal(np.abs(q).max(axis=1), np.full(16, 63))

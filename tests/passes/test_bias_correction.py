@@ -63,7 +63,7 @@ def test_corrected_layer_with_the_stored_weights_has_the_float_mean(build, shape
     model, context = run_passes(proto, ["plan-quantization", "calibrate", "bias-correction"], data=data, per_channel=False)
     layer = "conv" if bias_node == "conv" else "matmul"
     assert layer in context.records["bias-correction"]["corrected"]
-    (quant,) = [w for w in context.analyses["plan"].weights if w.node == layer]
+    (quant,) = [w for w in context.analyses.plan.weights if w.node == layer]
     weight = numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "w"))
     bias_value = next(n for n in model.graph if n.name == bias_node).inputs[-1 if bias_node == "conv" else 1]
     # Independently: the float model with W_q (what insert-qdq stores) and the corrected bias, in ORT.

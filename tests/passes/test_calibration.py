@@ -75,7 +75,7 @@ def test_calibrate_pass_uses_the_configured_method():
     data = list(_batches(4))
     _, minmax = run_passes(tiny_cnn(), "fix-names,shape-inference,plan-quantization,calibrate", data=data)
     _, pct = run_passes(tiny_cnn(), "fix-names,shape-inference,plan-quantization,calibrate(method=percentile,percentile=99.0)", data=data)
-    a, b = minmax.analyses["plan"].activations["x"], pct.analyses["plan"].activations["x"]
+    a, b = minmax.analyses.plan.activations["x"], pct.analyses.plan.activations["x"]
     assert b.rmax < a.rmax and b.rmin > a.rmin
 
 

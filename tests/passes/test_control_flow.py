@@ -78,7 +78,7 @@ def test_plan_reaches_into_if_branches_and_does_not_call_their_outputs_masks():
     """silero-vad: every Conv sits in an If on the int64 sample rate; the plan called the If's
     outputs masks (computed only from an integer input) and quantized nothing."""
     _, context = run_passes(if_model(), PREP + ",plan-quantization")
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     assert {"then_mm1", "then_mm2", "else_mm1", "else_mm2"} <= plan.anchors
     assert "y" not in plan.float_tensors
     assert not any("mask" in why for why in plan.float_tensors.values())
@@ -94,7 +94,7 @@ def test_plan_leaves_loop_bodies_float():
                        [_tensor("x")], [_tensor("y")],
                        [numpy_helper.from_array(W1, "w"), numpy_helper.from_array(np.array(2, np.int64), "trips")])
     model, context = run_passes(proto, PREP + ",plan-quantization")
-    assert "body_mm" not in context.analyses["plan"].nodes
+    assert "body_mm" not in context.analyses.plan.nodes
     assert "body_mm" not in {n.name for n in plan_nodes(model.graph)}
 
 

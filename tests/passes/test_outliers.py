@@ -81,7 +81,7 @@ def test_the_float_branch_stays_float_and_the_quantized_model_is_much_more_accur
     proto = _matmul()
     plain, _ = run_passes(proto, _QUANTIZE, data=_batches())
     split, context = run_passes(proto, ["split-outliers", *_QUANTIZE], data=_batches())
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     # The outlier Gather, its MatMul and the Add stay float; the masked input is quantized.
     branch = [n for n in split.graph if KEEP_FLOAT in n.metadata_props]
     assert sorted(n.op_type for n in branch) == ["Add", "Gather", "MatMul"]

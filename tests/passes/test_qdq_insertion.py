@@ -29,7 +29,7 @@ def test_weights_become_int8_per_channel_and_float_weights_are_gone():
 
 def test_bias_is_int32_with_input_scale_times_weight_scale():
     model, context = run_passes(tiny_cnn(), CPU, data=cnn_batches(4))
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     bias = _initializer(model, "b2_quantized")
     assert bias.dtype == np.int32
     expected_scale = np.float32(plan.activations["r1"].scale) * _initializer(model, "w2_scale")

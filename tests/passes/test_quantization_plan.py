@@ -12,7 +12,7 @@ PREP = "fix-names,shape-inference,fold-batchnorm,remove-unused"
 
 def test_cnn_plan_quantizes_convs_residual_add_and_absorbs_relus():
     _, context = run_passes(tiny_cnn(), PREP + ",plan-quantization")
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     # conv1 was rebuilt by the BatchNorm fold, under a new name.
     assert {"conv2", "conv3", "fc"} <= plan.anchors and len(plan.anchors) == 4
     assert "residual_add" in plan.nodes
@@ -29,7 +29,7 @@ def test_cnn_plan_quantizes_convs_residual_add_and_absorbs_relus():
 
 def test_transformer_mask_stays_float_from_the_graph_alone():
     _, context = run_passes(tiny_transformer(), PREP + ",plan-quantization")
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     assert {"mask_f", "mask_bias"} <= set(plan.float_tensors)
     assert "mask_bias" not in plan.activations and "add_mask" not in plan.nodes
     assert {"q_matmul", "k_matmul", "v_matmul", "out_matmul", "up_matmul", "down_matmul"} <= plan.anchors
@@ -53,7 +53,7 @@ def test_sentinel_detected_from_calibration_statistics():
     data = [{"x": rng.normal(size=(2, 4)).astype(np.float32),
              "bias": np.where(rng.random((2, 4)) > 0.5, -1e9, 0).astype(np.float32)} for _ in range(4)]
     _, context = run_passes(proto, PREP + ",plan-quantization,calibrate", data=data)
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     assert "masked" in plan.float_tensors and "sentinel" in plan.float_tensors["masked"]
     assert "mm" not in plan.nodes and "mm_plain" in plan.nodes
 
@@ -63,7 +63,7 @@ def test_exclusions_by_name_op_type_and_regex():
                                 ("exclude_op_types", ["Gemm"], "fc"),
                                 ("exclude_regex", ["^conv3$"], "conv3")):
         _, context = run_passes(tiny_cnn(), PREP + ",plan-quantization", **{option: value})
-        plan = context.analyses["plan"]
+        plan = context.analyses.plan
         assert node not in plan.nodes and "config" in plan.float_nodes[node]
 
 
@@ -71,19 +71,19 @@ def test_symmetric_activations_do_not_absorb_relu():
     """With int8 symmetric activations a Q cannot clamp at 0, so the Relu input is quantized too."""
     _, context = run_passes(tiny_cnn(), PREP + ",plan-quantization,calibrate", data=cnn_batches(4),
                             activation_type="int8", activation_symmetric=True)
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     assert not plan.absorbed and "c2" in plan.activations
 
 
 def test_activation_matmul_can_be_left_float():
     _, context = run_passes(tiny_transformer(), PREP + ",plan-quantization", quantize_activation_matmul=False)
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     assert "scores_matmul" not in plan.nodes and "q_matmul" in plan.nodes
 
 
 def test_calibrated_scales_are_set_for_every_planned_tensor():
     _, context = run_passes(tiny_transformer(), PREP + ",plan-quantization,calibrate", data=transformer_batches(3))
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     assert plan.activations and all(q.scale is not None and q.scale > 0 for q in plan.activations.values())
 
 
@@ -98,7 +98,7 @@ def test_embedding_lookup_by_integer_ids_is_signal_not_a_mask():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 8])], [table, w],
     )
     _, context = run_passes(proto, PREP + ",plan-quantization")
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     assert "emb" not in plan.float_tensors and "mm" in plan.nodes
 
 
@@ -113,7 +113,7 @@ def test_large_embedding_table_is_stored_as_int8_per_row():
     )
     data = [{"ids": np.arange(10, dtype=np.int64).reshape(2, 5)}]
     model, context = run(proto, PREP + ",plan-quantization,calibrate,insert-qdq,remove-unused", data=data)
-    assert [(w.node, w.axis) for w in context.analyses["plan"].weights] == [("embed", 0)]
+    assert [(w.node, w.axis) for w in context.analyses.plan.weights] == [("embed", 0)]
     q = model.graph.initializers["table_quantized"].const_value.numpy()
     scales = model.graph.initializers["table_row_scales"].const_value.numpy()
     assert q.dtype == np.int8 and scales.shape == (600, 1)
@@ -145,7 +145,7 @@ def test_relu_whose_output_is_a_sentinel_is_not_absorbed():
     data = [{"x": rng.normal(size=(2, 4)).astype(np.float32)} for _ in range(4)]
     model, context = run_passes(proto, PREP + ",plan-quantization,calibrate,insert-qdq,check-model",
                                 data=data, sentinel_threshold=100.0)
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     assert "sentinel" in plan.float_tensors["r"]
     assert "relu" not in plan.absorbed and "mm2" not in plan.nodes and "mm" in plan.nodes
     session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
@@ -175,7 +175,7 @@ def test_a_concat_only_float_ops_read_stays_float_and_so_do_the_logits_it_reads(
     )
     data = [{"x": np.abs(rng.normal(0, 1, (1, 3, 4, 4))).astype(np.float32)} for _ in range(4)]
     _, context = run_passes(proto, PREP + ",plan-quantization,calibrate", data=data)
-    plan = context.analyses["plan"]
+    plan = context.analyses.plan
     assert {"box_conv", "cls_conv"} <= plan.anchors and "head_concat" not in plan.nodes
     # The Convs keep integer inputs and weights, and write float: a QuantizeLinear there would
     # only round what float data movement reads.
@@ -197,7 +197,7 @@ def test_a_compile_plans_once_and_plans_again_only_when_its_statistics_exclude_a
     assert len(calls) == 1
     calls.clear()
     _, context = run_passes(tiny_cnn(), PREP + ",plan-quantization,calibrate", data=cnn_batches(4))
-    assert len(calls) == 1 and context.analyses["plan"].activations
+    assert len(calls) == 1 and context.analyses.plan.activations
     # A sentinel found in calibration: one plan more, without the tensor.
     calls.clear()
     test_sentinel_detected_from_calibration_statistics()
@@ -218,4 +218,4 @@ def test_a_compile_plans_once_and_plans_again_only_when_its_statistics_exclude_a
 
     calls.clear()
     _, context = run_passes(tiny_cnn(), PREP + ",plan-quantization,test-rename-a-node,calibrate", data=cnn_batches(4))
-    assert len(calls) == 2 and context.analyses["plan"].activations
+    assert len(calls) == 2 and context.analyses.plan.activations
