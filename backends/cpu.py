@@ -16,6 +16,7 @@ import logging
 from collections import Counter
 
 from qcompile.backends.base import InputRole, OpRule, OutputRole, Target
+from qcompile.graph_edit import proto_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -115,17 +116,6 @@ _FLOAT_COMPUTE = {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "Fused
 _FLOAT8_ELEMENT_TYPES = {17, 18, 19, 20}
 
 
-def _all_nodes(graph) -> list:
-    """The nodes of an onnx.GraphProto and of its subgraphs (If branches, Loop/Scan bodies)."""
-    nodes = []
-    for node in graph.node:
-        nodes.append(node)
-        for attribute in node.attribute:
-            if attribute.HasField("g"):
-                nodes += _all_nodes(attribute.g)
-    return nodes
-
-
 def cpu_fusion_report(optimized_model, quantized_anchor_names: set[str]) -> dict:
     """What ORT's CPU provider made of the quantized model, read from its optimized graph.
 
@@ -133,7 +123,7 @@ def cpu_fusion_report(optimized_model, quantized_anchor_names: set[str]) -> dict
     anchor that still runs as a float Conv/MatMul/Gemm fed by DequantizeLinear was not fused:
     it runs as DQ -> float -> Q, slower than the float model.
     """
-    nodes = _all_nodes(optimized_model.graph)  # ORT fuses inside If branches too
+    nodes = proto_nodes(optimized_model.graph)  # ORT fuses inside If branches too
     producers = {out: node for node in nodes for out in node.output}
     kernels = Counter(node.op_type for node in nodes if node.op_type in _INTEGER_KERNELS)
     unfused = []

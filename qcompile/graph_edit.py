@@ -1,9 +1,11 @@
 """Graph edits every rewriting pass makes: names that collide with nothing, new initializers, and
-the two reads they start from (a node's attribute, a constant's array)."""
+the two reads they start from (a node's attribute, a constant's array); and the one walk over an
+onnx.GraphProto's nodes, subgraphs included, for the code that reads protos (ORT's optimized model,
+a compiled model's variants)."""
 
 from __future__ import annotations
 
-__all__ = ["Namer", "add_initializer", "attribute_value", "initializer_array"]
+__all__ = ["Namer", "add_initializer", "attribute_value", "initializer_array", "proto_nodes"]
 
 import numpy as np
 import onnx_ir as ir
@@ -48,3 +50,18 @@ def initializer_array(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None or value.is_graph_input():
         return None
     return value.const_value.numpy()
+
+
+def proto_nodes(graph) -> list:
+    """The nodes of an onnx.GraphProto and of its subgraphs (If branches, Loop/Scan bodies, nested),
+    depth first: each node, then the nodes of the subgraphs it holds. ONNX names are unique across the
+    nesting (a subgraph cannot shadow an outer name), so one map over all of them is sound."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                nodes += proto_nodes(attribute.g)
+            for subgraph in attribute.graphs:
+                nodes += proto_nodes(subgraph)
+    return nodes

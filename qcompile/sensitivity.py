@@ -32,6 +32,7 @@ from qcompile.debug import _batch_source, _check_interfaces, _load
 from qcompile.errors import CalibrationDataError, QcompileError
 from qcompile.evaluate import compare_to_outputs
 from qcompile.executors import Executor, InProcessExecutor, make_executor
+from qcompile.graph_edit import proto_nodes
 from qcompile.runtime import make_session
 from qcompile.workspace import serialize_inline
 
@@ -53,16 +54,20 @@ class TensorSensitivity:
 
 def quantized_activations(proto: onnx.ModelProto) -> list[tuple[str, str, list[str]]]:
     """(float tensor, its DequantizeLinear's output, the nodes reading that output), in graph order,
-    for every computed tensor the model quantizes (weights and other constants are not activations)."""
+    for every computed tensor the model quantizes (weights and other constants are not activations),
+    inside If branches and loop bodies too: undoing a rounding needs no subgraph value returned."""
+    nodes = proto_nodes(proto.graph)
     constants = {t.name for t in proto.graph.initializer}
-    constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
-    producers = {o: n for n in proto.graph.node for o in n.output}
+    constants |= {o for n in nodes if n.op_type == "Constant" for o in n.output}
+    for graph in _subgraphs(proto.graph):
+        constants |= {t.name for t in graph.initializer}
+    producers = {o: n for n in nodes for o in n.output}
     readers: dict[str, list[str]] = {}
-    for node in proto.graph.node:
+    for node in nodes:
         for name in node.input:
             readers.setdefault(name, []).append(node.name)
     found = []
-    for node in proto.graph.node:
+    for node in nodes:
         if node.op_type != "DequantizeLinear":
             continue
         quantize = producers.get(node.input[0])
@@ -72,11 +77,21 @@ def quantized_activations(proto: onnx.ModelProto) -> list[tuple[str, str, list[s
     return found
 
 
+def _subgraphs(graph) -> list:
+    found = []
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                found += [subgraph, *_subgraphs(subgraph)]
+    return found
+
+
 def _without_rounding(proto: onnx.ModelProto, tensor: str, dequantized: str) -> onnx.ModelProto:
-    """``proto`` with the DequantizeLinear that outputs ``dequantized`` passing ``tensor`` through."""
+    """``proto`` with the DequantizeLinear that outputs ``dequantized`` passing ``tensor`` through
+    (in whichever graph or subgraph it is)."""
     variant = onnx.ModelProto()
     variant.CopyFrom(proto)
-    for node in variant.graph.node:
+    for node in proto_nodes(variant.graph):
         if node.op_type == "DequantizeLinear" and node.output[0] == dequantized:
             node.op_type, node.domain = "Identity", ""
             del node.input[:]
