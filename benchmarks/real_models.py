@@ -1188,10 +1188,16 @@ def _vad_agreement(fp32: Path, candidate: Path, model: Path) -> tuple[float, dic
 
 def _escalation(report: dict) -> str | None:
     """What qcompile's recovery changed (``transformations.recovery`` of its report): the step
-    chosen and the SQNR before and after; None when the plain compile met the floor."""
+    chosen and the SQNR before and after, or what the refinement above the floor tried; None when
+    the plain compile met the target."""
     recovery = (report.get("transformations") or {}).get("recovery")
     if not recovery:
         return None
+    if recovery.get("kind") == "refine":  # above the floor, below the target (qcompile.accuracy_search._refine)
+        tried = len(recovery.get("tried") or [])
+        return (f"{recovery.get('plain_min_sqnr_db')} -> {recovery.get('final_min_sqnr_db')} dB: refine, "
+                + (f"{recovery.get('changed')}" if recovery.get("kept") else f"kept 8-bit ({tried} tried)")
+                + f" ({recovery.get('seconds')} s)")
     return (f"{recovery.get('plain_min_sqnr_db')} -> {recovery.get('final_min_sqnr_db')} dB: {recovery.get('changed')}"
             f" ({'floor met' if recovery.get('met') else 'floor missed'}, {recovery.get('candidates')} candidates,"
             f" {recovery.get('seconds')} s)")

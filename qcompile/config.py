@@ -81,6 +81,11 @@ class CompileConfig:
     recover: bool = True
     recover_min_sqnr: float = 20.0
     recover_time_budget: float = 100.0
+    # Between the floor and recover_target_sqnr dB, the compile tries 16-bit activations for the
+    # tensors whose rounding costs the outputs most (the first, then the next two) and keeps them
+    # only where the worst output SQNR gains at least 1 dB; the report says what it tried and
+    # kept. A target at or below recover_min_sqnr turns it off.
+    recover_target_sqnr: float = 30.0
     # Intra-op threads for ONNX Runtime sessions qcompile creates (0: ORT's default).
     threads: int = 0
     # Static input shapes for targets that need them (fix-shapes), e.g. {"x": [1, 3, 224, 224]};

@@ -312,3 +312,75 @@ def test_recovery_falls_back_to_16_bit_activations_with_gptq_and_bias_correction
     proto = result.to_proto()
     weights = [i for i in proto.graph.initializer if i.name.endswith("_quantized") and len(i.dims) == 4]
     assert weights and all(w.data_type == TensorProto.INT8 for w in weights)  # the file stays int8
+
+
+def _mild_spiky_model(spike: float = 60.0) -> onnx.ModelProto:
+    """spiky_model with a spike of ``spike``: its plain compile meets the 20 dB floor (24 dB) but
+    not the 30 dB target, and ``hidden`` at 16 bits is what lifts it."""
+    model = spiky_model()
+    for init in model.graph.initializer:
+        if init.name == "w1":
+            w1 = numpy_helper.to_array(init).copy()
+            w1[0, 0] = spike
+            init.CopyFrom(numpy_helper.from_array(w1, "w1"))
+    return model
+
+
+def test_between_floor_and_target_the_most_sensitive_tensor_goes_16_bit_and_is_kept_for_a_real_gain():
+    from qcompile.accuracy_search import compile_or_recover
+
+    plain = compile_or_recover(_mild_spiky_model(), spiky_batches(), config={**CONFIG, "recover_target_sqnr": 20.0})
+    plain_sqnr = plain.report.evaluation["outputs"]["y"]["sqnr_db"]
+    assert 20.0 <= plain_sqnr < 29.0 and "recovery" not in plain.report.transformations  # refinement off
+    result = compile_or_recover(_mild_spiky_model(), spiky_batches(), config=CONFIG)
+    refine = result.report.transformations["recovery"]
+    assert refine["kind"] == "refine" and refine["kept"] and refine["changed"].startswith("hidden"), refine
+    assert refine["tried"][0]["change"] == "hidden -> uint16"  # the most sensitive first, then the next two
+    assert refine["final_min_sqnr_db"] >= plain_sqnr + 1.0
+    assert result.report.evaluation["outputs"]["y"]["sqnr_db"] == pytest.approx(refine["final_min_sqnr_db"], abs=1e-3)
+    assert result.report.config["activation_type_overrides"]["^hidden$"] == "uint16"
+    assert "note" in refine and result.report.gate_passed  # a target is no floor: nothing fails
+    assert "accuracy-search" not in result.report.transformations
+
+
+def test_a_refinement_that_gains_too_little_ships_the_plain_compile_and_says_so(monkeypatch):
+    import qcompile.accuracy_search as search
+
+    monkeypatch.setattr(search, "REFINE_MIN_GAIN_DB", 1000.0)
+    result = search.compile_or_recover(_mild_spiky_model(), spiky_batches(), config=CONFIG)
+    refine = result.report.transformations["recovery"]
+    assert refine["kind"] == "refine" and not refine["kept"] and refine["changed"] == "nothing (the plain compile)"
+    assert refine["final_min_sqnr_db"] == refine["plain_min_sqnr_db"]
+    assert result.report.config["activation_type_overrides"] == {}
+
+
+def _spiky_in_an_if() -> onnx.ModelProto:
+    """spiky_model's chain inside an If's then-branch (the else branch one Gemm), the shape of
+    silero-vad, whose whole network is one branch: qcompile.debug cannot read a subgraph's values."""
+    chain = _mild_spiky_model()
+    then_branch = helper.make_graph(list(chain.graph.node), "then", [],
+                                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    else_branch = helper.make_graph([helper.make_node("Gemm", ["x", "w_else"], ["y_else"], name="else_mm")], "else", [],
+                                    [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, ["n", 4])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["out"], name="branch", then_branch=then_branch, else_branch=else_branch)],
+        "spiky_if",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16]), helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4])],
+        [*chain.graph.initializer, numpy_helper.from_array(np.full((16, 4), 0.1, np.float32), "w_else")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_tensors_inside_an_if_branch_are_ranked_at_the_outputs_and_promoted():
+    from qcompile.accuracy_search import compile_or_recover
+
+    batches = [{**b, "flag": np.array(True)} for b in spiky_batches()]
+    result = compile_or_recover(_spiky_in_an_if(), batches, config=CONFIG)
+    refine = result.report.transformations["recovery"]
+    assert refine["ranking"] and refine["ranking"][0]["tensor"] == "hidden", refine["ranking"]
+    assert refine["ranking"][0]["isolated_sqnr_db"] is None  # measured at the outputs only
+    assert refine["kept"] and refine["changed"].startswith("hidden")
+    assert refine["final_min_sqnr_db"] >= refine["plain_min_sqnr_db"] + 1.0
