@@ -563,8 +563,8 @@ RECOVERY_16BIT_NOTE = ("16-bit activations: ONNX Runtime's CPU provider has no 1
                        "file small, not the latency")
 
 
-# Refinement (above the floor, below recover_target_sqnr): this many candidates after the plain
-# compile (the most output-sensitive tensor at 16 bits, then it and the next two), kept only for a
+# Refinement (above the floor, below recover_target_sqnr): this many 16-bit candidates after
+# REFINE_PASSES' (the most output-sensitive tensor at 16 bits, then it and the next two), kept only for a
 # gain of at least REFINE_MIN_GAIN_DB. Measured (qcompile compile MODEL --calib C --eval E with the
 # tensor at 16 bits, the real_models corpus): magika's first Conv output 29.6 -> 34.6 dB;
 # silero-vad's STFT magnitude 28.3 -> 29.5 dB, with the first encoder ReLU 30.8 dB and streamed
@@ -596,9 +596,10 @@ def _refine(model, calibration_data, config: CompileConfig, eval_data, show_prog
     start = time.perf_counter()
     target = config.recover_target_sqnr
     if _wide_type(config, get_target(config.target)) is None:
-        return result
-    logger.info("worst output SQNR %.2f dB is above the %.0f dB floor but below the %.0f dB target: trying 16-bit "
-                "activations for its most sensitive tensors", plain_sqnr, config.recover_min_sqnr, target)
+        return result  # FP8 runs (and targets without a 16-bit type) are not refined
+    logger.info("worst output SQNR %.2f dB is above the %.0f dB floor but below the %.0f dB target: trying GPTQ with "
+                "bias correction, then 16-bit activations for its most sensitive tensors", plain_sqnr,
+                config.recover_min_sqnr, target)
     gate = result.report.accuracy_gate
     try:
         best, search = compile_within_budget(
@@ -645,7 +646,7 @@ def _refine(model, calibration_data, config: CompileConfig, eval_data, show_prog
     shipped.report.transformations["recovery"] = refinement
     logger.warning("refine: %.2f dB -> %.2f dB (target %.0f dB): %s", plain_sqnr, refinement["final_min_sqnr_db"], target,
                    f"{chosen['change']}" if kept else
-                   f"kept the plain compile (16-bit activations gained less than {REFINE_MIN_GAIN_DB:g} dB)")
+                   f"kept the plain compile (no candidate gained {REFINE_MIN_GAIN_DB:g} dB)")
     return shipped
 
 
