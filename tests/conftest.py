@@ -35,6 +35,26 @@ def pass_cache_dir(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def graph_changing_pass(monkeypatch):
+    """Registers ``test-rename-a-node`` for one test: a pass that changes the graph (it renames the
+    first node) and declares no preserved analyses."""
+    from qcompile.passes import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @registry.register_pass("test-rename-a-node")
+    class RenameANode(ir.passes.InPlacePass):
+        def __init__(self, context):
+            super().__init__()
+
+        def call(self, model):
+            next(iter(model.graph)).name = "renamed"
+            return ir.passes.PassResult(model, True)
+
+    return "test-rename-a-node"
+
+
+@pytest.fixture
 def model_path(tmp_path):
     """The tiny CNN saved as an .onnx file."""
     path = tmp_path / "model.onnx"

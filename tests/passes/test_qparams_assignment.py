@@ -12,7 +12,7 @@ from qcompile.config import CompileConfig
 from qcompile.context import CompileContext
 from qcompile.data import BatchSource, input_specs
 from qcompile.errors import PipelineError
-from qcompile.passes import create_pass, registry
+from qcompile.passes import create_pass
 from qcompile.pipeline import parse_pipeline, run_pipeline, with_implied_passes
 from qcompile.qparams import bias_qparams, raise_to_floor
 
@@ -50,20 +50,6 @@ def test_a_pipeline_that_calibrates_runs_assign_qparams_after_calibrate():
                             data=cnn_batches(4))
     assert context.config.calibration_method == "minmax"
     assert context.analyses.plan.applied
-
-
-@pytest.fixture
-def graph_changing_pass(monkeypatch):
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-
-    @registry.register_pass("test-rename-a-node")
-    class RenameANode(ir.passes.InPlacePass):
-        def __init__(self, context):
-            super().__init__()
-
-        def call(self, model):
-            next(iter(model.graph)).name = "renamed"
-            return ir.passes.PassResult(model, True)
 
 
 def test_a_graph_change_drops_the_analyses_its_pass_does_not_preserve(graph_changing_pass):
