@@ -37,12 +37,10 @@ from qcompile.passes.qdq_insertion import dequantize_after_lookup
 from qcompile.passes.registry import register_pass
 from qcompile.qparams import (
     BlockQuantized,
-    dequantize,
+    lookup_qparams,
     quant_type,
-    quantize,
     quantize_blocks,
     round_to_blocks,
-    weight_qparams,
 )
 from qcompile.runtime import make_session
 
@@ -282,7 +280,8 @@ _TABLE_MIN_SIZE = 4096
 
 
 def _quantize_tables(graph: ir.Graph) -> dict[str, dict]:
-    """Gather tables (embeddings) -> int8, one symmetric scale per row, dequantized after the lookup."""
+    """Gather tables (embeddings) -> int8 with symmetric scales per block of a row (``qparams.lookup_qparams``),
+    dequantized after the lookup."""
     records = {}
     namer = Namer(graph)
     for node in list(graph):
@@ -295,12 +294,11 @@ def _quantize_tables(graph: ir.Graph) -> dict[str, dict]:
         array = table.const_value.numpy()
         if array.dtype != np.float32 or array.ndim != 2 or array.size < _TABLE_MIN_SIZE:
             continue
-        int8 = quant_type("int8")
-        scale, zero_point = weight_qparams(array, 0, int8)
-        codes = quantize(array, scale, zero_point, int8, 0)
-        dequantize_after_lookup(graph, node, codes, scale, namer, lambda base, values: add_initializer(graph, base, values, namer))
-        error = np.linalg.norm(dequantize(codes, scale, zero_point, 0) - array) / max(np.linalg.norm(array), 1e-12)
-        records[node.name] = {"table": table.name, "shape": list(array.shape), "bits": 8, "relative_weight_error": round(float(error), 5)}
+        stored = lookup_qparams(array, quant_type("int8"))
+        dequantize_after_lookup(graph, node, stored, namer, lambda base, values: add_initializer(graph, base, values, namer))
+        error = np.linalg.norm(stored.dequantize() - array) / max(np.linalg.norm(array), 1e-12)
+        records[node.name] = {"table": table.name, "shape": list(array.shape), "bits": 8, "block": stored.block,
+                              "relative_weight_error": round(float(error), 5)}
     return records
 
 

@@ -57,7 +57,7 @@ from qcompile.errors import CalibrationDataError, ModelError, detail
 from qcompile.evaluate import OutputError, sqnr_db
 from qcompile.graph_edit import add_initializer
 from qcompile.loader import describe_source, load_model
-from qcompile.qparams import QUANT_TYPES, QuantType, dequantize, quantize
+from qcompile.qparams import QUANT_TYPES, LookupQuantized, QuantType, dequantize, quantize
 from qcompile.runtime import make_session
 from qcompile.statistics import HALF_BINS, TensorStatistics
 
@@ -359,9 +359,9 @@ def _dequantize_constant(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarra
 
 
 def _row_lookup(mul: ir.Node):
-    """(mul, codes, scales, ids, other nodes) when ``mul`` is Cast(Gather(int codes, ids)) *
-    Gather(float scales, ids): a table stored as integer rows with one scale each, dequantized after
-    the lookup (``qdq_insertion.dequantize_after_lookup``); else None."""
+    """(last node, codes, scales, ids, other nodes) when ``mul`` is Cast(Gather(int codes, ids)) *
+    Gather(float scales, ids): a table stored as integer rows with scales per row, or per block of
+    a row and then reshaped back to rows (``qdq_insertion.dequantize_after_lookup``); else None."""
     if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.inputs) != 2:
         return None
     for cast_value, scale_value in (mul.inputs, mul.inputs[::-1]):
@@ -372,11 +372,17 @@ def _row_lookup(mul: ir.Node):
         if rows is None or rows.op_type != "Gather" or rows.inputs[1] is not scale_gather.inputs[1]:
             continue
         codes, scales = _const(rows.inputs[0]), _const(scale_gather.inputs[0])
-        if codes is None or scales is None or codes.dtype.kind not in "iu" or scales.dtype.kind != "f":
+        if codes is None or scales is None or codes.dtype.kind not in "iu" or scales.dtype.kind != "f" or codes.ndim < 2:
             continue
-        if scales.size != codes.shape[0] or codes.ndim < 2:
-            continue
-        return mul, rows.inputs[0], scale_gather.inputs[0], rows.inputs[1], [cast, rows, scale_gather]
+        nodes = [cast, rows, scale_gather]
+        if scales.size == codes.shape[0]:
+            return mul, rows.inputs[0], scale_gather.inputs[0], rows.inputs[1], nodes
+        uses = mul.outputs[0].uses()
+        if codes.ndim == 3 and scales.shape == (*codes.shape[:2], 1) and len(uses) == 1 and uses[0].node.op_type == "Reshape":
+            reshape = uses[0].node
+            shape_nodes = [n for n in (reshape.inputs[1].producer(),) if n is not None]
+            shape_nodes += [i.producer() for n in shape_nodes for i in n.inputs if i.producer() is not None]
+            return reshape, rows.inputs[0], scale_gather.inputs[0], rows.inputs[1], [mul, *shape_nodes, *nodes]
     return None
 
 
@@ -621,10 +627,12 @@ class _QuantizedGraph:
 
     def _replace_lookup(self, mul: ir.Node, codes: ir.Value, scales: ir.Value, ids: ir.Value, nodes: list[ir.Node],
                         float_nodes, float_values) -> None:
-        """Gather(int8 rows) -> Cast -> Mul by the rows' scales (an embedding table stored per row):
-        the reference gathers from the float table instead."""
+        """Gather(int8 rows) -> Cast -> Mul by the rows' scales (an embedding table stored per row,
+        or per block of a row and reshaped back): the reference gathers from the float table instead."""
         q, row_scales = _const(codes), _const(scales).astype(np.float32)
-        dequantized = (q.astype(np.float32) * row_scales.reshape(-1, *([1] * (q.ndim - 1)))).astype(np.float32)
+        blocked = row_scales.size != q.shape[0]
+        row_scales = row_scales if blocked else row_scales.reshape(-1, *([1] * (q.ndim - 1)))
+        dequantized = LookupQuantized(q, row_scales, q.shape[-1] if blocked else None).dequantize()
         candidates = []
         float_value = next((o for n in float_nodes.values() for o in n.outputs if o.name == mul.outputs[0].name), None)
         producer = float_value.producer() if float_value is not None else None

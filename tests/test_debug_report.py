@@ -28,7 +28,7 @@ from qcompile import debug
 from qcompile.cli import main
 from qcompile.debug import analyze
 from qcompile.errors import CalibrationDataError, ModelError
-from qcompile.qparams import QUANT_TYPES, constant_qparams, quantize
+from qcompile.qparams import QUANT_TYPES, lookup_qparams
 
 # No smooth-quant: the quantized tensors keep the float model's names, so the test can read the
 # float values straight from the float model.
@@ -209,26 +209,27 @@ def test_transformer_reference_undoes_smoothing(transformer, transformer_report)
     assert [t.tensor for t in report.tensors] == list(_qdq_pairs(transformer[1]))
 
 
-def test_embedding_stored_as_int8_rows_is_compared_with_its_float_table():
-    """A table stored as int8 rows and dequantized after the lookup (what insert-qdq does to an
-    embedding) is a quantized constant too: matched to the float table, one channel per row; the
-    reference gathers from the float table again. No activation is quantized: only the outputs."""
+@pytest.mark.parametrize("columns, block", [(16, None), (64, 32)])
+def test_embedding_stored_as_int8_rows_is_compared_with_its_float_table(columns, block):
+    """A table stored as int8 rows (scales per row, or per block of 32 columns for a row of 64) and
+    dequantized after the lookup (what insert-qdq does to an embedding) is a quantized constant too:
+    matched to the float table, one channel per row; the reference gathers from the float table
+    again. No activation is quantized: only the outputs."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
              helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
     float_model = make_model(
         nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 8])],
-        [numpy_helper.from_array(rng.normal(0, 1, (50, 16)).astype(np.float32), "table"),
-         numpy_helper.from_array(rng.normal(0, 0.3, (16, 8)).astype(np.float32), "w")])
+        [numpy_helper.from_array(rng.normal(0, 1, (50, columns)).astype(np.float32), "table"),
+         numpy_helper.from_array(rng.normal(0, 0.3, (columns, 8)).astype(np.float32), "w")])
     model = ir.serde.deserialize_model(float_model)
     gather = next(n for n in model.graph if n.op_type == "Gather")
-    int8 = QUANT_TYPES["int8"]
-    table = gather.inputs[0].const_value.numpy()
-    scale, zero_point = constant_qparams(table, 0, int8, True)
+    stored = lookup_qparams(gather.inputs[0].const_value.numpy(), QUANT_TYPES["int8"])
+    assert stored.block == block
     namer = Namer(model.graph)
-    dequantize_after_lookup(model.graph, gather, quantize(table, scale, zero_point, int8, 0), scale, namer,
-                            lambda base, array: add_initializer(model.graph, base, array, namer))
+    dequantize_after_lookup(model.graph, gather, stored, namer, lambda base, array: add_initializer(model.graph, base, array, namer))
+    assert ("Reshape" in [n.op_type for n in model.graph]) == (block is not None)
     data = [{"ids": rng.integers(0, 50, (4, 6)).astype(np.int64)} for _ in range(3)]
     report = analyze(float_model, ir.serde.serialize_model(model), data)
     (lookup,) = report.weights

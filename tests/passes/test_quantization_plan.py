@@ -3,6 +3,7 @@
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 from conftest import run_passes
 from onnx import TensorProto, helper, numpy_helper
 from tiny_models import cnn_batches, make_model, tiny_cnn, tiny_transformer, transformer_batches
@@ -124,6 +125,34 @@ def test_large_embedding_table_is_stored_as_int8_per_row():
     (emb,) = session.run(None, data[0])
     np.testing.assert_allclose(emb, (q.astype(np.float32) * scales)[data[0]["ids"]], rtol=0, atol=0)
     assert np.abs(emb - numpy_helper.to_array(table)[data[0]["ids"]]).max() <= scales.max() / 2 + 1e-7
+
+
+@pytest.mark.parametrize("ids_shape", [(2, 5), (7,), (3, 2, 4)])
+def test_wide_embedding_table_is_stored_in_int8_blocks_of_32_columns(ids_shape):
+    """all-MiniLM-L6-v2's word and position embeddings with one scale per row changed 4 of 128
+    sentences' nearest neighbours (benchmarks/real_models.py); blocks of 32 columns changed none.
+    The looked-up [..., blocks, 32] rows are reshaped back for ids of any rank, with dynamic dims."""
+    values = np.random.default_rng(0).normal(size=(600, 64)).astype(np.float32)
+    values[:, 5] *= 40.0  # one outlier column: a per-row scale would coarsen every other column
+    proto = make_model(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed")],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["d"] * len(ids_shape))],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["d"] * len(ids_shape) + [64])],
+        [numpy_helper.from_array(values, "table")],
+    )
+    ids = np.random.default_rng(1).integers(0, 600, ids_shape).astype(np.int64)
+    model, _ = run_passes(proto, PREP + ",plan-quantization,calibrate,insert-qdq,remove-unused", data=[{"ids": ids}])
+    q = model.graph.initializers["table_quantized"].const_value.numpy()
+    scales = model.graph.initializers["table_row_scales"].const_value.numpy()
+    assert q.dtype == np.int8 and q.shape == (600, 2, 32) and scales.shape == (600, 2, 1)
+    assert [n.op_type for n in model.graph] == ["Gather", "Gather", "Cast", "Mul", "Shape", "Concat", "Reshape"]
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    (emb,) = session.run(None, {"ids": ids})
+    assert emb.shape == (*ids_shape, 64)
+    np.testing.assert_array_equal(emb, (q.astype(np.float32) * scales).reshape(600, 64)[ids])
+    error = np.abs(emb - values[ids])
+    # Columns outside the outlier's block keep their own fine scale: 40x finer than a per-row scale.
+    assert error[..., 32:].max() <= scales[:, 1].max() / 2 + 1e-7 < np.abs(values).max() / 127 / 10
 
 
 def test_relu_whose_output_is_a_sentinel_is_not_absorbed():
