@@ -194,13 +194,19 @@ class _Rewriter:
         else:
             dq_out.name = self.name(f"{name}_dequantized")
 
-    def quantize_bias(self, node: ir.Node, index: int, activation: str, weight_scale: np.ndarray) -> None:
+    def quantize_bias(self, node: ir.Node, index: int, activation: str, weight_scale: np.ndarray,
+                      stored_float: bool = False) -> None:
         quant = self.plan.activations[activation]
         value = node.inputs[index]
         # On the int32 grid x_scale * w_scale of the products it is added to. One scale when the
         # weight has one: QNN rejects a per-axis bias on a per-tensor weight (LayerNormalization),
         # and it is the same grid.
         q, scale = bias_qparams(value.const_value.numpy(), quant.scale, weight_scale)
+        if stored_float:
+            # The grid's values in float32: the provider rounds them back to exactly these codes.
+            on_grid = (q.astype(np.float64) * scale.astype(np.float64)).astype(np.float32).reshape(value.const_value.shape)
+            node.replace_input_with(index, self.initializer(f"{value.name}_on_grid", on_grid, node.graph))
+            return
         axis = 0 if scale.size > 1 else None
         if axis is None:
             scale = scale.reshape(())
@@ -247,7 +253,8 @@ class _Rewriter:
                 floors.get((node.inputs[w.input_index].name, w.axis)),
             )
         for b in self.plan.biases:
-            self.quantize_bias(self.nodes[b.node], b.input_index, b.activation, weight_scales[(b.node, b.weight_index)])
+            self.quantize_bias(self.nodes[b.node], b.input_index, b.activation, weight_scales[(b.node, b.weight_index)],
+                               b.stored_float)
         for name in self.plan.activations:
             self.quantize_activation(name)
 

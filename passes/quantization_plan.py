@@ -79,12 +79,15 @@ class WeightQuant:
 
 @dataclasses.dataclass(frozen=True)
 class BiasQuant:
-    """An int32 bias whose scale is (scale of ``activation``) x (scales of the node's weight input)."""
+    """A bias on the int32 grid (scale of ``activation``) x (scales of the node's weight input):
+    stored as int32 codes with a DequantizeLinear, or with ``stored_float`` as the float values of
+    that grid, which the provider quantizes itself (``Target.float_grid_bias_ops``)."""
 
     node: str
     input_index: int
     activation: str
     weight_index: int
+    stored_float: bool = False
 
 
 @dataclasses.dataclass
@@ -446,7 +449,8 @@ def _build_once(
                 # in float and add a float bias, there is no int32 accumulator grid; or a provider
                 # without an int32 DequantizeLinear (CUDA: it would run on the CPU). Bias stays float.
                 continue
-            plan.biases.append(BiasQuant(node.name, index, node.inputs[activations[0]].name, weight_index))
+            plan.biases.append(BiasQuant(node.name, index, node.inputs[activations[0]].name, weight_index,
+                                         stored_float=node.op_type in target.float_grid_bias_ops))
 
     # Lookup tables (embeddings): stored as integers, one scale per looked-up slice.
     for node in nodes:
@@ -584,7 +588,21 @@ def _build_once(
     for node in nodes:
         if node not in quantized and rule_for(node) is not None and node.name not in plan.float_nodes:
             plan.float_nodes[node.name] = "its inputs are not quantized (it would need a requantization)"
+    # The provider quantizes a float bias only in a node it fuses with its output's QuantizeLinear
+    # (ORT: a Gemm with a float output becomes QGemm with an int32 bias, not with a float one).
+    by_name = {n.name: n for n in nodes}
+    plan.biases = [dataclasses.replace(b, stored_float=_output_quantized(by_name[b.node], plan)) if b.stored_float else b
+                   for b in plan.biases]
     return plan
+
+
+def _output_quantized(node: ir.Node, plan: QuantizationPlan) -> bool:
+    """Whether ``node``'s output, or that of the absorbed Relu/Clip that alone reads it, is quantized."""
+    out = node.outputs[0]
+    if out.name in plan.activations:
+        return True
+    uses = out.uses()
+    return len(uses) == 1 and uses[0].node.name in plan.absorbed and uses[0].node.outputs[0].name in plan.activations
 
 
 def _read_quantized(graph: ir.Graph, value: ir.Value, quantized: set, rule_for) -> bool:

@@ -1,5 +1,7 @@
 """The QDQ rewrite: graph structure, stored integer types, bias formula, names kept."""
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -27,7 +29,18 @@ def test_weights_become_int8_per_channel_and_float_weights_are_gone():
     assert dq.attributes["axis"].value == 0
 
 
-def test_bias_is_int32_with_input_scale_times_weight_scale():
+@pytest.fixture
+def int32_biases_on_cpu(monkeypatch):
+    """The cpu target as it was before it stored Conv/Gemm biases as float on the int32 grid."""
+    import dataclasses
+
+    from qcompile import backends
+
+    cpu = backends.get_target("cpu")
+    monkeypatch.setitem(backends._TARGETS, "cpu", dataclasses.replace(cpu, float_grid_bias_ops=frozenset()))
+
+
+def test_bias_is_int32_with_input_scale_times_weight_scale(int32_biases_on_cpu):
     model, context = run_passes(tiny_cnn(), CPU, data=cnn_batches(4))
     plan = context.analyses.plan
     bias = _initializer(model, "b2_quantized")
@@ -40,6 +53,32 @@ def test_bias_is_int32_with_input_scale_times_weight_scale():
     # fusion still happens: test_end_to_end's fusion counts).
     bias_dq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name == "b2_quantized")
     assert len(bias_dq.inputs) == 2 and "b2_zero_point" not in model.graph.initializers
+
+
+def test_cpu_conv_bias_is_float_on_the_int32_grid_and_runs_as_the_int32_form(int32_biases_on_cpu):
+    """On the cpu target a Conv's bias is stored as the float values of its int32 grid, which ORT
+    quantizes back to the same codes when it fuses QLinearConv: outputs bit-identical to the
+    int32 DequantizeLinear form, without the codes' scales and the DequantizeLinear."""
+    from qcompile import backends
+
+    int32_model, _ = run_passes(tiny_cnn(), CPU, data=cnn_batches(4))
+    backends._TARGETS["cpu"] = dataclasses.replace(backends.get_target("cpu"), float_grid_bias_ops=frozenset({"Conv", "Gemm"}))
+    model, context = run_passes(tiny_cnn(), CPU, data=cnn_batches(4))
+    conv2 = next(n for n in model.graph if n.name == "conv2")
+    assert conv2.inputs[2].name == "b2_on_grid" and conv2.inputs[2].const_value.dtype == ir.DataType.FLOAT
+    codes, scale = _initializer(int32_model, "b2_quantized"), _initializer(int32_model, "b2_scale")
+    np.testing.assert_array_equal(_initializer(model, "b2_on_grid"), codes.astype(np.float32) * scale)  # what the DQ computes
+    convs = {n.name for n in model.graph if n.op_type == "Conv"}
+    assert {b.node for b in context.analyses.plan.biases if b.stored_float} == convs
+    # The classifier's Gemm has a float output: ORT fuses it into QGemm only with an int32 bias.
+    int32_readers = {u.node.op_type for n in model.graph if n.op_type == "DequantizeLinear"
+                     and n.inputs[0].dtype == ir.DataType.INT32 for u in n.outputs[0].uses()}
+    assert int32_readers == {"Gemm"}
+    feed = cnn_batches(1)[0]
+    run = [ort.InferenceSession(ir.serde.serialize_model(m).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+           for m in (int32_model, model)]
+    for int32_out, float_out in zip(*run):
+        np.testing.assert_array_equal(int32_out, float_out)
 
 
 def test_each_activation_gets_one_qdq_pair_read_by_all_consumers():
@@ -138,12 +177,13 @@ def test_a_bias_beside_near_zero_weights_raises_the_weight_scale_instead_of_satu
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
     )
     data = [{"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
-    model, _ = run_passes(proto, CPU, data=data)
+    model, context = run_passes(proto, CPU, data=data)
     out = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, data[0])[0]
     np.testing.assert_allclose(out[:, 1], 3.0, atol=0.01)
     np.testing.assert_allclose(out[:, 2], -2.0, atol=0.01)
-    stored = _initializer(model, "b_quantized").astype(np.int64)
-    assert np.abs(stored).max() < 2**31 - 1  # nothing clipped at the int32 limit
+    x_scale = context.analyses.plan.activations["x"].scale
+    codes = _initializer(model, "b_on_grid").astype(np.float64) / (x_scale * _initializer(model, "w_scale").astype(np.float64))
+    assert np.abs(codes).max() < 2**31 - 1  # nothing clipped at the int32 limit
 
 
 def test_one_weight_read_along_two_channel_axes_gets_each_axis_its_own_bias_floor():
