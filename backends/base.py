@@ -241,6 +241,10 @@ class Target:
     # onnxruntime 1.31.1 and 1.32.0), so the int32 codes, their scales and the DequantizeLinear
     # are not stored (PP-LCNet direction classifier: 43.9 -> 39.8 % of the fp32 file).
     float_grid_bias_ops: frozenset[str] = frozenset()
+    # Ops whose symmetric integer weight the provider fuses without a stored zero point (ONNX's
+    # default, 0): ORT's CPU provider fuses Conv into QLinearConv so (onnxruntime 1.31.1 and
+    # 1.32.0), but not Gemm into QGemm, so a Gemm's weight keeps its zero points.
+    zero_point_free_weight_ops: frozenset[str] = frozenset()
     # Measured facts a user of this target should know before deploying, each carried by every
     # report as a warning (and logged): e.g. that the provider runs the QDQ model slower than fp32.
     warnings: tuple[str, ...] = ()

@@ -182,6 +182,7 @@ TARGET = Target(
     default_weight_type="int7",
     default_weight_type_by_activation={"uint16": "int8", "int16": "int8"},
     float_grid_bias_ops=frozenset({"Conv", "Gemm"}),
+    zero_point_free_weight_ops=frozenset({"Conv"}),
     activation_symmetric=False,
     weight_per_channel=True,
     rules=COMMON_RULES,

@@ -81,13 +81,15 @@ class _Rewriter:
         return add_initializer(graph or self.graph, base, array, self.name)
 
     def dequantize(self, base: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
-                   axis: int | None, shape, graph: ir.Graph | None = None) -> tuple[ir.Node, ir.Value]:
+                   axis: int | None, shape, graph: ir.Graph | None = None,
+                   zero_point_stored: bool = True) -> tuple[ir.Node, ir.Value]:
         q_value = self.initializer(f"{base}_quantized", q, graph)
         scale_value = self.initializer(f"{base}_scale", scale, graph)
         inputs = [q_value, scale_value]
         # A bias's zero point is 0, DequantizeLinear's default: omitted, it costs no bytes (4 per
-        # channel, 4 % of a 0.6 MB MobileNet). Weights keep theirs: ORT's QGemm fusion needs it.
-        if np.any(zero_point) or zero_point.dtype != np.int32:
+        # channel, 4 % of a 0.6 MB MobileNet). Weights keep theirs where the plan says the
+        # provider's fusion needs it (ORT's QGemm does; ``WeightQuant.zero_point_stored``).
+        if np.any(zero_point) or (zero_point.dtype != np.int32 and zero_point_stored):
             inputs.append(self.initializer(f"{base}_zero_point", zero_point, graph))
         attributes = {"axis": axis} if axis is not None else {}
         node = ir.node(
@@ -100,12 +102,13 @@ class _Rewriter:
         return node, out
 
     def quantize_weight(self, node: ir.Node, index: int, axis: int | None, qtype, symmetric: bool = True,
-                        significand_bits: int | None = None, min_scale: np.ndarray | None = None) -> np.ndarray:
+                        significand_bits: int | None = None, min_scale: np.ndarray | None = None,
+                        zero_point_stored: bool = True) -> np.ndarray:
         """Replace a float weight input by DQ(int weight); return the weight scales. ``min_scale``:
         a floor per channel (so that the biases added to this weight's products fit int32)."""
         value = node.inputs[index]
         # One stored copy per format: two consumers may want the same constant in different types.
-        key = (value.name, id(node.graph), axis, qtype.name, symmetric, significand_bits)
+        key = (value.name, id(node.graph), axis, qtype.name, symmetric, significand_bits, zero_point_stored)
         if key not in self.weight_cache:
             weight = value.const_value.numpy().astype(np.float32)
             release_tensor(value.const_value)  # a large model's float weight: unmap it, the copy is enough
@@ -118,7 +121,8 @@ class _Rewriter:
             q = quantize(weight, scale, zero_point, qtype, axis)
             if axis is None:
                 scale, zero_point = scale.reshape(()), zero_point.reshape(())
-            dq_node, dq_out = self.dequantize(value.name, q, scale, zero_point, axis, value.shape, node.graph)
+            dq_node, dq_out = self.dequantize(value.name, q, scale, zero_point, axis, value.shape, node.graph,
+                                              zero_point_stored)
             # Plans list weights in graph order, so the first consumer is the earliest one.
             node.graph.insert_before(node, dq_node)
             self.weight_cache[key] = (dq_out, scale)
@@ -250,7 +254,7 @@ class _Rewriter:
                 continue
             weight_scales[(w.node, w.input_index)] = self.quantize_weight(
                 node, w.input_index, w.axis, w.qtype, w.symmetric, w.significand_bits,
-                floors.get((node.inputs[w.input_index].name, w.axis)),
+                floors.get((node.inputs[w.input_index].name, w.axis)), w.zero_point_stored,
             )
         for b in self.plan.biases:
             self.quantize_bias(self.nodes[b.node], b.input_index, b.activation, weight_scales[(b.node, b.weight_index)],
@@ -268,7 +272,9 @@ class InsertQDQ(ir.passes.InPlacePass):
     graph output, where its producer is quantized too; float readers of a float producer's output,
     such as a residual connection, keep the exact value); every planned weight is an
     integer initializer feeding a DequantizeLinear (per channel where planned), so the file shrinks;
-    biases are int32 with scale = input scale x weight scale; graph input and output names are kept.
+    biases are on the int32 grid input scale x weight scale, as int32 codes with a DequantizeLinear
+    or as that grid's float values where the plan says the provider quantizes them itself; graph
+    input and output names are kept.
     """
 
     # The layers keep their names, so AdaRound's float weights still say what each one rounded.

@@ -75,6 +75,8 @@ class WeightQuant:
     symmetric: bool = True
     # Scales rounded up to this many significant bits (the target's requantization precision).
     significand_bits: int | None = None
+    # False: the all-zero zero points are not stored (``Target.zero_point_free_weight_ops``).
+    zero_point_stored: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,7 +439,8 @@ def _build_once(
                 axis = rule.weight_axis(node)
                 rank = node.inputs[index].const_value.numpy().ndim
                 axis = None if rank < 2 else axis % rank
-            plan.weights.append(WeightQuant(node.name, index, axis, qtype, fmt.symmetric))
+            zero_point_free = fmt.symmetric and not qtype.is_float and node.op_type in target.zero_point_free_weight_ops
+            plan.weights.append(WeightQuant(node.name, index, axis, qtype, fmt.symmetric, zero_point_stored=not zero_point_free))
             if rule.output is OutputRole.SHARED and index == 0:
                 scale, zero_point = constant_qparams(node.inputs[0].const_value.numpy(), None, qtype, fmt.symmetric)
                 for out in node.outputs:

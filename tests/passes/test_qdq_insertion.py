@@ -81,6 +81,19 @@ def test_cpu_conv_bias_is_float_on_the_int32_grid_and_runs_as_the_int32_form(int
         np.testing.assert_array_equal(int32_out, float_out)
 
 
+def test_conv_weights_store_no_zero_points_and_gemm_weights_keep_theirs():
+    """ORT fuses a Conv whose weight DequantizeLinear has no zero point (ONNX's default 0) into
+    QLinearConv, but a Gemm only with one into QGemm: the cpu target stores the all-zero zero points
+    of its Conv weights no more (test_end_to_end checks every anchor still becomes a kernel)."""
+    model, _ = run_passes(tiny_cnn(), CPU, data=cnn_batches(4))
+    inputs_by_reader = {}
+    for dq in model.graph:
+        if dq.op_type == "DequantizeLinear" and dq.inputs[0].dtype == ir.DataType.INT8:
+            for use in dq.outputs[0].uses():
+                inputs_by_reader.setdefault(use.node.op_type, set()).add(len(dq.inputs))
+    assert inputs_by_reader == {"Conv": {2}, "Gemm": {3}} and "w2_zero_point" not in model.graph.initializers
+
+
 def test_each_activation_gets_one_qdq_pair_read_by_all_consumers():
     model, _ = run_passes(tiny_cnn(), CPU, data=cnn_batches(4))
     # r1 feeds conv2 and the residual Add: both read the same DequantizeLinear.
