@@ -16,7 +16,7 @@ import logging
 from collections import Counter
 
 from qcompile.backends.base import InputRole, OpRule, OutputRole, Target
-from qcompile.graph_edit import proto_nodes
+from qcompile.core.graph_edit import proto_nodes
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ __all__ = ["TARGET", "SLOWER_THAN_FP32"]
 import dataclasses
 
 from qcompile.backends.tensorrt import TARGET as TENSORRT, check_zero_points
-from qcompile.providers import verify_if_installed
+from qcompile.io.providers import verify_if_installed
 
 
 SLOWER_THAN_FP32 = (

@@ -30,7 +30,7 @@ __all__ = ["TARGET", "RULES"]
 
 from qcompile.backends.base import InputRole, OpRule, OutputRole, Target
 from qcompile.backends.cpu import COMMON_RULES, PROVIDER_NEUTRAL_PIPELINE, shared_rule
-from qcompile.providers import verify_if_installed
+from qcompile.io.providers import verify_if_installed
 
 A, F = InputRole.ACTIVATION, InputRole.FLOAT
 

@@ -20,7 +20,7 @@ ships (an x86-64 simulator of the NPU; QNN SDK 2.51) with CPU fallback disabled:
 * dynamic dimensions make QNN reject the whole graph: ``fix-shapes`` makes them static.
 
 The reference HTP is compared with is the CPU provider running the same QDQ model as written
-(``qcompile.providers.reference_session``: MatMulNBits' accuracy level 0). What HTP itself
+(``qcompile.io.providers.reference_session``: MatMulNBits' accuracy level 0). What HTP itself
 computes differently (measured op by op on MiniLM, uint16): a MatMul requantizes with a multiplier (input scale x weight scale / output scale) rounded to fp16 -- 10-20 % of
 outputs within 1 step, up to ~25 steps, exact when the multiplier is fp16-exact --, activation x
 activation MatMuls are further off (up to ~270 steps), Gelu (up to ~20 steps) and Softmax (up to
@@ -35,7 +35,7 @@ import dataclasses
 
 from qcompile.backends.base import ConstantFormat, InputRole, OpRule, OutputRole, Target, TypeSource
 from qcompile.backends.cpu import COMMON_RULES, DATA_MOVEMENT_RULES, shared_rule
-from qcompile.providers import verify_on_target
+from qcompile.io.providers import verify_on_target
 
 A, W, B, F = InputRole.ACTIVATION, InputRole.WEIGHT, InputRole.BIAS, InputRole.FLOAT
 

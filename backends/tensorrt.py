@@ -43,9 +43,9 @@ from onnx import numpy_helper
 from qcompile.backends.base import OutputRole, Target
 from qcompile.backends.cpu import COMMON_RULES, PROVIDER_NEUTRAL_PIPELINE
 from qcompile.backends.cuda_kernels import CUDA_KERNELS
-from qcompile.cache import cache_directory
+from qcompile.core.cache import cache_directory
 from qcompile.errors import ConfigError
-from qcompile.providers import verify_if_installed
+from qcompile.io.providers import verify_if_installed
 
 logger = logging.getLogger(__name__)
 

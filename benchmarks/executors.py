@@ -1,10 +1,10 @@
-"""executors: the same work on one process and on several (qcompile.executors), side by side.
+"""executors: the same work on one process and on several (qcompile.scaleout.executors), side by side.
 
 - **Sharded calibration on Ray**: all-MiniLM-L6-v2 calibrated on 1,024 real sentences (CPython's
   pydoc topics, topped up from the license texts Debian ships; 64 batches of 16), once in this
   process and once on a local Ray in 4 shards (``workers=4``). The compiled models must be
   byte-identical; wall times and their ratio are printed.
-- **Sensitivity analysis**: ``qcompile.sensitivity.node_sensitivity`` (one compile per quantized
+- **Sensitivity analysis**: ``qcompile.analysis.sensitivity.node_sensitivity`` (one compile per quantized
   node kept float) of the digits CNN, and of a small ResNet-18 (width 16, 32x32 images) where each
   compile is long enough for workers to pay off, in process and on ``--executor local --workers 2``
   (a pool started for the run, as the command line does). The rankings must be identical.
@@ -60,7 +60,7 @@ def _sha(result) -> str:
 
 def _minilm_on_ray(quick: bool, workdir: Path) -> dict:
     import qcompile
-    from qcompile.executors import make_executor
+    from qcompile.scaleout.executors import make_executor
 
     try:
         import ray  # noqa: F401
@@ -92,8 +92,8 @@ def _minilm_on_ray(quick: bool, workdir: Path) -> dict:
 
 
 def _sensitivity(label: str, model: Path, calib: Path, threads: int = 0) -> dict:
-    from qcompile.executors import make_executor
-    from qcompile.sensitivity import node_sensitivity
+    from qcompile.scaleout.executors import make_executor
+    from qcompile.analysis.sensitivity import node_sensitivity
 
     config = {"threads": threads}
     start = time.perf_counter()

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import qcompile
-from qcompile.accuracy_search import compile_or_recover
+from qcompile.analysis.accuracy_search import compile_or_recover
 from qcompile.errors import QcompileError
 
 GROUPS = ("onnx-test-models", "fuzz", "configs", "real-models")

@@ -40,7 +40,7 @@ from onnx import numpy_helper
 
 import qcompile
 from qcompile.errors import QcompileError, detail
-from qcompile.loader import load_model
+from qcompile.io.loader import load_model
 
 logger = logging.getLogger("benchmarks.onnx_test_models")
 

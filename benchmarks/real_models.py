@@ -1193,7 +1193,7 @@ def _escalation(report: dict) -> str | None:
     recovery = (report.get("transformations") or {}).get("recovery")
     if not recovery:
         return None
-    if recovery.get("kind") == "refine":  # above the floor, below the target (qcompile.accuracy_search._refine)
+    if recovery.get("kind") == "refine":  # above the floor, below the target (qcompile.analysis.accuracy_search._refine)
         tried = len(recovery.get("tried") or [])
         return (f"{recovery.get('plain_min_sqnr_db')} -> {recovery.get('final_min_sqnr_db')} dB: refine, "
                 + (f"{recovery.get('changed')}" if recovery.get("kept") else f"kept 8-bit ({tried} tried)")

@@ -6,7 +6,7 @@
    every position is a real token. (In a padded batch the padded positions hold values that no
    one reads, different in the two models; they would dominate the error of every tensor after
    the first attention.)
-3. run ``qcompile.debug.analyze`` and write ``debug.html`` (open it in a browser), ``debug.json``,
+3. run ``qcompile.analysis.debug.analyze`` and write ``debug.html`` (open it in a browser), ``debug.json``,
    and print the worst layers.
 
 Setup (once)::
@@ -34,8 +34,8 @@ import minilm
 from npz_batches import write_npz_batches
 
 import qcompile
-from qcompile.outputs import report_path_for
-from qcompile.debug import analyze
+from qcompile.io.outputs import report_path_for
+from qcompile.analysis.debug import analyze
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import qcompile
-from qcompile.outputs import report_path_for
+from qcompile.io.outputs import report_path_for
 from ort_baseline import quantize_with_ort
 
 logger = logging.getLogger("digits_cnn")

@@ -51,7 +51,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 import qcompile
-from qcompile.outputs import report_path_for
+from qcompile.io.outputs import report_path_for
 from npz_batches import write_npz_batches as write_calibration_batches
 from ort_baseline import quantize_with_ort
 

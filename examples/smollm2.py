@@ -76,7 +76,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from transformers.utils import logging as transformers_logging
 
 import qcompile
-from qcompile.outputs import report_path_for
+from qcompile.io.outputs import report_path_for
 from npz_batches import write_npz_batches as write_calibration_batches
 from perplexity import empty_past, make_session, perplexity
 
@@ -481,7 +481,7 @@ def main() -> None:
     calib_dir = args.out / "calibration"
     write_calibration_batches(calibration_batches(tokenizer, CALIBRATION_BATCHES), calib_dir)
 
-    # A recipe is a named pipeline (qcompile/recipes.py): llm-int4 (AWQ + GPTQ 4-bit blocks, the
+    # A recipe is a named pipeline (qcompile/core/recipes.py): llm-int4 (AWQ + GPTQ 4-bit blocks, the
     # default), llm-int8-weight or llm-w8a8. Latency is left out of the report: a 512-token pass
     # takes seconds on this machine, and perplexity is the measure.
     compiled_path = args.out / f"smollm2.{args.recipe}.onnx"

@@ -35,12 +35,12 @@ import time
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.chunked_runs import DEFAULT_CHUNK
+from qcompile.io.chunked_runs import DEFAULT_CHUNK
 from qcompile.errors import ConfigError
-from qcompile.graph_edit import add_initializer
+from qcompile.core.graph_edit import add_initializer
 from qcompile.passes.layer_statistics import linear_layer, observe_layers
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import constant_qparams, quantize
+from qcompile.numerics.qparams import constant_qparams, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class AdaRound(ir.passes.InPlacePass):
     symmetric type) and calibration data that can be read again (a directory or a list). Runs after
     ``calibrate``, before ``insert-qdq`` (and before ``bias-correction``). Guarantees: every planned
     Conv/Gemm/MatMul weight (symmetric, read by that node only) is replaced by s * q, where s are
-    the scales ``insert-qdq`` computes (``qcompile.qparams``) and q the learned integers, each
+    the scales ``insert-qdq`` computes (``qcompile.numerics.qparams``) and q the learned integers, each
     floor or ceil of W / s, the largest weight of each channel rounded to nearest so the scales
     do not move: ``insert-qdq`` then stores exactly q. A layer keeps round-to-nearest where the
     learned rounding is not better on the calibration data. The float weights are kept in the

@@ -18,10 +18,10 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.chunked_runs import DEFAULT_CHUNK
+from qcompile.io.chunked_runs import DEFAULT_CHUNK
 from qcompile.passes.channel_scaling import Group, apply_channel_scale, matmul_input_groups, observe_groups
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import quantize_blocks
+from qcompile.numerics.qparams import quantize_blocks
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ Weight Equalization and Bias Correction" (ICCV 2019), subtract it from the bias:
 Here E[r] is empirical: the mean input row of the layer (``layer_statistics``: for a Conv, the mean
 receptive field, zero padding included, so the correction is exact at every output position) over
 the calibration data, with the float model's inputs. W_q is exactly the weight ``insert-qdq`` will
-store: the plan's axis and type through ``qcompile.qparams`` (``constant_qparams``, ``quantize``,
+store: the plan's axis and type through ``qcompile.numerics.qparams`` (``constant_qparams``, ``quantize``,
 ``dequantize``), the functions ``insert-qdq`` calls.
 """
 
@@ -23,12 +23,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.chunked_runs import DEFAULT_CHUNK
-from qcompile.graph_edit import add_initializer
+from qcompile.io.chunked_runs import DEFAULT_CHUNK
+from qcompile.core.graph_edit import add_initializer
 from qcompile.passes.layer_statistics import Layer, linear_layer, observe_layers
 from qcompile.passes.quantization_plan import WeightQuant
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import constant_qparams, dequantize, quantize
+from qcompile.numerics.qparams import constant_qparams, dequantize, quantize
 
 logger = logging.getLogger(__name__)
 

@@ -13,15 +13,15 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qcompile.chunked_runs import DEFAULT_CHUNK, ChunkedRunner
-from qcompile.data import read_items
+from qcompile.io.chunked_runs import DEFAULT_CHUNK, ChunkedRunner
+from qcompile.io.data import read_items
 from qcompile.errors import CalibrationDataError, ModelError
-from qcompile.executors import Executor
+from qcompile.scaleout.executors import Executor
 from qcompile.log import Progress
 from qcompile.passes.quantization_plan import require_plan
 from qcompile.passes.registry import register_pass
-from qcompile.runtime import make_session, session_source
-from qcompile.statistics import CalibrationTable
+from qcompile.io.runtime import make_session, session_source
+from qcompile.numerics.statistics import CalibrationTable
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def sharded_statistics(
 ) -> CalibrationTable:
     """``collect_statistics`` over ``shards`` (from ``BatchSource.calibration_shards``), one task
     each on ``executor``'s workers, merged in shard order. Statistics merge exactly
-    (``qcompile.statistics``), so the table equals a single-process run's over the same batches.
+    (``qcompile.numerics.statistics``), so the table equals a single-process run's over the same batches.
     The model goes to the workers once: serialized, or (large models) as a path into the workspace."""
     with session_source(model, tensor_names, workspace) as source:
         shared = {"model": source, "tensors": list(tensor_names), "specs": specs, "histograms": histograms,

@@ -16,10 +16,10 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.chunked_runs import ChunkedRunner
-from qcompile.graph_edit import add_initializer, initializer_array
-from qcompile.runtime import make_session
-from qcompile.workspace import release_tensor
+from qcompile.io.chunked_runs import ChunkedRunner
+from qcompile.core.graph_edit import add_initializer, initializer_array
+from qcompile.io.runtime import make_session
+from qcompile.io.workspace import release_tensor
 
 # Rows of X kept (a uniform reservoir sample over all batches) to score candidate scales: bounded,
 # whatever the data size, and enough to rank candidates whose errors differ by 10% or more.

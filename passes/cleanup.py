@@ -51,7 +51,7 @@ class StripValueInfo(ir.passes.InPlacePass):
         super().__init__()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        # (An initializer's type is its tensor's; qcompile.workspace.serialize_inline drops the copy
+        # (An initializer's type is its tensor's; qcompile.io.workspace.serialize_inline drops the copy
         # onnx-ir writes as value_info.)
         modified = False
         for value in (v for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs):

@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import PipelineError
-from qcompile.graph_edit import add_initializer
+from qcompile.core.graph_edit import add_initializer
 from qcompile.passes.registry import register_pass
 
 logger = logging.getLogger(__name__)

@@ -21,9 +21,9 @@ __all__ = ["GptqRounding", "gptq_layer"]
 
 import numpy as np
 
-from qcompile.chunked_runs import DEFAULT_CHUNK
+from qcompile.io.chunked_runs import DEFAULT_CHUNK
 from qcompile.errors import ConfigError
-from qcompile.gptq import gptq_order, gptq_sweep
+from qcompile.numerics.gptq import gptq_order, gptq_sweep
 from qcompile.passes.adaround import AdaRound, Rounding, _reconstruction
 from qcompile.passes.registry import register_pass
 

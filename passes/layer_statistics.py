@@ -21,9 +21,9 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.chunked_runs import ChunkedRunner
-from qcompile.graph_edit import attribute_value
-from qcompile.runtime import make_session
+from qcompile.io.chunked_runs import ChunkedRunner
+from qcompile.core.graph_edit import attribute_value
+from qcompile.io.runtime import make_session
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.graph_edit import Namer, add_initializer
+from qcompile.core.graph_edit import Namer, add_initializer
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import QUANT_TYPES, quantize, weight_qparams
+from qcompile.numerics.qparams import QUANT_TYPES, quantize, weight_qparams
 
 logger = logging.getLogger(__name__)
 

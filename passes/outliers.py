@@ -37,13 +37,13 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.chunked_runs import DEFAULT_CHUNK
+from qcompile.io.chunked_runs import DEFAULT_CHUNK
 from qcompile.errors import CalibrationDataError, ConfigError
-from qcompile.graph_edit import Namer, add_initializer
+from qcompile.core.graph_edit import Namer, add_initializer
 from qcompile.passes.channel_scaling import Group, matmul_input_groups, observe_groups
 from qcompile.passes.quantization_plan import KEEP_FLOAT
 from qcompile.passes.registry import register_pass
-from qcompile.workspace import release_tensor
+from qcompile.io.workspace import release_tensor
 
 logger = logging.getLogger(__name__)
 

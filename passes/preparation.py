@@ -38,9 +38,9 @@ from onnxscript.rewriter.rules.common import (
 )
 
 from qcompile.errors import ModelError, detail
-from qcompile.graph_edit import add_initializer
+from qcompile.core.graph_edit import add_initializer
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import quant_type
+from qcompile.numerics.qparams import quant_type
 
 logger = logging.getLogger(__name__)
 

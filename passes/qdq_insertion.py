@@ -11,13 +11,13 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import PipelineError
-from qcompile.graph_edit import Namer, add_initializer
+from qcompile.core.graph_edit import Namer, add_initializer
 from qcompile.passes.quantization_plan import QuantizationPlan, plan_nodes
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import (
+from qcompile.numerics.qparams import (
     LookupQuantized, bias_qparams, bias_safe_weight_scale, constant_qparams, lookup_qparams, quantize, raise_to_floor,
 )
-from qcompile.workspace import release_tensor
+from qcompile.io.workspace import release_tensor
 
 logger = logging.getLogger(__name__)
 

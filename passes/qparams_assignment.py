@@ -23,10 +23,10 @@ class AssignQparams(ir.passes.InPlacePass):
     mask or sentinel value, not float32, never computed on the data) stays float, with the nodes
     that would read it; the plan is refined for that, not made again, unless such an exclusion or a
     changed graph asks for it; every other planned activation has a scale and zero point, computed
-    by ``qcompile.qparams`` from the range the configured method picks out of the statistics
+    by ``qcompile.numerics.qparams`` from the range the configured method picks out of the statistics
     (``calibration_method``: mse, minmax, percentile, entropy, auto). Weights' and biases' scales
     are fixed from the weights themselves where ``insert-qdq`` writes them, also by
-    ``qcompile.qparams``. The graph is unchanged.
+    ``qcompile.numerics.qparams``. The graph is unchanged.
 
     ``method`` and ``percentile`` are the config's ``calibration_method`` and ``percentile``, for
     the whole run (``calibrate`` reads the method too: minmax needs no histograms).

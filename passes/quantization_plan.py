@@ -27,10 +27,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.backends.base import ConstantFormat, InputRole, OutputRole, Target, TypeSource
-from qcompile.config import CompileConfig
+from qcompile.core.config import CompileConfig
 from qcompile.errors import ConfigError
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import (
+from qcompile.numerics.qparams import (
     QuantType,
     activation_qparams,
     activation_zero_point,
@@ -39,8 +39,8 @@ from qcompile.qparams import (
     power_of_two_multiple,
     quant_type,
 )
-from qcompile.statistics import CalibrationTable
-from qcompile.workspace import release_tensor
+from qcompile.numerics.statistics import CalibrationTable
+from qcompile.io.workspace import release_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class QuantizationPlan:
     # statistics instead of planning again, unless a pass in between changed the graph.
     fingerprint: str = ""
     # Set by insert-qdq once the plan is in the graph: from then on it records what was done
-    # (the report reads it) and no graph change drops it (qcompile.context.Analyses).
+    # (the report reads it) and no graph change drops it (qcompile.core.context.Analyses).
     applied: bool = False
 
     def summary(self) -> dict:

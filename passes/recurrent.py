@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from qcompile.passes.quantization_plan import _Exclusions
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import QUANT_TYPES, quantize, weight_qparams
+from qcompile.numerics.qparams import QUANT_TYPES, quantize, weight_qparams
 
 logger = logging.getLogger(__name__)
 

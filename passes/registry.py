@@ -23,7 +23,7 @@ class PassInfo:
     needs_data: bool = False  # runs the model on calibration data (skipped by `qcompile inspect`)
     # Options that are run-wide settings, each another spelling of one CompileConfig key (option ->
     # key): the pipeline writes them into the config once, before any pass is built
-    # (qcompile.pipeline.resolve_config); the pass reads them from the config, as every pass does.
+    # (qcompile.core.pipeline.resolve_config); the pass reads them from the config, as every pass does.
     config_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 

@@ -29,12 +29,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.chunked_runs import DEFAULT_CHUNK
+from qcompile.io.chunked_runs import DEFAULT_CHUNK
 from qcompile.errors import CalibrationDataError
 from qcompile.passes.channel_scaling import Group, apply_channel_scale, matmul_input_groups, observe_groups
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import activation_qparams, dequantize, quant_type, quantize, weight_qparams
-from qcompile.workspace import release_tensor
+from qcompile.numerics.qparams import activation_qparams, dequantize, quant_type, quantize, weight_qparams
+from qcompile.io.workspace import release_tensor
 
 logger = logging.getLogger(__name__)
 

@@ -29,20 +29,20 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.chunked_runs import DEFAULT_CHUNK, ChunkedRunner
+from qcompile.io.chunked_runs import DEFAULT_CHUNK, ChunkedRunner
 from qcompile.errors import ConfigError
-from qcompile.gptq import gptq_order, gptq_sweep
-from qcompile.graph_edit import Namer, add_initializer
+from qcompile.numerics.gptq import gptq_order, gptq_sweep
+from qcompile.core.graph_edit import Namer, add_initializer
 from qcompile.passes.qdq_insertion import dequantize_after_lookup
 from qcompile.passes.registry import register_pass
-from qcompile.qparams import (
+from qcompile.numerics.qparams import (
     BlockQuantized,
     lookup_qparams,
     quant_type,
     quantize_blocks,
     round_to_blocks,
 )
-from qcompile.runtime import make_session
+from qcompile.io.runtime import make_session
 
 logger = logging.getLogger(__name__)
 

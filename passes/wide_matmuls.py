@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.graph_edit import Namer, add_initializer, attribute_value, initializer_array
+from qcompile.core.graph_edit import Namer, add_initializer, attribute_value, initializer_array
 from qcompile.passes.registry import register_pass
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from qcompile.errors import (
 
 if TYPE_CHECKING:
     from qcompile.api import CompileResult, compile  # noqa: A004
-    from qcompile.config import CompileConfig, load_config
+    from qcompile.core.config import CompileConfig, load_config
 
 __all__ = [
     "compile",
@@ -41,7 +41,7 @@ __all__ = [
 
 # Public name -> the module that defines it, imported when the name is first read.
 _LAZY = {"compile": "qcompile.api", "CompileResult": "qcompile.api",
-         "CompileConfig": "qcompile.config", "load_config": "qcompile.config"}
+         "CompileConfig": "qcompile.core.config", "load_config": "qcompile.core.config"}
 
 
 def __getattr__(name: str):

@@ -20,20 +20,20 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.backends import get_target
-from qcompile.cache import PassCache, PipelineCache, cache_directory
-from qcompile.config import CompileConfig, load_config
-from qcompile.context import CompileContext
-from qcompile.data import BatchSource, check_npz_headers, input_specs
+from qcompile.core.cache import PassCache, PipelineCache, cache_directory
+from qcompile.core.config import CompileConfig, load_config
+from qcompile.core.context import CompileContext
+from qcompile.io.data import BatchSource, check_npz_headers, input_specs
 from qcompile.errors import AccuracyGateError, ConfigError, OutputError
-from qcompile.evaluate import compare_outputs, compare_to_outputs, measure_latency
-from qcompile.executors import Executor
-from qcompile.loader import describe_source, load_model, refuse_non_finite_weights, refuse_quantized
+from qcompile.analysis.evaluate import compare_outputs, compare_to_outputs, measure_latency
+from qcompile.scaleout.executors import Executor
+from qcompile.io.loader import describe_source, load_model, refuse_non_finite_weights, refuse_quantized
 from qcompile.log import Progress, TerminalProgress
-from qcompile.outputs import Read, check_destination, files_read, rename_together, temp_beside, write_text_atomically
-from qcompile.pipeline import format_pipeline, parse_pipeline, run_pipeline
-from qcompile.recipes import pipeline_for
-from qcompile.report import Report
-from qcompile.reproduce import (
+from qcompile.io.outputs import Read, check_destination, files_read, rename_together, temp_beside, write_text_atomically
+from qcompile.core.pipeline import format_pipeline, parse_pipeline, run_pipeline
+from qcompile.core.recipes import pipeline_for
+from qcompile.core.report import Report
+from qcompile.core.reproduce import (
     HashingIterable,
     canonical_json,
     code_digest,
@@ -43,8 +43,8 @@ from qcompile.reproduce import (
     model_digest,
     sha256_hex,
 )
-from qcompile.runtime import make_session
-from qcompile.workspace import (
+from qcompile.io.runtime import make_session
+from qcompile.io.workspace import (
     LARGE_MODEL_BYTES,
     Workspace,
     drop_dead_initializers,
@@ -97,10 +97,10 @@ class CompileResult:
         """Write the model (and optionally its report) atomically: both complete, or neither.
 
         ``report_path``: None writes no report; the command line's name for it is
-        ``qcompile.outputs.report_path_for(path)`` (``m.int8.onnx`` -> ``m.int8.report.json``).
+        ``qcompile.io.outputs.report_path_for(path)`` (``m.int8.onnx`` -> ``m.int8.report.json``).
 
         Both are written to temp files first and renamed model first, report last, with SIGINT and
-        SIGTERM held between the renames (``qcompile.outputs``). Refused (``OutputError``, nothing
+        SIGTERM held between the renames (``qcompile.io.outputs``). Refused (``OutputError``, nothing
         written): a destination that is one of the files the compile read, or that exists and is
         not a regular file."""
         path = Path(path)
@@ -254,7 +254,7 @@ def compile(  # the verb users expect: qcompile.compile
     ``config.min_sqnr`` is set and an output falls below it. ``show_progress``: True shows
     the progress of calibration, evaluation and latency runs on stderr, or pass a
     ``qcompile.log.Progress`` callback to get it.
-    ``executor``: a ``qcompile.executors.Executor`` to run repeated work on (sharded calibration),
+    ``executor``: a ``qcompile.scaleout.executors.Executor`` to run repeated work on (sharded calibration),
     kept open for the caller; by default the config's (``executor``, ``workers``, ``ray_address``),
     made for this call and closed after it.
     """
@@ -270,7 +270,7 @@ def compile(  # the verb users expect: qcompile.compile
     specs = parse_pipeline(pipeline_for(config.pipeline, config.recipe, target_spec, config))
     inputs = input_specs(float_model)
     if isinstance(calibration_data, Iterable) and not isinstance(calibration_data, (str, Path, list, tuple, Mapping)):
-        # A one-shot iterator: hashed as calibration reads it (see qcompile.reproduce).
+        # A one-shot iterator: hashed as calibration reads it (see qcompile.core.reproduce).
         calibration_data = HashingIterable(calibration_data)
     versions = _versions()
     # Headers first: a wrong shape, a damaged header or a zip bomb is refused before hashing reads the data.
@@ -279,7 +279,7 @@ def compile(  # the verb users expect: qcompile.compile
     data = None
     if calibration_data is not None:
         data = BatchSource(calibration_data, inputs, eval_source=eval_data, max_eval=config.eval_batches)
-    # Large models keep their weights in files (qcompile.workspace): no protobuf of the whole model,
+    # Large models keep their weights in files (qcompile.io.workspace): no protobuf of the whole model,
     # and ONNX Runtime maps the weights instead of copying them.
     workspace = Workspace() if weight_bytes(float_model) > LARGE_MODEL_BYTES else None
     try:

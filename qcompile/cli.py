@@ -127,7 +127,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude-regex", nargs="+", metavar="REGEX", help="keep nodes whose name matches in float")
     c.add_argument("--min-sqnr", type=float, metavar="DB", help="fail with exit code 3 if any output's SQNR is below DB")
     c.add_argument("--search", action="store_true", default=None,
-                   help="search for accuracy measures until --min-sqnr holds (qcompile.accuracy_search)")
+                   help="search for accuracy measures until --min-sqnr holds (qcompile.analysis.accuracy_search)")
     c.add_argument("--max-loss", metavar="LOSS",
                    help="search until the relative loss is at most LOSS (1%% or 0.01): of --metric, else the "
                         "outputs' relative RMS error (SQNR >= -20 log10(LOSS) dB)")
@@ -212,7 +212,7 @@ def _build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="compile every (model, target) a build file lists, each as its own task; "
                        "one combined report (exit code: the worst entry's)")
     b.add_argument("build_file", metavar="BUILD.toml", help="the build file: [defaults] and one [[model]] table per "
-                   "model (model, calib, eval, targets, config); see qcompile.build")
+                   "model (model, calib, eval, targets, config); see qcompile.scaleout.build")
     b.add_argument("-o", "--out-dir", metavar="OUTDIR",
                    help="where models and reports go (default: the file's out_dir, else BUILD-build/ beside it)")
     b.add_argument("--dry-run", action="store_true", help="check the build file, list its entries and exit")
@@ -289,9 +289,9 @@ def _parse_shape(text: str) -> tuple[str, list[int]]:
 def _cmd_compile(args) -> int:
     import qcompile
     from qcompile.backends import get_target
-    from qcompile.outputs import check_destination, check_not_read, report_path_for, write_text_atomically
-    from qcompile.pipeline import format_pipeline, parse_pipeline
-    from qcompile.recipes import pipeline_for
+    from qcompile.io.outputs import check_destination, check_not_read, report_path_for, write_text_atomically
+    from qcompile.core.pipeline import format_pipeline, parse_pipeline
+    from qcompile.core.recipes import pipeline_for
 
     config = _config_from_args(args)
     if args.print_pipeline:
@@ -320,7 +320,7 @@ def _cmd_compile(args) -> int:
     recovering = config.recover and config.min_sqnr is None and args.calib is not None and not args.dump_after
     try:
         if recovering:
-            from qcompile.accuracy_search import compile_or_recover
+            from qcompile.analysis.accuracy_search import compile_or_recover
 
             result = compile_or_recover(str(model_path), args.calib, config=config, eval_data=args.eval_data,
                                         show_progress=_progress(args))
@@ -360,7 +360,7 @@ def _files_read(args, config, model_path: Path, destinations) -> list:
     """What this compile reads: model, external data, data files, config, metric. The model's
     external data names are read from the file only when a destination exists (else it cannot be
     one of them)."""
-    from qcompile.outputs import files_read
+    from qcompile.io.outputs import files_read
 
     existing = any(os.path.lexists(p) for p in destinations) or bool(config.ep_context_path)
     return files_read(model=model_path, external_data=None if existing else [], calibration=args.calib,
@@ -370,7 +370,7 @@ def _files_read(args, config, model_path: Path, destinations) -> list:
 def _compile_search(args, config, model_path: Path, output: Path, report_path: Path) -> int:
     """compile with --search/--max-loss: the best model found is written even when the budget is
     missed (then the exit code is 3), with the search in the report."""
-    from qcompile.accuracy_search import compile_within_budget
+    from qcompile.analysis.accuracy_search import compile_within_budget
     from qcompile.errors import ConfigError
 
     if config.metric and config.max_loss is None:
@@ -425,8 +425,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _cmd_verify(args) -> int:
-    from qcompile.outputs import report_path_for
-    from qcompile.reproduce import verify_artifact
+    from qcompile.io.outputs import report_path_for
+    from qcompile.core.reproduce import verify_artifact
 
     report = Path(args.report) if args.report else report_path_for(Path(args.model))
     legacy = Path(args.model).parent / "report.json"
@@ -439,8 +439,8 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_config(args) -> int:
-    from qcompile.config import load_config
-    from qcompile.config_reference import config_reference_markdown, config_schema
+    from qcompile.core.config import load_config
+    from qcompile.core.config_reference import config_reference_markdown, config_schema
 
     if args.schema:
         print(json.dumps(config_schema(), indent=2))
@@ -462,7 +462,7 @@ def _cmd_passes(args) -> int:
 
 def _cmd_targets(args) -> int:
     from qcompile.backends import available_targets
-    from qcompile.providers import provider_status
+    from qcompile.io.providers import provider_status
 
     for target in available_targets().values():
         print(f"{target.name}: {target.description}")
@@ -493,7 +493,7 @@ def _cmd_run(args) -> int:
 
     from qcompile.backends import get_target
     from qcompile.errors import ModelError
-    from qcompile.providers import open_session, placement, placement_summary
+    from qcompile.io.providers import open_session, placement, placement_summary
 
     target = get_target(args.target)
     if not Path(args.model).is_file():
@@ -520,7 +520,7 @@ def _cmd_run(args) -> int:
 def _print_op_fidelity(args, target, feed) -> None:
     import onnx
 
-    from qcompile.op_fidelity import op_fidelity
+    from qcompile.analysis.op_fidelity import op_fidelity
 
     result = op_fidelity(onnx.load(args.model), target, [feed], allow_fallback=args.allow_fallback)
     print(f"per op: each QDQ node unit alone on the CPU reference's input codes, {result['provider']} vs "
@@ -555,7 +555,7 @@ def _run_inputs(path: str | None, session, np) -> dict:
             dtype = np.dtype({"float": "float32", "double": "float64"}.get(name, name))
             feed[meta.name] = (rng.normal(size=meta.shape) if dtype.kind == "f" else np.zeros(meta.shape)).astype(dtype)
         return feed
-    from qcompile.data import read_npz
+    from qcompile.io.data import read_npz
 
     feed = read_npz(Path(path), label="--inputs")
     missing = [meta.name for meta in inputs if meta.name not in feed]
@@ -565,8 +565,8 @@ def _run_inputs(path: str | None, session, np) -> dict:
 
 
 def _cmd_debug(args) -> int:
-    from qcompile.debug import DEFAULT_GROUP_SIZE, analyze
-    from qcompile.outputs import check_destination, files_read, write_text_atomically
+    from qcompile.analysis.debug import DEFAULT_GROUP_SIZE, analyze
+    from qcompile.io.outputs import check_destination, files_read, write_text_atomically
 
     # Neither report may replace a file the analysis reads: checked before the analysis, which can take long.
     reads = [*files_read(model=args.float_model, calibration=args.data), (Path(args.quant_model), "the quantized model"),
@@ -599,8 +599,8 @@ def _cmd_debug(args) -> int:
 
 def _cmd_sensitivity(args) -> int:
     from qcompile.api import resolve_config
-    from qcompile.outputs import check_destination, files_read, write_text_atomically
-    from qcompile.sensitivity import node_sensitivity
+    from qcompile.io.outputs import check_destination, files_read, write_text_atomically
+    from qcompile.analysis.sensitivity import node_sensitivity
 
     overrides = {k: v for k, v in (("target", args.target), ("executor", args.executor), ("workers", args.workers),
                                    ("ray_address", args.ray_address)) if v is not None}
@@ -635,7 +635,7 @@ def _cmd_sensitivity(args) -> int:
 def _cmd_build(args) -> int:
     """Exit code: the worst entry's, in order of severity 0 (ok) < 3 (accuracy gate failed) < 2 (bad
     input) < 1 (a bug); a bad build file exits 2 before anything compiles."""
-    from qcompile.build import build, load_build_file
+    from qcompile.scaleout.build import build, load_build_file
 
     if args.dry_run:
         plan = load_build_file(args.build_file, args.out_dir, cache=True)
@@ -662,11 +662,11 @@ def _db(value) -> str:
 
 def _cmd_inspect(args) -> int:
     from qcompile.backends import get_target
-    from qcompile.config import CompileConfig
-    from qcompile.context import CompileContext
-    from qcompile.data import input_specs
-    from qcompile.loader import load_model, refuse_non_finite_weights, refuse_quantized
-    from qcompile.pipeline import parse_pipeline, run_pipeline
+    from qcompile.core.config import CompileConfig
+    from qcompile.core.context import CompileContext
+    from qcompile.io.data import input_specs
+    from qcompile.io.loader import load_model, refuse_non_finite_weights, refuse_quantized
+    from qcompile.core.pipeline import parse_pipeline, run_pipeline
 
     model = load_model(args.model)
     refuse_quantized(model, repr(str(args.model)))

@@ -10,10 +10,10 @@ import pytest  # noqa: E402
 from tiny_models import tiny_cnn  # noqa: E402
 
 from qcompile.backends import get_target  # noqa: E402
-from qcompile.config import CompileConfig  # noqa: E402
-from qcompile.context import CompileContext  # noqa: E402
-from qcompile.data import BatchSource, input_specs  # noqa: E402
-from qcompile.pipeline import parse_pipeline, run_pipeline  # noqa: E402
+from qcompile.core.config import CompileConfig  # noqa: E402
+from qcompile.core.context import CompileContext  # noqa: E402
+from qcompile.io.data import BatchSource, input_specs  # noqa: E402
+from qcompile.core.pipeline import parse_pipeline, run_pipeline  # noqa: E402
 
 
 def run_passes(proto, pipeline, data=None, **config):
@@ -28,7 +28,7 @@ def run_passes(proto, pipeline, data=None, **config):
 
 @pytest.fixture(autouse=True)
 def pass_cache_dir(tmp_path_factory, monkeypatch):
-    """Each test gets its own, empty pass cache (qcompile.cache), never the user's ~/.cache; subprocesses inherit it."""
+    """Each test gets its own, empty pass cache (qcompile.core.cache), never the user's ~/.cache; subprocesses inherit it."""
     path = tmp_path_factory.mktemp("qcompile-cache")
     monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(path))
     return path

@@ -1,4 +1,4 @@
-"""Accuracy-aware compilation (qcompile.accuracy_search): the search adds accuracy measures until
+"""Accuracy-aware compilation (qcompile.analysis.accuracy_search): the search adds accuracy measures until
 the budget holds, promotes the most sensitive tensor first, and writes the best model it found
 (exit code 3) when the budget cannot be met."""
 
@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from qcompile.backends import get_target
 
-from qcompile.accuracy_search import compile_within_budget, load_metric, parse_loss
+from qcompile.analysis.accuracy_search import compile_within_budget, load_metric, parse_loss
 from qcompile.cli import main
 from qcompile.errors import AccuracyGateError, ConfigError
 
@@ -236,7 +236,7 @@ def test_recovery_that_misses_its_floor_writes_the_best_model_and_exits_3(tmp_pa
 
 
 def test_a_model_above_the_floor_is_compiled_once(tmp_path):
-    from qcompile.accuracy_search import compile_or_recover
+    from qcompile.analysis.accuracy_search import compile_or_recover
     from tiny_models import cnn_batches, tiny_cnn
 
     result = compile_or_recover(tiny_cnn(), cnn_batches(4), config={"measure_latency": False})
@@ -247,7 +247,7 @@ def test_a_search_whose_ranking_fails_still_writes_its_best_model(tmp_path, caps
     """PP-OCR's direction classifier: the sensitivity ranking refused the plain compile (its
     reference did not compute the float function) and recovery ended in exit 2 with nothing
     written. Whatever the ranking raises, the best candidate so far ships (exit 3 below the floor)."""
-    import qcompile.accuracy_search as search
+    import qcompile.analysis.accuracy_search as search
     from qcompile.errors import ModelError
 
     def refuse(*args, **kwargs):
@@ -297,7 +297,7 @@ def test_recovery_falls_back_to_16_bit_activations_with_gptq_and_bias_correction
     bias correction, every activation 16-bit) meets the floor before any ranking is paid for; the report says what
     that costs on the CPU provider. (The spiky model above still gets its one Gemm kept float: the
     fallback reaches 17 dB there, and the float stage goes on from the 8-bit compile.)"""
-    from qcompile.accuracy_search import RECOVERY_16BIT_NOTE, compile_or_recover
+    from qcompile.analysis.accuracy_search import RECOVERY_16BIT_NOTE, compile_or_recover
 
     result = compile_or_recover(_high_pass_chain(), _high_pass_batches(8, 0), eval_data=_high_pass_batches(4, 1),
                                 config={"measure_latency": False})
@@ -327,7 +327,7 @@ def _mild_spiky_model(spike: float = 60.0) -> onnx.ModelProto:
 
 
 def test_between_floor_and_target_the_most_sensitive_tensor_goes_16_bit_and_is_kept_for_a_real_gain():
-    from qcompile.accuracy_search import compile_or_recover
+    from qcompile.analysis.accuracy_search import compile_or_recover
 
     plain = compile_or_recover(_mild_spiky_model(), spiky_batches(), config={**CONFIG, "recover_target_sqnr": 20.0})
     plain_sqnr = plain.report.evaluation["outputs"]["y"]["sqnr_db"]
@@ -346,7 +346,7 @@ def test_between_floor_and_target_the_most_sensitive_tensor_goes_16_bit_and_is_k
 
 
 def test_a_refinement_that_gains_too_little_ships_the_plain_compile_and_says_so(monkeypatch):
-    import qcompile.accuracy_search as search
+    import qcompile.analysis.accuracy_search as search
 
     monkeypatch.setattr(search, "REFINE_MIN_GAIN_DB", 1000.0)
     result = search.compile_or_recover(_mild_spiky_model(), spiky_batches(), config=CONFIG)
@@ -358,7 +358,7 @@ def test_a_refinement_that_gains_too_little_ships_the_plain_compile_and_says_so(
 
 def _spiky_in_an_if() -> onnx.ModelProto:
     """spiky_model's chain inside an If's then-branch (the else branch one Gemm), the shape of
-    silero-vad, whose whole network is one branch: qcompile.debug cannot read a subgraph's values."""
+    silero-vad, whose whole network is one branch: qcompile.analysis.debug cannot read a subgraph's values."""
     chain = _mild_spiky_model()
     then_branch = helper.make_graph(list(chain.graph.node), "then", [],
                                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
@@ -377,7 +377,7 @@ def _spiky_in_an_if() -> onnx.ModelProto:
 
 
 def test_tensors_inside_an_if_branch_are_ranked_at_the_outputs_and_promoted():
-    from qcompile.accuracy_search import compile_or_recover
+    from qcompile.analysis.accuracy_search import compile_or_recover
 
     batches = [{**b, "flag": np.array(True)} for b in spiky_batches()]
     result = compile_or_recover(_spiky_in_an_if(), batches, config=CONFIG)

@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
 import qcompile.api
-import qcompile.outputs
+import qcompile.io.outputs
 from qcompile.cli import main
 from qcompile.errors import (
     AccuracyGateError,
@@ -45,7 +45,7 @@ from qcompile.errors import (
     PipelineError,
     QcompileError,
 )
-from qcompile.loader import load_model
+from qcompile.io.loader import load_model
 
 # --- tiny models, built here so each case shows what is wrong with it -------------------------
 
@@ -114,7 +114,7 @@ class Setup:
 
     def __post_init__(self):
         self.out = self.out or self.folder / "out.onnx"
-        self.report = self.report or qcompile.outputs.report_path_for(self.out)
+        self.report = self.report or qcompile.io.outputs.report_path_for(self.out)
 
 
 Builder = Callable[[Path], Setup]
@@ -605,7 +605,7 @@ def _config_named(name: str) -> Builder:
 
 def _full_disk_dump(folder: Path) -> Setup:
     """--dump-after on a full disk: the dump's bytes stop short with ENOSPC (a 0-byte dump stayed)."""
-    import qcompile.pipeline
+    import qcompile.core.pipeline
 
     def save(model, path, *args, **kwargs):
         Path(path).write_bytes(b"\x08")
@@ -615,7 +615,7 @@ def _full_disk_dump(folder: Path) -> Setup:
     return Setup(folder, good_model(folder), data=batches(),
                  api={"dump_after": ["calibrate"], "dump_dir": dumps},
                  cli=["--dump-after", "calibrate", "--dump-dir", str(dumps)],
-                 patch=lambda monkeypatch: monkeypatch.setattr(qcompile.pipeline.ir, "save", save))
+                 patch=lambda monkeypatch: monkeypatch.setattr(qcompile.core.pipeline.ir, "save", save))
 
 
 OUTPUT_CASES = [
@@ -724,7 +724,7 @@ def test_cli_rejects(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     calib = _calib_folder(setup)
     before = _snapshot(setup)
     # --report only when the case names another path: the default name is then the one the CLI derives.
-    report = [] if setup.report == qcompile.outputs.report_path_for(setup.out) else ["--report", str(setup.report)]
+    report = [] if setup.report == qcompile.io.outputs.report_path_for(setup.out) else ["--report", str(setup.report)]
     argv = ["compile", str(setup.model), "-o", str(setup.out), *report, "--no-latency", *setup.cli]
     code = main(argv + (["--calib", str(calib)] if calib is not None else []))
     captured = capsys.readouterr()
@@ -848,19 +848,19 @@ def test_every_npz_reader_refuses_pickled_arrays_and_says_why(tmp_path, capsys):
 
 _INTERRUPT = """
 import os, signal, sys
-import qcompile.api, qcompile.outputs
+import qcompile.api, qcompile.io.outputs
 from qcompile.cli import main
 # A shell runs background jobs with SIGINT ignored, and the child inherits that: give it what an
 # interactive run has, or SIGINT would be (rightly) ignored when the suite runs as `... &`.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 when, sig = sys.argv[1], getattr(signal, sys.argv[2])
 if when == "rename":  # the signal arrives between the model's rename and the report's
-    real = qcompile.outputs.os.replace
+    real = qcompile.io.outputs.os.replace
     def replace(src, dst):
         real(src, dst)
         if str(dst).endswith("out.onnx"):
             os.kill(os.getpid(), sig)
-    qcompile.outputs.os.replace = replace
+    qcompile.io.outputs.os.replace = replace
 else:  # the signal arrives while the report's temp file is written, the model's temp complete
     def write(tmp, data, destination):
         os.kill(os.getpid(), sig)
@@ -913,8 +913,8 @@ def test_the_next_run_removes_the_temp_files_a_killed_run_left(tmp_path):
     assert run.returncode == -9
     left = _written(tmp_path)
     assert len(left) == 2 and all(name.startswith(".qcompile-") and name.endswith(".tmp") for name in left), left
-    live = qcompile.outputs.temp_beside(tmp_path / "other.onnx")  # this process's: alive
-    qcompile.outputs._swept.clear()
+    live = qcompile.io.outputs.temp_beside(tmp_path / "other.onnx")  # this process's: alive
+    qcompile.io.outputs._swept.clear()
     result = qcompile.compile(mlp(), batches(), config={"measure_latency": False})
     result.save(tmp_path / "out.onnx", report_path=tmp_path / "out.report.json")
     assert _written(tmp_path) == sorted([live.name, "out.onnx", "out.report.json"])

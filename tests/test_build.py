@@ -9,8 +9,8 @@ import onnx
 import pytest
 from tiny_models import cnn_batches, tiny_cnn, tiny_transformer, transformer_batches
 
-import qcompile.build
-from qcompile.build import build, load_build_file, worst_exit_code
+import qcompile.scaleout.build
+from qcompile.scaleout.build import build, load_build_file, worst_exit_code
 from qcompile.cli import main
 from qcompile.errors import ConfigError
 
@@ -125,14 +125,14 @@ def test_the_exit_code_is_the_worst_entrys(project, tmp_path, capsys):
 
 
 def test_an_unexpected_error_in_one_entry_exits_1_and_the_others_are_built(project, tmp_path, monkeypatch):
-    real = qcompile.build._compile
+    real = qcompile.scaleout.build._compile
 
     def broken_for_the_transformer(entry, config):
         if entry.name == "transformer":
             raise RuntimeError("a bug")
         return real(entry, config)
 
-    monkeypatch.setattr(qcompile.build, "_compile", broken_for_the_transformer)
+    monkeypatch.setattr(qcompile.scaleout.build, "_compile", broken_for_the_transformer)
     report = build(build_file(project), tmp_path / "out")
     assert report.exit_code == 1
     assert [e["status"] for e in report.entries] == ["ok", "ok", "internal-error"]
@@ -258,7 +258,7 @@ def ray_cluster():
 
 
 def test_a_build_on_ray_gives_the_same_models(project, tmp_path, ray_cluster):
-    from qcompile.executors import RayExecutor
+    from qcompile.scaleout.executors import RayExecutor
 
     path = build_file(project)
     here = build(path, tmp_path / "inprocess")

@@ -1,4 +1,4 @@
-"""The pass cache (qcompile.cache): a rerun that changes only late passes skips calibration and
+"""The pass cache (qcompile.core.cache): a rerun that changes only late passes skips calibration and
 writes the same bytes; damaged entries are recomputed, never used; --no-cache bypasses it.
 
 Every test has its own empty cache folder (QCOMPILE_CACHE_DIR, set in conftest.py).
@@ -19,11 +19,11 @@ from qcompile.backends import get_target
 from tiny_models import cnn_batches, tiny_cnn
 
 import qcompile
-from qcompile import cache as pass_cache
+from qcompile.core import cache as pass_cache
 from qcompile.cli import main
-from qcompile.config import NON_BUILD_KEYS, RUN_KEYS, CompileConfig
-from qcompile.context import Analyses, CompileContext
-from qcompile.pipeline import parse_pipeline
+from qcompile.core.config import NON_BUILD_KEYS, RUN_KEYS, CompileConfig
+from qcompile.core.context import Analyses, CompileContext
+from qcompile.core.pipeline import parse_pipeline
 
 PIPELINE = "fix-names,shape-inference,plan-quantization,calibrate,insert-qdq,lift-constants(size_limit={limit})"
 
@@ -46,7 +46,7 @@ def test_changing_the_last_pass_reuses_calibration(caplog):
     output and report are those of a compile without the cache."""
     first = _compile(limit=16)
     assert _cache_of(first)["calibrate"] == "stored"
-    with caplog.at_level(logging.INFO, logger="qcompile.cache"):
+    with caplog.at_level(logging.INFO, logger="qcompile.core.cache"):
         second = _compile(limit=1024)
     passes = _cache_of(second)
     assert passes["calibrate"] == "hit" and passes["plan-quantization"] == "hit"
@@ -92,7 +92,7 @@ def test_a_damaged_entry_is_deleted_and_recomputed(pass_cache_dir, caplog, damag
     expected = _compile().to_proto().SerializeToString()
     (entry,) = _entries(pass_cache_dir)
     DAMAGE[damage](entry)
-    with caplog.at_level(logging.WARNING, logger="qcompile.cache"):
+    with caplog.at_level(logging.WARNING, logger="qcompile.core.cache"):
         again = _compile()
     assert any("is damaged" in r.getMessage() for r in caplog.records)
     assert _cache_of(again)["calibrate"] == "stored"  # recomputed and stored afresh
@@ -150,7 +150,7 @@ def test_an_unusable_cache_folder_warns_and_compiles(tmp_path, monkeypatch, capl
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(blocker / "cache"))
-    with caplog.at_level(logging.WARNING, logger="qcompile.cache"):
+    with caplog.at_level(logging.WARNING, logger="qcompile.core.cache"):
         result = _compile()
     assert result.report.cache["enabled"] is False and "cannot create" in result.report.cache["why"]
     assert any("pass cache off" in r.getMessage() for r in caplog.records)
@@ -235,10 +235,12 @@ def test_a_model_with_external_data_is_cached_with_its_weights(tmp_path):
 
 
 def test_large_models_are_cached_tensor_by_tensor(tmp_path, monkeypatch, pass_cache_dir):
-    """The large-model path (weights on disk, qcompile.workspace): an entry keeps the weights in a
+    """The large-model path (weights on disk, qcompile.io.workspace): an entry keeps the weights in a
     data file beside its model, and a hit gives the bytes an uncached large compile gives."""
     from benchmarks.large_model import write_calibration, write_large_model
-    from qcompile import api, reproduce, workspace
+    from qcompile import api
+    from qcompile.core import reproduce
+    from qcompile.io import workspace
 
     model = write_large_model(tmp_path / "model", total_bytes=6 * 64 * 64 * 4, width=64)
     calib = write_calibration(tmp_path / "calib", width=64, batches=3, rows=8)
@@ -267,7 +269,9 @@ def test_large_models_are_cached_tensor_by_tensor(tmp_path, monkeypatch, pass_ca
 _CONCURRENT = """
 import json, sys
 import qcompile
-from qcompile import api, cache, reproduce, workspace
+from qcompile import api
+from qcompile.core import cache, reproduce
+from qcompile.io import workspace
 for module in (workspace, api, cache, reproduce):
     module.LARGE_MODEL_BYTES = 1024  # the large-model path: entries keep their weights in model.onnx.data
 workspace.SPILL_MIN_BYTES = 1024
@@ -305,7 +309,9 @@ def test_concurrent_compiles_share_one_cache_safely(tmp_path, monkeypatch, pass_
     import onnx
 
     from benchmarks.large_model import write_calibration, write_large_model
-    from qcompile import api, reproduce, workspace
+    from qcompile import api
+    from qcompile.core import reproduce
+    from qcompile.io import workspace
 
     model = write_large_model(tmp_path / "model", total_bytes=6 * 64 * 64 * 4, width=64)
     calib = write_calibration(tmp_path / "calib", width=64, batches=3, rows=8)

@@ -11,7 +11,7 @@ import pytest
 from tiny_models import cnn_batches
 
 from qcompile.cli import main
-from qcompile.pipeline import parse_pipeline
+from qcompile.core.pipeline import parse_pipeline
 
 
 @pytest.fixture
@@ -239,8 +239,8 @@ def test_version_and_help_texts_name_every_choice(capsys):
     recipe there is (auto and llm-fp8 were missing), and run/inspect explain their arguments."""
     from importlib import metadata
 
-    from qcompile.recipes import RECIPES
-    from qcompile.statistics import CALIBRATION_METHODS
+    from qcompile.core.recipes import RECIPES
+    from qcompile.numerics.statistics import CALIBRATION_METHODS
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
@@ -276,10 +276,10 @@ def test_the_package_still_exports_compile_lazily():
     """``qcompile.compile`` and friends are imported on first use, and are the real objects."""
     import qcompile
     import qcompile.api
-    import qcompile.config
+    import qcompile.core.config
 
     assert qcompile.compile is qcompile.api.compile and qcompile.CompileResult is qcompile.api.CompileResult
-    assert qcompile.CompileConfig is qcompile.config.CompileConfig and qcompile.load_config is qcompile.config.load_config
+    assert qcompile.CompileConfig is qcompile.core.config.CompileConfig and qcompile.load_config is qcompile.core.config.load_config
     assert set(qcompile.__all__) <= set(dir(qcompile))
     with pytest.raises(AttributeError):
         qcompile.no_such_name  # noqa: B018
@@ -301,7 +301,7 @@ def test_models_compiled_into_one_folder_keep_one_report_each(tmp_path, model_pa
 def test_report_path_for():
     from pathlib import Path
 
-    from qcompile.outputs import report_path_for
+    from qcompile.io.outputs import report_path_for
 
     assert report_path_for(Path("out/model.int8.onnx")) == Path("out/model.int8.report.json")
     assert report_path_for(Path("m.ONNX")) == Path("m.report.json")

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from qcompile.cli import compile_flag_keys, main
-from qcompile.config import CompileConfig
-from qcompile.config_reference import config_reference_markdown, config_schema, field_descriptions
+from qcompile.core.config import CompileConfig
+from qcompile.core.config_reference import config_reference_markdown, config_schema, field_descriptions
 
 FIELDS = {f.name for f in dataclasses.fields(CompileConfig)}
 

@@ -1,4 +1,4 @@
-"""qcompile.debug: per-layer error analysis, its JSON and HTML reports, and ``qcompile debug``.
+"""qcompile.analysis.debug: per-layer error analysis, its JSON and HTML reports, and ``qcompile debug``.
 
 The models are tiny graphs built here and compiled by qcompile itself, so the quantized models
 have exactly the names and Q/DQ structure that ``insert-qdq`` (and ``smooth-quant``) produce.
@@ -19,16 +19,16 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from qcompile.graph_edit import Namer, add_initializer
+from qcompile.core.graph_edit import Namer, add_initializer
 from qcompile.passes.qdq_insertion import dequantize_after_lookup
 from tiny_models import make_model, tiny_transformer, transformer_batches
 
 import qcompile
-from qcompile import debug
+from qcompile.analysis import debug
 from qcompile.cli import main
-from qcompile.debug import analyze
+from qcompile.analysis.debug import analyze
 from qcompile.errors import CalibrationDataError, ModelError
-from qcompile.qparams import QUANT_TYPES, lookup_qparams
+from qcompile.numerics.qparams import QUANT_TYPES, lookup_qparams
 
 # No smooth-quant: the quantized tensors keep the float model's names, so the test can read the
 # float values straight from the float model.
@@ -241,7 +241,7 @@ def test_embedding_stored_as_int8_rows_is_compared_with_its_float_table(columns,
 
 def test_json_schema(transformer_report):
     data = json.loads(transformer_report.to_json())
-    assert data["schema"] == "qcompile.debug/1"
+    assert data["schema"] == "qcompile.analysis.debug/1"
     for key in ("float_model", "quant_model", "data", "batches", "definitions", "outputs", "reference", "run",
                 "worst", "worst_accumulated", "tensors", "worst_weights", "weights"):
         assert key in data, key
@@ -422,11 +422,11 @@ def test_a_weight_before_batchnorm_folding_is_not_taken_as_the_original():
 
 
 def test_the_html_renderer_does_not_import_the_debugger():
-    """debug_html renders the report qcompile.debug builds and imports nothing of it at run time:
+    """debug_html renders the report qcompile.analysis.debug builds and imports nothing of it at run time:
     the two modules imported each other (one of issue 18's import circles)."""
     import subprocess
     import sys
 
-    code = "import sys, qcompile.debug_html; print('qcompile.debug' in sys.modules)"
+    code = "import sys, qcompile.analysis.debug_html; print('qcompile.analysis.debug' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "False", done.stdout + done.stderr

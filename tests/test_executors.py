@@ -1,4 +1,4 @@
-"""Executors (qcompile.executors) and the work they run: results in order, a killed worker's task
+"""Executors (qcompile.scaleout.executors) and the work they run: results in order, a killed worker's task
 retried, the user's errors raised as themselves; sharded calibration equal to a single-process run
 (bit for bit, histograms included, in any shard order); the accuracy search and the sensitivity
 analysis giving the same answer on every executor. The tests taking ``parallel`` run on local
@@ -19,16 +19,16 @@ from test_accuracy_search import spiky_batches, spiky_model
 from tiny_models import cnn_batches, tiny_cnn, tiny_transformer, transformer_batches
 
 import qcompile
-from qcompile.accuracy_search import compile_within_budget
+from qcompile.analysis.accuracy_search import compile_within_budget
 from qcompile.cli import main
-from qcompile.config import CompileConfig
-from qcompile.data import BatchSource, input_specs
+from qcompile.core.config import CompileConfig
+from qcompile.io.data import BatchSource, input_specs
 from qcompile.errors import CalibrationDataError, ConfigError, ExecutorError
-from qcompile.executors import InProcessExecutor, LocalProcessExecutor
+from qcompile.scaleout.executors import InProcessExecutor, LocalProcessExecutor
 from qcompile.passes.calibration import collect_statistics, sharded_statistics
 from qcompile.passes.quantization_plan import build_plan
-from qcompile.sensitivity import activation_sensitivity, node_sensitivity
-from qcompile.statistics import CalibrationTable
+from qcompile.analysis.sensitivity import activation_sensitivity, node_sensitivity
+from qcompile.numerics.statistics import CalibrationTable
 
 
 # ----- tasks (module level: workers import them) -----
@@ -160,7 +160,7 @@ def test_sharded_statistics_equal_a_single_pass_in_any_shard_order(local_pool, c
 
 
 def _shard_table(items, shared, threads, *, histograms):
-    from qcompile.data import read_items
+    from qcompile.io.data import read_items
 
     model = ir.serde.deserialize_model(tiny_cnn())
     return collect_statistics(model, shared["names"], read_items(items, input_specs(model)), histograms=histograms,

@@ -19,7 +19,7 @@ from test_executors import (  # noqa: E402,F401 - collected here again, with thi
     test_the_users_error_comes_back_as_itself,
 )
 
-from qcompile.executors import make_executor  # noqa: E402
+from qcompile.scaleout.executors import make_executor  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ from onnx import TensorProto, helper, numpy_helper
 from tiny_models import cnn_batches, tiny_cnn, tiny_lm, tiny_transformer, transformer_batches
 
 import qcompile
-from qcompile.config import CompileConfig
+from qcompile.core.config import CompileConfig
 from qcompile.errors import ConfigError
-from qcompile.qparams import QUANT_TYPES, activation_qparams, dequantize, quantize, weight_qparams
-from qcompile.runtime import qdq_safe_config
-from qcompile.statistics import TensorStatistics
+from qcompile.numerics.qparams import QUANT_TYPES, activation_qparams, dequantize, quantize, weight_qparams
+from qcompile.io.runtime import qdq_safe_config
+from qcompile.numerics.statistics import TensorStatistics
 
 E4M3, E5M2 = QUANT_TYPES["float8e4m3fn"], QUANT_TYPES["float8e5m2"]
 FP8 = {"activation_type": "float8e4m3fn", "weight_type": "float8e4m3fn"}
@@ -140,7 +140,7 @@ CASES = {
 
 def _fp8_options(model) -> ort.SessionOptions:
     """Every optimization on, as a user's session; before ONNX Runtime 1.32 the QDQ fusions off,
-    as qcompile's own sessions have them (``qcompile.runtime.qdq_safe_config``): that ORT fuses
+    as qcompile's own sessions have them (``qcompile.io.runtime.qdq_safe_config``): that ORT fuses
     FP8 Q/DQ into integer kernels that reject FP8."""
     options = ort.SessionOptions()
     for key, value in qdq_safe_config(model).items():
@@ -212,7 +212,7 @@ def test_fp8_embedding_table_is_stored_as_int8_rows():
 def test_fp8_models_are_recognized_for_onnx_runtime_1_31s_qdq_fusion():
     """ONNX Runtime 1.31 (onnxruntime-gpu's newest) fuses FP8 Q/DQ into integer kernels that reject
     FP8 (INVALID_GRAPH): sessions on it need the QDQ fusions off, for FP8 models only."""
-    from qcompile.runtime import FP8_QDQ_FUSION_BROKEN, has_fp8_qdq
+    from qcompile.io.runtime import FP8_QDQ_FUSION_BROKEN, has_fp8_qdq
 
     fp8 = qcompile.compile(tiny_cnn(), cnn_batches(4), config={**FP8, "measure_latency": False}).to_proto()
     int8 = qcompile.compile(tiny_cnn(), cnn_batches(4), config={"measure_latency": False}).to_proto()

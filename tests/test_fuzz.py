@@ -44,7 +44,7 @@ from hypothesis import HealthCheck, given, note, settings  # noqa: E402  (after 
 from hypothesis import strategies as st  # noqa: E402  (after the importorskip)
 
 import qcompile  # noqa: E402  (after the importorskip)
-from qcompile.evaluate import sqnr_db  # noqa: E402  (after the importorskip)
+from qcompile.analysis.evaluate import sqnr_db  # noqa: E402  (after the importorskip)
 
 # A random-weight graph of up to ~12 ops quantized to 8 bits measures 25-45 dB against float. The
 # bound is lower for two measured reasons: the evaluation batch is fresh, and one of its values

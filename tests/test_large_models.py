@@ -1,4 +1,4 @@
-"""Models too large for one protobuf: weights stay in files from load to save (qcompile.workspace).
+"""Models too large for one protobuf: weights stay in files from load to save (qcompile.io.workspace).
 
 The threshold is lowered so a model of a few hundred kilobytes takes the large-model path; the
 real 3 GB case is ``python -m benchmarks.large_model --gb 3`` (peak memory against weight size).
@@ -16,7 +16,8 @@ import pytest
 
 import qcompile
 from benchmarks.large_model import write_calibration, write_large_model
-from qcompile import api, workspace
+from qcompile import api
+from qcompile.io import workspace
 from qcompile.errors import ModelError
 
 WIDTH = 64

@@ -5,7 +5,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
-from qcompile.loader import load_model
+from qcompile.io.loader import load_model
 
 
 def _ir3_gemm(opset: int) -> onnx.ModelProto:

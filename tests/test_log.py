@@ -81,8 +81,8 @@ def test_verbose_logs_every_pass_in_text(files, capsys):
     """-v after the subcommand works like before it: a DEBUG line per pass, with its time."""
     assert main(compile_argv(files, "-v")) == 0
     err = capsys.readouterr().err
-    assert "DEBUG qcompile.pipeline: pass calibrate" in err
-    assert "DEBUG qcompile.pipeline: pass insert-qdq" in err
+    assert "DEBUG qcompile.core.pipeline: pass calibrate" in err
+    assert "DEBUG qcompile.core.pipeline: pass insert-qdq" in err
 
 
 def test_flags_are_the_same_on_every_subcommand(files, capsys):

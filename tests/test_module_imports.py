@@ -1,6 +1,6 @@
 """qcompile's modules import each other at the top, where a reader (and Python) sees the dependency,
 never inside a function where an import circle can hide (issue 18: backends reached into
-qcompile.providers that way, build.py had twelve such imports, sensitivity used qcompile.debug's
+qcompile.io.providers that way, build.py had twelve such imports, sensitivity used qcompile.analysis.debug's
 helpers from inside its functions). The modules still listed in ``NESTED_ON_PURPOSE`` say why."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = sorted([*(ROOT / "qcompile").glob("*.py"), *(ROOT / "passes").glob("*.py"), *(ROOT / "backends").glob("*.py")])
+MODULES = sorted([*(ROOT / "qcompile").rglob("*.py"), *(ROOT / "passes").glob("*.py"), *(ROOT / "backends").glob("*.py")])
 
 # Left for later, each with its reason.
 NESTED_ON_PURPOSE = {
     "qcompile/cli.py": "the command line imports a subcommand's modules when it runs, so `qcompile --help` starts fast",
-    "qcompile/reproduce.py": "code_digest hashes the qcompile package it is part of",
-    "qcompile/context.py": "an executor is made only when a pass asks for one",
+    "qcompile/core/reproduce.py": "code_digest hashes the qcompile package it is part of",
+    "qcompile/core/context.py": "an executor is made only when a pass asks for one",
 }
 
 
@@ -52,9 +52,7 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
     """Each module imported before anything else of qcompile: a circle through top-level imports fails here."""
     names = []
     for path in MODULES:
-        parts = path.relative_to(ROOT).with_suffix("").parts
-        package = {"qcompile": "qcompile", "passes": "qcompile.passes", "backends": "qcompile.backends"}[parts[0]]
-        names.append(package if parts[-1] == "__init__" else f"{package}.{parts[-1]}")
+        names.append(_module_name(path))
     # One interpreter for all of them; qcompile's modules are dropped after each, so the next comes first.
     code = """
 import importlib, sys
@@ -67,9 +65,9 @@ for name in sys.argv[1:]:
 
 
 def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    package = {"qcompile": "qcompile", "passes": "qcompile.passes", "backends": "qcompile.backends"}[parts[0]]
-    return package if parts[-1] == "__init__" else f"{package}.{parts[-1]}"
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts[0] = {"qcompile": "qcompile", "passes": "qcompile.passes", "backends": "qcompile.backends"}[parts[0]]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def import_graph() -> dict[str, dict[str, int]]:

@@ -4,7 +4,7 @@ import pytest
 
 from qcompile.backends import get_target
 from qcompile.errors import PipelineError
-from qcompile.pipeline import format_pipeline, parse_pipeline
+from qcompile.core.pipeline import format_pipeline, parse_pipeline
 
 
 def test_round_trip_of_the_default_pipeline():
@@ -39,10 +39,10 @@ def test_the_config_is_resolved_once_before_the_first_pass_and_no_pass_writes_it
     from conftest import run_passes
     from tiny_models import cnn_batches, tiny_cnn
 
-    from qcompile.config import CompileConfig
+    from qcompile.core.config import CompileConfig
     from qcompile.passes import registry
     from qcompile.passes.registry import register_pass
-    from qcompile.pipeline import resolve_config
+    from qcompile.core.pipeline import resolve_config
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the test's passes go with it
     seen = []

@@ -4,7 +4,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.qparams import QUANT_TYPES, activation_qparams, dequantize, quantize, weight_qparams
+from qcompile.numerics.qparams import QUANT_TYPES, activation_qparams, dequantize, quantize, weight_qparams
 
 UINT8, INT8 = QUANT_TYPES["uint8"], QUANT_TYPES["int8"]
 

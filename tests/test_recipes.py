@@ -9,7 +9,7 @@ from tiny_models import VOCAB, tiny_lm
 
 import qcompile
 from qcompile.errors import ConfigError
-from qcompile.recipes import RECIPES, pipeline_for
+from qcompile.core.recipes import RECIPES, pipeline_for
 
 
 def _ids(count, seed=1):
@@ -48,7 +48,7 @@ def test_w8a8_is_the_targets_pipeline_with_smooth_quant():
 
 
 def test_accuracy_switches_add_their_passes_where_the_table_says():
-    from qcompile.config import CompileConfig
+    from qcompile.core.config import CompileConfig
 
     config = CompileConfig(cross_layer_equalization=True, bias_correction=True, adaround=True)
     pipeline = pipeline_for(None, None, get_target("cpu"), config)
@@ -64,7 +64,7 @@ def test_accuracy_switches_add_their_passes_where_the_table_says():
 
 
 def test_an_accuracy_switch_on_a_pipeline_without_its_place_is_refused():
-    from qcompile.config import CompileConfig
+    from qcompile.core.config import CompileConfig
 
     with pytest.raises(ConfigError, match="bias_correction = true adds 'bias-correction' before 'insert-qdq'"):
         pipeline_for(None, "llm-int4", get_target("cpu"), CompileConfig(bias_correction=True))

@@ -1,4 +1,4 @@
-"""Reproducible output (qcompile.reproduce): same inputs, same bytes, in any process; the report's
+"""Reproducible output (qcompile.core.reproduce): same inputs, same bytes, in any process; the report's
 hashes; and `qcompile verify` passing on an artifact and naming what differs when it fails."""
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from tiny_models import (
 )
 
 import qcompile
-from qcompile import reproduce
+from qcompile.core import reproduce
 from qcompile.cli import main
-from qcompile.loader import load_model
+from qcompile.io.loader import load_model
 
 TESTS = Path(__file__).parent
 
@@ -113,7 +113,7 @@ def test_report_records_full_hashes(tmp_path, cnn_files):
 
 def test_config_hash_covers_what_changes_the_output():
     """The config hash changes with a key passes read, not with how the result is measured or gated."""
-    from qcompile.config import CompileConfig
+    from qcompile.core.config import CompileConfig
 
     base = reproduce.config_digest(CompileConfig(), "fix-names")
     assert reproduce.config_digest(CompileConfig(activation_type="int8"), "fix-names") != base

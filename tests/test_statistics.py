@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qcompile.errors import ConfigError
-from qcompile.statistics import CalibrationTable, TensorStatistics
+from qcompile.numerics.statistics import CalibrationTable, TensorStatistics
 
 
 def _stats(*arrays):

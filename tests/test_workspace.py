@@ -1,4 +1,4 @@
-"""qcompile.workspace.drop_dead_initializers: no compiled model ships a weight nothing reads."""
+"""qcompile.io.workspace.drop_dead_initializers: no compiled model ships a weight nothing reads."""
 
 import numpy as np
 import onnx
@@ -6,7 +6,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper
 
 import qcompile
-from qcompile.workspace import drop_dead_initializers
+from qcompile.io.workspace import drop_dead_initializers
 from tiny_models import _init, make_model
 
 

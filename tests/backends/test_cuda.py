@@ -9,7 +9,7 @@ from tiny_models import cnn_batches, tiny_cnn
 
 import qcompile
 from qcompile.backends import get_target
-from qcompile.providers import provider_status
+from qcompile.io.providers import provider_status
 
 CUDA = "CUDAExecutionProvider"
 CONFIG = {"measure_latency": False}

@@ -17,7 +17,7 @@ from tiny_models import cnn_batches, make_model, tiny_cnn, tiny_transformer, tra
 import qcompile
 from qcompile.backends import get_target
 from qcompile.cli import main
-from qcompile.providers import open_session, placement, provider_status
+from qcompile.io.providers import open_session, placement, provider_status
 
 OPENVINO = "OpenVINOExecutionProvider"
 CONFIG = {"measure_latency": False}

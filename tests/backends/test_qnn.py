@@ -20,8 +20,8 @@ import qcompile  # noqa: E402
 from qcompile.backends import get_target  # noqa: E402
 from qcompile.cli import main  # noqa: E402
 from qcompile.errors import PlacementError, ProviderError  # noqa: E402
-from qcompile.op_fidelity import op_fidelity  # noqa: E402
-from qcompile.providers import open_session, output_steps, placement, provider_status, reference_session  # noqa: E402
+from qcompile.analysis.op_fidelity import op_fidelity  # noqa: E402
+from qcompile.io.providers import open_session, output_steps, placement, provider_status, reference_session  # noqa: E402
 
 QNN = "QNNExecutionProvider"
 CONFIG = {"measure_latency": False}

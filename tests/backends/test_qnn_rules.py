@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tiny_models import make_model, tiny_cnn, tiny_transformer, transformer_batches
 
 from qcompile.errors import ConfigError
-from qcompile.qparams import QUANT_TYPES, constant_qparams
+from qcompile.numerics.qparams import QUANT_TYPES, constant_qparams
 
 PREP = "fix-names,shape-inference,upgrade-opset(min_opset=21),fuse-gelu,shape-inference"
 QNN = PREP + ",plan-quantization,calibrate(chunk=0),insert-qdq"

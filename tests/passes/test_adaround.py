@@ -13,7 +13,7 @@ import qcompile
 from qcompile.errors import CalibrationDataError
 from qcompile.passes.adaround import AdaRound
 from qcompile.passes.bias_correction import quantized_weight
-from qcompile.qparams import quant_type, weight_qparams
+from qcompile.numerics.qparams import quant_type, weight_qparams
 
 
 def _gemm():

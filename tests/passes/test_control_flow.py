@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tiny_models import make_model
 
 import qcompile
-from qcompile.debug import analyze
+from qcompile.analysis.debug import analyze
 from qcompile.errors import ModelError
 from qcompile.passes.calibration import collect_statistics
 from qcompile.passes.quantization_plan import plan_nodes

@@ -10,9 +10,9 @@ from onnx import TensorProto, helper
 from tiny_models import _init, make_model
 
 from qcompile.backends import get_target
-from qcompile.config import CompileConfig
-from qcompile.context import CompileContext
-from qcompile.data import BatchSource, input_specs
+from qcompile.core.config import CompileConfig
+from qcompile.core.context import CompileContext
+from qcompile.io.data import BatchSource, input_specs
 from qcompile.errors import ConfigError
 from qcompile.passes.outliers import SplitOutliers
 from qcompile.passes.quantization_plan import KEEP_FLOAT
@@ -135,7 +135,7 @@ def test_bad_options_are_config_errors():
 
 def test_the_llm_w8a8_outliers_recipe_splits_after_smoothing_and_reports_it():
     import qcompile
-    from qcompile.recipes import pipeline_for
+    from qcompile.core.recipes import pipeline_for
 
     pipeline = pipeline_for(None, "llm-w8a8-outliers", get_target("cpu"))
     assert pipeline.index("smooth-quant") + 1 == pipeline.index("split-outliers") == pipeline.index("plan-quantization") - 1

@@ -8,13 +8,13 @@ from conftest import run_passes
 from tiny_models import cnn_batches, tiny_cnn
 
 from qcompile.backends import get_target
-from qcompile.config import CompileConfig
-from qcompile.context import CompileContext
-from qcompile.data import BatchSource, input_specs
+from qcompile.core.config import CompileConfig
+from qcompile.core.context import CompileContext
+from qcompile.io.data import BatchSource, input_specs
 from qcompile.errors import PipelineError
 from qcompile.passes import create_pass
-from qcompile.pipeline import parse_pipeline, run_pipeline, with_implied_passes
-from qcompile.qparams import bias_qparams, raise_to_floor
+from qcompile.core.pipeline import parse_pipeline, run_pipeline, with_implied_passes
+from qcompile.numerics.qparams import bias_qparams, raise_to_floor
 
 PREP = "fix-names,shape-inference,fold-batchnorm,remove-unused"
 

@@ -9,7 +9,7 @@ import qcompile.passes.weight_only  # noqa: F401  (registers the pass)
 from conftest import run_passes
 from onnx import TensorProto, helper
 from qcompile.passes.weight_only import pack_4bit, quantize_gptq
-from qcompile.qparams import quantize_blocks as quantize_rtn
+from qcompile.numerics.qparams import quantize_blocks as quantize_rtn
 from tiny_models import VOCAB, _init, make_model, tiny_lm
 
 from qcompile.errors import ConfigError

@@ -14,13 +14,13 @@ if TYPE_CHECKING:
     import numpy as np
 
     from qcompile.backends.base import Target
-    from qcompile.config import CompileConfig
-    from qcompile.data import BatchSource
-    from qcompile.executors import Executor
+    from qcompile.core.config import CompileConfig
+    from qcompile.io.data import BatchSource
+    from qcompile.scaleout.executors import Executor
     from qcompile.log import Progress
     from qcompile.passes.quantization_plan import QuantizationPlan
-    from qcompile.statistics import CalibrationTable
-    from qcompile.workspace import Workspace
+    from qcompile.numerics.statistics import CalibrationTable
+    from qcompile.io.workspace import Workspace
 
 
 @dataclasses.dataclass
@@ -74,9 +74,9 @@ class CompileContext:
     logger: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("qcompile"))
     # Told how far long steps (calibration) got; the command line renders it (qcompile.log).
     progress: Progress | None = None
-    # Large models only: where their weights live on disk during the compile (qcompile.workspace).
+    # Large models only: where their weights live on disk during the compile (qcompile.io.workspace).
     workspace: Workspace | None = None
-    # Where repeated work runs (qcompile.executors): given by the caller, or made from the config on
+    # Where repeated work runs (qcompile.scaleout.executors): given by the caller, or made from the config on
     # first use by ``executor()`` and closed by ``close()``.
     given_executor: Executor | None = None
     _own_executor: Executor | None = dataclasses.field(default=None, repr=False)
@@ -103,7 +103,7 @@ class CompileContext:
         if self.given_executor is not None:
             return self.given_executor
         if self._own_executor is None:
-            from qcompile.executors import make_executor
+            from qcompile.scaleout.executors import make_executor
 
             self._own_executor = make_executor(self.config.executor, workers=self.config.workers, threads=self.config.threads,
                                                address=self.config.ray_address)

@@ -42,7 +42,7 @@ class Report:
     transformations: dict[str, Any] = dataclasses.field(default_factory=dict)  # records passes left
     # The target's check on its own provider: where nodes run, agreement with the CPU reference.
     verification: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Full sha256 of what went into the compile and of its output (qcompile.reproduce): input_model
+    # Full sha256 of what went into the compile and of its output (qcompile.core.reproduce): input_model
     # (the model as loaded, weights included), input_file (the .onnx file given), calibration_data
     # and evaluation_data (their arrays, in order), config (the keys that can change the output and
     # the resolved pipeline), versions, qcompile_code, inputs (all that determines the output),

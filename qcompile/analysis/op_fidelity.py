@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qcompile.providers import open_session, placement, reference_session
+from qcompile.io.providers import open_session, placement, reference_session
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ``qcompile config --schema`` prints the JSON Schema (for editors and CI linters that validate a
 ``qcompile.toml``), ``qcompile config --reference`` the Markdown table. Descriptions are the
-comments above each field in ``qcompile/config.py``, so the code is the one place to document a
+comments above each field in ``qcompile/core/config.py``, so the code is the one place to document a
 key; the CLI flag of each key comes from the compile command's parser, so a flag that maps onto no
 key (or a key no flag sets) is visible here and in the test that checks the mapping.
 """
@@ -18,9 +18,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from qcompile.config import CompileConfig
-from qcompile.qparams import QUANT_TYPES
-from qcompile.statistics import CALIBRATION_METHODS
+from qcompile.core.config import CompileConfig
+from qcompile.numerics.qparams import QUANT_TYPES
+from qcompile.numerics.statistics import CALIBRATION_METHODS
 
 # Keys whose values come from a fixed set: the schema lists them.
 _ENUMS = {

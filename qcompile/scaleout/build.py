@@ -60,16 +60,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from qcompile.accuracy_search import compile_within_budget
+from qcompile.analysis.accuracy_search import compile_within_budget
 from qcompile.api import compile as compile_model
 from qcompile.backends import get_target
-from qcompile.config import CompileConfig, read_toml
+from qcompile.core.config import CompileConfig, read_toml
 from qcompile.errors import AccuracyGateError, ConfigError, OutputError, QcompileError, detail
-from qcompile.executors import Executor, InProcessExecutor, make_executor
-from qcompile.outputs import report_path_for, write_text_atomically
+from qcompile.scaleout.executors import Executor, InProcessExecutor, make_executor
+from qcompile.io.outputs import report_path_for, write_text_atomically
 from qcompile.passes.registry import registered_passes
-from qcompile.pipeline import parse_pipeline
-from qcompile.recipes import pipeline_for
+from qcompile.core.pipeline import parse_pipeline
+from qcompile.core.recipes import pipeline_for
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.errors import ModelError, detail
-from qcompile.workspace import release_tensor
+from qcompile.io.workspace import release_tensor
 
 logger = logging.getLogger(__name__)
 

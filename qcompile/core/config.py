@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from qcompile.errors import ConfigError
-from qcompile.executors import RAY_WORKERS_LIMIT, check_machine_bound
-from qcompile.qparams import QUANT_TYPES
-from qcompile.statistics import CALIBRATION_METHODS
+from qcompile.scaleout.executors import RAY_WORKERS_LIMIT, check_machine_bound
+from qcompile.numerics.qparams import QUANT_TYPES
+from qcompile.numerics.statistics import CALIBRATION_METHODS
 
 
 @dataclasses.dataclass
@@ -29,7 +29,7 @@ class CompileConfig:
     target: str = "cpu"
     # Pipeline: pass names with options, e.g. ["shape-inference", "calibrate(method=percentile)"].
     pipeline: list[str] | None = None
-    # Or a named pipeline (qcompile.recipes): llm-int4, llm-int8-weight, llm-w8a8.
+    # Or a named pipeline (qcompile.core.recipes): llm-int4, llm-int8-weight, llm-w8a8.
     recipe: str | None = None
     # Activation type (the target's default when unset): uint8, int8, uint16, int16, float8e4m3fn, ...
     activation_type: str | None = None
@@ -51,7 +51,7 @@ class CompileConfig:
     exclude_regex: list[str] = dataclasses.field(default_factory=list)
     # Quantize MatMuls whose both inputs are activations (attention scores); weights are always quantized.
     quantize_activation_matmul: bool = True
-    # Accuracy-recovery passes added to the pipeline (qcompile.recipes.ACCURACY_PASSES says where):
+    # Accuracy-recovery passes added to the pipeline (qcompile.core.recipes.ACCURACY_PASSES says where):
     # cross-layer-equalization, bias-correction, adaround, gptq-rounding.
     cross_layer_equalization: bool = False
     bias_correction: bool = False
@@ -65,7 +65,7 @@ class CompileConfig:
     measure_latency: bool = True
     # Accuracy gate: fail (exit code 3) when any output's SQNR is below this many dB.
     min_sqnr: float | None = None
-    # Accuracy budget (qcompile.accuracy_search): compile the cheapest model within it, trying the
+    # Accuracy budget (qcompile.analysis.accuracy_search): compile the cheapest model within it, trying the
     # accuracy passes, then 16-bit, then float for the most sensitive tensors. max_loss: relative loss
     # ("1%" or 0.01) on metric ("module.py:function", higher is better) or, without a metric, on the
     # outputs' RMS error; search: let min_sqnr drive the search; time_budget: seconds it may take.
@@ -73,7 +73,7 @@ class CompileConfig:
     metric: str | None = None
     search: bool = False
     time_budget: float | None = None
-    # Recovery, the command line's default (qcompile.accuracy_search.compile_or_recover): when the
+    # Recovery, the command line's default (qcompile.analysis.accuracy_search.compile_or_recover): when the
     # plain compile's worst output SQNR on the evaluation batches is below recover_min_sqnr dB, the
     # accuracy search runs for it (as --search would) within recover_time_budget seconds, and the
     # compile exits 3 if the floor is still missed. recover = false (--no-recover): ship the plain
@@ -97,7 +97,7 @@ class CompileConfig:
     # qnn-htp: also write the EP-context model (the precompiled QNN context binary beside it, in
     # <name>_qnn.bin) to this path, so the device does not compile the graph at load time.
     ep_context_path: str | None = None
-    # Pass cache (qcompile.cache): reuse the results of passes already run on the same model, data,
+    # Pass cache (qcompile.core.cache): reuse the results of passes already run on the same model, data,
     # config and versions, e.g. calibration when only a later pass's options changed. The output is
     # byte-identical either way. None: on for the command line, off for the Python API (a library
     # call writes no cache unless asked). cache_dir None: $QCOMPILE_CACHE_DIR, else ~/.cache/qcompile.
@@ -106,7 +106,7 @@ class CompileConfig:
     cache: bool | None = None
     cache_dir: str | None = None
     cache_max_mb: int = 2_000
-    # Where repeated work runs (qcompile.executors): inprocess (default), local (workers processes on
+    # Where repeated work runs (qcompile.scaleout.executors): inprocess (default), local (workers processes on
     # this machine; 0: one per core) or ray (a Ray cluster at ray_address, e.g. "auto" or
     # "ray://head:10001"; none: a local Ray). Sharded calibration, the accuracy search's candidates
     # and the sensitivity analysis use it; the compiled model is byte-identical on every executor.

@@ -10,7 +10,7 @@ task scores one tensor, the compiled model and the reference outputs go to each 
 
 ``node_sensitivity`` is the layer-wise analysis ``qcompile sensitivity`` runs: one whole compile per
 quantized node with that node kept float (``exclude_nodes``), scored by the outputs' worst SQNR (and
-a metric), each compile a task on the executor (``qcompile.candidates``).
+a metric), each compile a task on the executor (``qcompile.analysis.candidates``).
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ from typing import Any
 import onnx
 
 from qcompile.api import resolve_config
-from qcompile.candidates import Budget, check_parallel_size, evaluation_batches, repeatable, run_candidates
-from qcompile.data import input_specs, validate_batch
-from qcompile.debug import _batch_source, _check_interfaces, _load
+from qcompile.analysis.candidates import Budget, check_parallel_size, evaluation_batches, repeatable, run_candidates
+from qcompile.io.data import input_specs, validate_batch
+from qcompile.analysis.debug import _batch_source, _check_interfaces, _load
 from qcompile.errors import CalibrationDataError, QcompileError
-from qcompile.evaluate import compare_to_outputs
-from qcompile.executors import Executor, InProcessExecutor, make_executor
-from qcompile.graph_edit import proto_nodes
-from qcompile.runtime import make_session
-from qcompile.workspace import serialize_inline
+from qcompile.analysis.evaluate import compare_to_outputs
+from qcompile.scaleout.executors import Executor, InProcessExecutor, make_executor
+from qcompile.core.graph_edit import proto_nodes
+from qcompile.io.runtime import make_session
+from qcompile.io.workspace import serialize_inline
 
 
 @dataclasses.dataclass
@@ -131,7 +131,7 @@ def activation_sensitivity(
     """Every quantized activation of ``quant_model`` (or those named in ``tensors``), most costly
     first, and a summary (the compiled model's worst output SQNR, batches, executor, seconds).
 
-    Models: .onnx paths, protos or onnx-ir models; ``data``: as ``qcompile.debug.analyze`` takes it.
+    Models: .onnx paths, protos or onnx-ir models; ``data``: as ``qcompile.analysis.debug.analyze`` takes it.
     ``executor`` (default: this process) runs one task per tensor; the result does not depend on it.
     """
     start = time.perf_counter()

@@ -38,7 +38,7 @@ import onnx
 import onnxruntime as ort
 
 from qcompile.errors import PlacementError, ProviderError, detail
-from qcompile.runtime import make_session
+from qcompile.io.runtime import make_session
 
 logger = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.config import NON_BUILD_KEYS, CompileConfig
+from qcompile.core.config import NON_BUILD_KEYS, CompileConfig
 from qcompile.errors import ConfigError, QcompileError
-from qcompile.workspace import (
+from qcompile.io.workspace import (
     LARGE_MODEL_BYTES,
     release_tensor,
     serialize_inline,
@@ -69,7 +69,7 @@ def model_digest(model: ir.Model) -> str:
 
     A model whose weights fit in memory: the sha256 of its deterministic serialization, which is
     the sha256 of the .onnx file qcompile writes. A large model (weights kept on disk, see
-    qcompile.workspace): the sha256 of its structure with each initializer's data replaced by the
+    qcompile.io.workspace): the sha256 of its structure with each initializer's data replaced by the
     sha256 of that data, read one tensor at a time: no copy of the whole model in memory, and the
     same digest wherever its weights are stored.
     """
@@ -105,8 +105,8 @@ def code_digest() -> str:
     hasher = hashlib.sha256(b"qcompile-source-v1\0")
     for package in ("qcompile", "qcompile.passes", "qcompile.backends"):
         for directory in map(Path, importlib.util.find_spec(package).submodule_search_locations):
-            for path in sorted(directory.glob("*.py")):
-                _update_framed(hasher, f"{package}/{path.name}".encode())
+            for path in sorted(directory.rglob("*.py")):  # qcompile's subpackages too
+                _update_framed(hasher, f"{package}/{path.relative_to(directory).as_posix()}".encode())
                 _update_framed(hasher, path.read_bytes())
     return hasher.hexdigest()
 
@@ -283,7 +283,7 @@ def verify_artifact(
 
 def _recompile(report: dict, hashes: dict, model: Any, calibration_data: Any) -> list[str]:
     import qcompile
-    from qcompile.loader import load_model
+    from qcompile.io.loader import load_model
 
     given = model_digest(load_model(model))
     if given != hashes.get("input_model"):

@@ -10,7 +10,7 @@ __all__ = ["ACCURACY_PASSES", "RECIPES", "pipeline_for"]
 
 from qcompile.backends.base import Target
 from qcompile.errors import ConfigError
-from qcompile.pipeline import parse_pipeline
+from qcompile.core.pipeline import parse_pipeline
 
 _PREPARE = ("fix-names", "shape-inference", "lift-constants", "fold-constants",
             "deduplicate-initializers", "remove-identity",

@@ -222,7 +222,7 @@ def _result(outcome: tuple[str, Any]) -> Any:
 # frameworks forbid it) they are spawned.
 FIRST_START = "fork" if sys.platform == "linux" else "spawn"
 RESTART = "forkserver" if sys.platform == "linux" else "spawn"
-_PRELOAD = ["qcompile.candidates", "qcompile.passes.calibration", "qcompile.sensitivity", "qcompile.build"]
+_PRELOAD = ["qcompile.analysis.candidates", "qcompile.passes.calibration", "qcompile.analysis.sensitivity", "qcompile.scaleout.build"]
 
 
 class LocalProcessExecutor(Executor):

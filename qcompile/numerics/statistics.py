@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from qcompile.errors import ConfigError
-from qcompile.qparams import QuantType, dequantize, quantize
+from qcompile.numerics.qparams import QuantType, dequantize, quantize
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 # What "auto" chooses from, per tensor; on a tie, the earlier one.

@@ -7,7 +7,7 @@ budget holds, the candidates run out or the time budget is spent. In order, accu
 2. the accuracy passes, through their config switches: cross-layer equalization, then equalization
    with bias correction, then equalization with AdaRound; the best of these is kept;
 3. the activations ranked by sensitivity (the outputs' SQNR with only that tensor left float, for
-   the worst by ``qcompile.debug``'s isolated SQNR; see ``_rank``) are promoted to 16-bit activations one at a time, then in
+   the worst by ``qcompile.analysis.debug``'s isolated SQNR; see ``_rank``) are promoted to 16-bit activations one at a time, then in
    growing groups (``activation_type_overrides`` with an exact-name regex ``^name$``);
 4. if still short, the nodes reading the most sensitive tensors are left in float
    (``exclude_nodes``), the same way.
@@ -51,7 +51,7 @@ import onnx_ir as ir
 from qcompile.api import CompileResult, resolve_config
 from qcompile.api import compile as plain_compile
 from qcompile.backends import get_target
-from qcompile.candidates import (
+from qcompile.analysis.candidates import (
     Budget,
     Candidate,
     Metric,
@@ -62,15 +62,15 @@ from qcompile.candidates import (
     repeatable,
     run_candidates,
 )
-from qcompile.config import CompileConfig
-from qcompile.debug import activation_errors
+from qcompile.core.config import CompileConfig
+from qcompile.analysis.debug import activation_errors
 from qcompile.errors import AccuracyGateError, ConfigError, ModelError
-from qcompile.executors import Executor, make_executor
-from qcompile.graph_edit import proto_nodes
-from qcompile.loader import load_model
-from qcompile.qparams import quant_type
-from qcompile.sensitivity import activation_sensitivity, quantized_activations
-from qcompile.workspace import LARGE_MODEL_BYTES, serialize_inline, weight_bytes
+from qcompile.scaleout.executors import Executor, make_executor
+from qcompile.core.graph_edit import proto_nodes
+from qcompile.io.loader import load_model
+from qcompile.numerics.qparams import quant_type
+from qcompile.analysis.sensitivity import activation_sensitivity, quantized_activations
+from qcompile.io.workspace import LARGE_MODEL_BYTES, serialize_inline, weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def compile_within_budget(
     ``result.report.transformations["accuracy-search"]``. Raises ``AccuracyGateError`` with the
     best result (``.result``) and the search (``.search``) when the budget is never met.
 
-    ``executor`` (default: the config's, ``qcompile.executors``): with N workers, N candidates are
+    ``executor`` (default: the config's, ``qcompile.scaleout.executors``): with N workers, N candidates are
     compiled and scored at once, in the order the sequential search would try them; results past
     the first within budget (or, where candidates build on each other, past the first that fails
     to compile) are dropped, so the search and its result are the same on every executor, except
@@ -415,7 +415,7 @@ def _rank(float_model, result: CompileResult, plain: CompileResult | None, batch
           config: CompileConfig, record: dict, executor: Executor, output_aware: int = OUTPUT_AWARE) -> list:
     """The best candidate's quantized activations, most sensitive first.
 
-    First ``qcompile.debug.activation_errors``' isolated SQNR (the float tensor rounded on its grid:
+    First ``qcompile.analysis.debug.activation_errors``' isolated SQNR (the float tensor rounded on its grid:
     cheap, one pass over the data for all tensors); then, for the OUTPUT_AWARE worst of those, the
     outputs' SQNR with only that tensor's rounding undone (its DequantizeLinear replaced by the float
     tensor; one run of the evaluation batches each): the tensor whose rounding costs the outputs
@@ -456,7 +456,7 @@ def _rank(float_model, result: CompileResult, plain: CompileResult | None, batch
     ranked = sorted(ranked + inside, key=lambda t: (-gains.get(t.tensor, -math.inf), isolated(t), t.index))
     record.update(
         measure=(f"outputs' worst SQNR with only the tensor's rounding undone, highest first (the {output_aware} "
-                 "lowest by isolated SQNR, and the tensors inside subgraphs); then isolated SQNR (qcompile.debug), "
+                 "lowest by isolated SQNR, and the tensors inside subgraphs); then isolated SQNR (qcompile.analysis.debug), "
                  "lowest first"),
         seconds=round(time.perf_counter() - start, 3),
         ranking=[{"tensor": t.tensor, "output_sqnr_db_if_float": gains.get(t.tensor),
@@ -473,7 +473,7 @@ SUBGRAPH_OUTPUT_AWARE = 16
 @dataclasses.dataclass
 class _Ranked:
     """A quantized activation inside a subgraph, as the promotions read it (the fields of
-    ``qcompile.debug.TensorError`` that ``_search`` uses; no isolated SQNR)."""
+    ``qcompile.analysis.debug.TensorError`` that ``_search`` uses; no isolated SQNR)."""
 
     tensor: str
     dequantized: str

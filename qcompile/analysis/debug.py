@@ -50,16 +50,16 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qcompile.chunked_runs import DEFAULT_CHUNK, ChunkedRunner, split_batch
-from qcompile.data import input_specs, read_npz, validate_batch
-from qcompile.debug_html import percent, render_html
+from qcompile.io.chunked_runs import DEFAULT_CHUNK, ChunkedRunner, split_batch
+from qcompile.io.data import input_specs, read_npz, validate_batch
+from qcompile.analysis.debug_html import percent, render_html
 from qcompile.errors import CalibrationDataError, ModelError, detail
-from qcompile.evaluate import OutputError, sqnr_db
-from qcompile.graph_edit import add_initializer
-from qcompile.loader import describe_source, load_model
-from qcompile.qparams import QUANT_TYPES, LookupQuantized, QuantType, dequantize, quantize
-from qcompile.runtime import make_session
-from qcompile.statistics import HALF_BINS, TensorStatistics
+from qcompile.analysis.evaluate import OutputError, sqnr_db
+from qcompile.core.graph_edit import add_initializer
+from qcompile.io.loader import describe_source, load_model
+from qcompile.numerics.qparams import QUANT_TYPES, LookupQuantized, QuantType, dequantize, quantize
+from qcompile.io.runtime import make_session
+from qcompile.numerics.statistics import HALF_BINS, TensorStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class DebugReport:
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable({
-            "schema": "qcompile.debug/1",
+            "schema": "qcompile.analysis.debug/1",
             "float_model": self.float_model,
             "quant_model": self.quant_model,
             "data": self.data,

@@ -45,9 +45,9 @@ try:
 except ImportError:  # Windows: entries are still renamed into place, but not locked while read
     fcntl = None
 
-from qcompile.config import NON_BUILD_KEYS
-from qcompile.reproduce import canonical_json, file_digest, sha256_hex
-from qcompile.workspace import (
+from qcompile.core.config import NON_BUILD_KEYS
+from qcompile.core.reproduce import canonical_json, file_digest, sha256_hex
+from qcompile.io.workspace import (
     LARGE_MODEL_BYTES,
     release_tensor,
     serialize_inline,
@@ -55,8 +55,8 @@ from qcompile.workspace import (
 )
 
 if TYPE_CHECKING:
-    from qcompile.context import CompileContext
-    from qcompile.pipeline import PassSpec, PassTiming
+    from qcompile.core.context import CompileContext
+    from qcompile.core.pipeline import PassSpec, PassTiming
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """One candidate compile, scored: the unit of work the accuracy search and the sensitivity analysis
-hand to an executor (``qcompile.executors``).
+hand to an executor (``qcompile.scaleout.executors``).
 
 A candidate is a config. ``compile_candidate`` compiles the float model with it and measures the
 result with a ``Budget`` (a user metric's relative loss, or the outputs' SQNR against the float
@@ -31,12 +31,12 @@ import onnx_ir as ir
 
 from qcompile.api import CompileResult
 from qcompile.api import compile as compile_model
-from qcompile.config import CompileConfig
-from qcompile.data import BatchSource, input_specs
+from qcompile.core.config import CompileConfig
+from qcompile.io.data import BatchSource, input_specs
 from qcompile.errors import AccuracyGateError, ConfigError, QcompileError, detail
-from qcompile.executors import Executor
-from qcompile.runtime import make_session
-from qcompile.workspace import LARGE_MODEL_BYTES, weight_bytes
+from qcompile.scaleout.executors import Executor
+from qcompile.io.runtime import make_session
+from qcompile.io.workspace import LARGE_MODEL_BYTES, weight_bytes
 
 Metric = Callable[[Callable[[dict], list], list[dict]], float]
 

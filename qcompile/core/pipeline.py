@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from qcompile import passes as _passes  # noqa: F401  (registers the passes)
-from qcompile.context import CompileContext
+from qcompile.core.context import CompileContext
 from qcompile.errors import OutputError, PipelineError, QcompileError
-from qcompile.outputs import rename_together, temp_beside
+from qcompile.io.outputs import rename_together, temp_beside
 from qcompile.passes.registry import create_pass, registered_passes
 
 if TYPE_CHECKING:
-    from qcompile.cache import PipelineCache
-    from qcompile.config import CompileConfig
+    from qcompile.core.cache import PipelineCache
+    from qcompile.core.config import CompileConfig
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def run_pipeline(
     Timing, dumps and the pass cache are instruments around the passes, not code inside them
     (TVM's PassContext instruments). ``dump_after`` takes pass names or ``all``. With ``cache``,
     the run starts after the last pass whose result is cached (never past a pass to dump), and
-    stores the results of passes worth keeping (qcompile.cache). The config is resolved once
+    stores the results of passes worth keeping (qcompile.core.cache). The config is resolved once
     (``resolve_config``), before the first pass is built, and frozen: no pass writes it. Passes the
     pipeline implies (``IMPLIED_PASSES``) run where ``with_implied_passes`` puts them.
     """

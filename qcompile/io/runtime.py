@@ -23,8 +23,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompile.errors import ModelError, detail
-from qcompile.executors import check_machine_bound
-from qcompile.workspace import Workspace, add_outputs, serialize_inline
+from qcompile.scaleout.executors import check_machine_bound
+from qcompile.io.workspace import Workspace, add_outputs, serialize_inline
 
 # Protobuf cannot serialize more than 2 GB; larger models go through a file with external data.
 _INLINE_LIMIT = 1_800_000_000

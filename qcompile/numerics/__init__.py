@@ -1,0 +1,1 @@
+"""Numerics: streaming activation statistics, quantization parameters, GPTQ's column sweep."""

@@ -1,0 +1,1 @@
+"""Scale-out: executors (in process, local workers, Ray) and many-model builds."""
