@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qcompile.io.chunked_runs import DEFAULT_CHUNK, ChunkedRunner
+from qcompile.io.chunked_runs import DEFAULT_CHUNK, observe
 from qcompile.io.data import read_items
 from qcompile.errors import CalibrationDataError, ModelError
 from qcompile.scaleout.executors import Executor
@@ -53,10 +53,9 @@ def collect_statistics(
 
 def _fold_batches(session, tensor_names, graph_outputs, batches, histograms, chunk, progress) -> CalibrationTable:
     table = CalibrationTable(histograms=histograms)
-    runner = ChunkedRunner(session, tensor_names, graph_outputs, chunk)
     start = time.perf_counter()
-    for index, batch in enumerate(batches):
-        for outputs in runner.runs(batch, f"calibration batch {index}"):
+    for runs in observe(session, tensor_names, graph_outputs, batches, chunk=chunk):
+        for outputs in runs:
             for name, values in zip(tensor_names, outputs):
                 table.update(name, values)
         table.batches += 1

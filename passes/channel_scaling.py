@@ -16,9 +16,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.io.chunked_runs import ChunkedRunner
+from qcompile.io.chunked_runs import observe_calibration
 from qcompile.core.graph_edit import add_initializer, initializer_array
-from qcompile.io.runtime import make_session
 from qcompile.io.workspace import release_tensor
 
 # Rows of X kept (a uniform reservoir sample over all batches) to score candidate scales: bounded,
@@ -120,17 +119,9 @@ def observe_groups(
 ) -> None:
     """Run the model on the calibration data (the first ``batches`` batches, or all) and let each
     group observe its tensor, chunk by chunk: memory holds one chunk's activations."""
-    graph_outputs = [o.name for o in model.graph.outputs]
     names = [g.value.name for g in groups]
-    session = make_session(
-        model, extra_outputs=names, workspace=context.workspace, threads=context.config.threads,
-        what=f"model for {what}", low_memory=True,
-    )
-    runner = ChunkedRunner(session, names, graph_outputs, chunk)
-    for index, batch in enumerate(context.data.calibration()):
-        if batches is not None and index >= batches:
-            break
-        for outputs in runner.runs(batch, f"calibration batch {index} ({what})"):
+    for runs in observe_calibration(model, names, context, chunk=chunk, what=what, limit=batches):
+        for outputs in runs:
             for group, values in zip(groups, outputs):
                 if values.dtype == np.float32 and values.ndim >= 2 and values.shape[-1] == group.channels:
                     group.observe(values)

@@ -21,9 +21,8 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.io.chunked_runs import ChunkedRunner
+from qcompile.io.chunked_runs import observe_calibration
 from qcompile.core.graph_edit import attribute_value
-from qcompile.io.runtime import make_session
 
 logger = logging.getLogger(__name__)
 
@@ -213,19 +212,11 @@ def observe_layers(
     layer's input rows into its ``RowStatistics`` (keyed by node name), chunk by chunk. A layer whose
     input never fits its weight (an unexpected shape) gets no entry."""
     names = sorted({layer.node.inputs[0].name for layer in layers})
-    graph_outputs = [o.name for o in model.graph.outputs]
-    session = make_session(
-        model, extra_outputs=names, workspace=context.workspace, threads=context.config.threads,
-        what=f"model for {what}", low_memory=True,
-    )
-    runner = ChunkedRunner(session, names, graph_outputs, chunk)
     position = {name: i for i, name in enumerate(names)}
     statistics: dict[str, RowStatistics] = {}
     shared: dict[tuple, RowStatistics] = {}
-    for index, batch in enumerate(context.data.calibration()):
-        if batches is not None and index >= batches:
-            break
-        for outputs in runner.runs(batch, f"calibration batch {index} ({what})"):
+    for runs in observe_calibration(model, names, context, chunk=chunk, what=what, limit=batches):
+        for outputs in runs:
             seen: set[tuple] = set()
             for layer in layers:
                 x = outputs[position[layer.node.inputs[0].name]]

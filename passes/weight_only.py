@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.io.chunked_runs import DEFAULT_CHUNK, ChunkedRunner
+from qcompile.io.chunked_runs import DEFAULT_CHUNK, observe_calibration
 from qcompile.errors import ConfigError
 from qcompile.numerics.gptq import gptq_order, gptq_sweep
 from qcompile.core.graph_edit import Namer, add_initializer
@@ -42,7 +42,6 @@ from qcompile.numerics.qparams import (
     quantize_blocks,
     round_to_blocks,
 )
-from qcompile.io.runtime import make_session
 
 logger = logging.getLogger(__name__)
 
@@ -207,15 +206,9 @@ class QuantizeWeights(ir.passes.InPlacePass):
     def _hessians(self, model: ir.Model, weights: list[_Weight]) -> dict[str, np.ndarray]:
         """X^T X per distinct MatMul input (rows = all leading axes), over the calibration data."""
         names = sorted({w.node.inputs[0].name for w in weights})
-        graph_outputs = [o.name for o in model.graph.outputs]
-        session = make_session(
-            model, extra_outputs=names, workspace=self.context.workspace, threads=self.context.config.threads,
-            what="model for GPTQ", low_memory=True,
-        )
-        runner = ChunkedRunner(session, names, graph_outputs, self.chunk)
         sums: dict[str, np.ndarray] = {}
-        for index, batch in enumerate(self.context.data.calibration()):
-            for outputs in runner.runs(batch, f"calibration batch {index} (GPTQ)"):
+        for runs in observe_calibration(model, names, self.context, chunk=self.chunk, what="GPTQ"):
+            for outputs in runs:
                 for name, x in zip(names, outputs):
                     rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
                     sums[name] = sums.get(name, 0.0) + rows.T @ rows

@@ -1,18 +1,21 @@
 """Running an ONNX Runtime session on batches cut into chunks, so that peak memory holds one chunk's
-activations whatever the batch size. Calibration, channel scaling, layer statistics, GPTQ's Hessians
-and ``qcompile debug`` all observe tensors through it."""
+activations whatever the batch size, and the one loop that observes tensors over the calibration
+data with it: calibration, channel scaling, layer statistics and GPTQ's Hessians all run
+``observe``; ``qcompile debug`` pairs two ``ChunkedRunner``s."""
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_CHUNK", "ChunkedRunner", "split_batch"]
+__all__ = ["DEFAULT_CHUNK", "ChunkedRunner", "split_batch", "observe", "observe_calibration"]
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompile.errors import CalibrationDataError, detail
+from qcompile.io.runtime import make_session
 
 logger = logging.getLogger(__name__)
 
@@ -83,3 +86,32 @@ class ChunkedRunner:
             elif not np.array_equal(got, expected):
                 return False
         return True
+
+
+def observe(
+    session: ort.InferenceSession, names: list[str], graph_outputs: list[str], batches: Iterable[dict[str, np.ndarray]],
+    *, chunk: int, what: str | None = None, limit: int | None = None,
+) -> Iterator[Iterator[list[np.ndarray]]]:
+    """For each batch (the first ``limit``, or all), an iterator over its runs' arrays of ``names``,
+    chunk by chunk (``ChunkedRunner``): a chunk's arrays are dropped before the next one runs, so
+    the caller folds them into its statistics and memory holds one chunk's activations.
+    ``what`` names the job in errors ("calibration batch 3 (GPTQ)")."""
+    runner = ChunkedRunner(session, names, graph_outputs, chunk)
+    suffix = f" ({what})" if what else ""
+    for index, batch in enumerate(batches):
+        if limit is not None and index >= limit:
+            return
+        yield runner.runs(batch, f"calibration batch {index}{suffix}")
+
+
+def observe_calibration(
+    model: ir.Model, names: list[str], context, *, chunk: int, what: str, limit: int | None = None,
+) -> Iterator[Iterator[list[np.ndarray]]]:
+    """``observe`` on ``model`` with ``names`` exposed as outputs, over the run's calibration data
+    (``context.data``), in a low-memory session on the run's workspace and threads."""
+    session = make_session(
+        model, extra_outputs=names, workspace=context.workspace, threads=context.config.threads,
+        what=f"model for {what}", low_memory=True,
+    )
+    graph_outputs = [o.name for o in model.graph.outputs]
+    yield from observe(session, names, graph_outputs, context.data.calibration(), chunk=chunk, what=what, limit=limit)
