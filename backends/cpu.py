@@ -144,10 +144,11 @@ def cpu_fusion_report(optimized_model, quantized_anchor_names: set[str]) -> dict
         "float_compute_nodes": float_compute,
         "dequantize_nodes_left": sum(1 for n in nodes if n.op_type == "DequantizeLinear"),
     }
-    # 8-bit weights, float32 compute: what lower-wide-matmuls writes for 16-bit activations.
-    nbits = sum(1 for n in nodes if n.op_type == "MatMulNBits")
-    if nbits:
-        report["float_compute_int8_weight_matmuls"] = nbits
+    # MatMulNBits by weight bits: 8 is what lower-wide-matmuls writes for 16-bit activations (float32
+    # compute); the LLM recipes' weight-only MatMuls are 4-bit (and 8-bit heads).
+    bits = Counter(next((a.i for a in n.attribute if a.name == "bits"), 4) for n in nodes if n.op_type == "MatMulNBits")
+    if bits:
+        report["weight_only_matmuls_by_bits"] = {str(b): bits[b] for b in sorted(bits)}
     float8 = {t.name for t in optimized_model.graph.initializer if t.data_type in _FLOAT8_ELEMENT_TYPES}
     float8_qdq = sum(
         1 for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear") and (

@@ -55,7 +55,6 @@ perplexity itself is ``examples/perplexity.py``.
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import logging
 import os
@@ -77,6 +76,7 @@ from transformers.utils import logging as transformers_logging
 
 import qcompile
 from qcompile.io.outputs import report_path_for
+from qcompile.io.causal_lm import name_after_modules
 from npz_batches import write_npz_batches as write_calibration_batches
 from perplexity import empty_past, make_session, perplexity
 
@@ -238,7 +238,7 @@ def export_onnx(out_dir: str | Path, *, with_past: bool = False) -> Path:
         output_names=output_names,
         verbose=False,
     )
-    _name_after_modules(program.model)
+    name_after_modules(program.model)  # the library front end's names (qcompile.io.causal_lm)
     if with_past:
         mask = program.model.graph.inputs[1]
         mask.shape = ir.Shape([mask.shape[0], "past_sequence + sequence"])
@@ -251,41 +251,6 @@ def export_onnx(out_dir: str | Path, *, with_past: bool = False) -> Path:
 
     _check_against_pytorch(module, onnx_path, with_past, config.num_hidden_layers)
     return onnx_path
-
-
-def _name_after_modules(model: ir.Model) -> None:
-    """Readable names for what the quantizer and its report talk about, from the exporter's
-    record of the PyTorch module each node came from.
-
-    The exporter folds each Linear's ``Transpose(weight)`` into a new initializer named
-    ``val_<n>`` and calls the MatMul ``node_linear_<n>``; they become
-    ``model.layers.0.self_attn.q_proj.MatMul.weight`` ([in, out], transposed from PyTorch) and
-    ``/model/layers/0/self_attn/q_proj/MatMul``. The wrapper's ``model.`` prefix is dropped from
-    parameter names, so they read like the Hugging Face state dict, and the embedding table that
-    the lm_head shares is called ``model.embed_tokens.weight`` (the exporter names it after the
-    lm_head); the lm_head reads it as ``MatMul(h, Transpose(model.embed_tokens.weight))``.
-    """
-    for value in list(model.graph.initializers.values()):
-        if value.name == "model.lm_head.weight":
-            value.name = "model.embed_tokens.weight"
-        elif value.name.startswith("model."):
-            value.name = value.name.removeprefix("model.")
-    for node in model.graph:
-        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-        if node.op_type not in ("MatMul", "Gather", "Transpose") or not scopes:
-            continue
-        *_, module_path, torch_op = ast.literal_eval(scopes)
-        # Only the MatMul (and lm_head's Transpose) of a Linear and the Gather of an Embedding;
-        # attention's own MatMuls share a module with others and keep the exporter's names.
-        if not torch_op.startswith(("linear", "embedding")):
-            continue
-        if node.op_type == "Transpose" and not node.inputs[0].is_initializer():
-            continue
-        module_path = module_path.removeprefix("model.")
-        node.name = "/" + module_path.replace(".", "/") + "/" + node.op_type
-        weight = node.inputs[1] if node.op_type == "MatMul" else None
-        if weight is not None and weight.is_initializer() and weight.name.startswith("val_"):
-            weight.name = f"{module_path}.MatMul.weight"
 
 
 def _check_against_pytorch(module, onnx_path: Path, with_past: bool, num_layers: int) -> float:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -102,7 +103,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compile", help="quantize a model for a target")
-    c.add_argument("model", help="ONNX model file")
+    c.add_argument("model", help="ONNX model file, or a causal language model: a Hugging Face folder or a .gguf file")
     c.add_argument("-o", "--output", help="output model path (default: MODEL.<target>.onnx)")
     c.add_argument("--calib", help="directory of .npz calibration batches (keys = input names)")
     c.add_argument("--eval", dest="eval_data", help="directory of .npz evaluation batches (default: held-out calibration batches)")
@@ -292,6 +293,7 @@ def _cmd_compile(args) -> int:
     from qcompile.io.outputs import check_destination, check_not_read, report_path_for, write_text_atomically
     from qcompile.core.pipeline import format_pipeline, parse_pipeline
     from qcompile.core.recipes import pipeline_for
+    from qcompile.io.causal_lm import export_causal_lm, export_folder, is_causal_lm_source
 
     config = _config_from_args(args)
     if args.print_pipeline:
@@ -300,6 +302,11 @@ def _cmd_compile(args) -> int:
         return 0
     model_path = Path(args.model)
     output = Path(args.output) if args.output else model_path.with_suffix(f".{config.target}.onnx")
+    language_model = model_path if is_causal_lm_source(model_path) else None
+    if language_model is not None:
+        output = _language_model_output(language_model, args.output, config.target)
+        # Exported once, here: the recovery and the accuracy search compile the .onnx file again and again.
+        model_path = export_causal_lm(language_model, export_folder())
     report_path = Path(args.report) if args.report else report_path_for(output)
     reads = _files_read(args, config, model_path, (output, report_path))
     for path, flag in ((output, "-o"), (report_path, "--report")):
@@ -350,10 +357,40 @@ def _cmd_compile(args) -> int:
         raise
     result.reads += reads
     result.save(output, report_path=report_path)
+    copied = _copy_tokenizer(language_model, output) if language_model is not None else []
     if not args.quiet:
         print(result.report)
-        print(f"wrote {output} and {report_path}")
+        print(f"wrote {output} and {report_path}" + (f", and beside them {', '.join(copied)}" if copied else ""))
     return 0
+
+
+def _language_model_output(source: Path, requested: str | None, target: str) -> Path:
+    """A language model goes into a folder of its own with its tokenizer files: ``-o DIR/`` (or an
+    existing folder) means DIR/model.onnx; by default SOURCE.TARGET/model.onnx beside the source."""
+    if requested is None:
+        folder = source.with_name(f"{source.stem if source.is_file() else source.name}.{target}")
+    elif requested.endswith(("/", os.sep)) or Path(requested).is_dir():
+        folder = Path(requested)
+    else:
+        return Path(requested)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "model.onnx"
+
+
+def _copy_tokenizer(source: Path, output: Path) -> list[str]:
+    """The source folder's tokenizer and generation files, beside the compiled model (never over a
+    different file of the same name that is already there: that one is kept, with a warning)."""
+    from qcompile.io.causal_lm import copy_tokenizer_files
+
+    copied = []
+    for name in copy_tokenizer_files(source, None):
+        destination = output.parent / name
+        if destination.exists() and destination.read_bytes() != (source / name).read_bytes():
+            logger.warning("kept %s: it differs from %s's, which was not copied over it", destination, name)
+            continue
+        shutil.copyfile(source / name, destination)
+        copied.append(name)
+    return copied
 
 
 def _files_read(args, config, model_path: Path, destinations) -> list:

@@ -106,9 +106,9 @@ class Report:
             kernels = ", ".join(f"{k} {v}" for k, v in self.fusion.get("integer_kernels", {}).items())
             unfused = len(self.fusion.get("unfused_quantized_anchors", []))
             lines.append(f"  ORT integer kernels: {kernels or 'none'}; unfused quantized anchors: {unfused}")
-            if self.fusion.get("float_compute_int8_weight_matmuls"):
-                lines.append(f"  MatMulNBits (int8 weights, float32 compute, for 16-bit activations): "
-                             f"{self.fusion['float_compute_int8_weight_matmuls']}")
+            if self.fusion.get("weight_only_matmuls_by_bits"):
+                counts = ", ".join(f"{count} at {bits} bits" for bits, count in self.fusion["weight_only_matmuls_by_bits"].items())
+                lines.append(f"  weight-only MatMulNBits (float activations): {counts}")
             if self.fusion.get("note"):
                 lines.append(f"  note: {self.fusion['note']}")
         fixed = self.transformations.get("fix-shapes")

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import CalibrationDataError
+from qcompile.io.causal_lm import fill_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,14 @@ def _describe(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+def _empty_along_dynamic_axes(array: np.ndarray, spec: InputSpec) -> bool:
+    """Whether an empty array is a meaningful input: samples (axis 0) with nothing along a declared
+    dynamic axis, such as a language model's past key/values on a first call (length 0)."""
+    if spec.shape is None or array.ndim != len(spec.shape) or array.ndim < 2 or array.shape[0] == 0:
+        return False
+    return all(not isinstance(spec.shape[axis], int) for axis, size in enumerate(array.shape) if size == 0)
+
+
 def validate_batch(batch: Any, specs: list[InputSpec], where: str, *, values: bool = True) -> Batch:
     """Check one batch against the model inputs; return it as a dict of arrays. ``values`` False:
     names, dtypes and shapes only (for arrays described by their .npy headers, not yet read)."""
@@ -70,6 +79,7 @@ def validate_batch(batch: Any, specs: list[InputSpec], where: str, *, values: bo
             f"{where} is a {type(batch).__name__}, not a mapping. Each batch must be a dict "
             "{input_name: numpy array}."
         )
+    batch = fill_inputs(batch, specs)  # a language model's position_ids and empty past, from input_ids
     expected = {s.name for s in specs}
     missing = expected - set(batch)
     unknown = set(batch) - expected
@@ -116,7 +126,7 @@ def validate_batch(batch: Any, specs: list[InputSpec], where: str, *, values: bo
                         f"{where}: input {spec.name!r} has shape {list(array.shape)} but the model "
                         f"expects {_describe(spec.shape)} (axis {axis} must be {want})."
                     )
-        if array.size == 0:
+        if array.size == 0 and not _empty_along_dynamic_axes(array, spec):
             raise CalibrationDataError(f"{where}: input {spec.name!r} is empty (shape {list(array.shape)}).")
         if values and array.dtype.kind == "f" and not np.isfinite(array).all():
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))

@@ -1,4 +1,5 @@
-"""Front ends: an ONNX file, an ONNX proto, an onnx-ir model or a torch.nn.Module, to an onnx-ir model.
+"""Front ends: an ONNX file, an ONNX proto, an onnx-ir model, a torch.nn.Module, or a causal
+language model as a Hugging Face folder or a GGUF file (exported by ``causal_lm``), to an onnx-ir model.
 
 The caller's model is never modified: files are read, in-memory models are copied.
 """
@@ -17,6 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.errors import ModelError, detail
+from qcompile.io.causal_lm import export_causal_lm, export_folder, is_causal_lm_source
 from qcompile.io.workspace import release_tensor
 
 logger = logging.getLogger(__name__)
@@ -67,8 +69,13 @@ def _copy_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _load_file(path: Path) -> ir.Model:
+    if is_causal_lm_source(path):
+        return _load_file(export_causal_lm(path, export_folder()))
     if path.is_dir():
-        raise ModelError(f"Model path {str(path)!r} is a directory; pass the .onnx file inside it.")
+        raise ModelError(
+            f"Model path {str(path)!r} is a directory without a config.json; pass the .onnx file inside it "
+            "(or a Hugging Face model folder)."
+        )
     if not path.is_file():
         raise ModelError(f"Model file {str(path)!r} does not exist (or is not a file).")
     if path.stat().st_size == 0:

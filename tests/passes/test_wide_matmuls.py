@@ -97,8 +97,8 @@ def test_the_integers_and_scales_are_the_ones_insert_qdq_chose():
 def test_the_report_says_how_those_matmuls_compute():
     report = _compile("uint16", result=True).report
     assert report.transformations["lower-wide-matmuls"]["rewritten"] == ["proj", "head"]
-    assert report.fusion["float_compute_int8_weight_matmuls"] == 2
-    assert "MatMulNBits (int8 weights, float32 compute" in str(report)
+    assert report.fusion["weight_only_matmuls_by_bits"] == {"8": 2}
+    assert "weight-only MatMulNBits (float activations): 2 at 8 bits" in str(report)
 
 
 def test_8_bit_activations_keep_ort_s_integer_kernels():

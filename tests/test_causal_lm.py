@@ -1,0 +1,94 @@
+"""The language-model front end (issue 19): a Hugging Face folder in, exported with a key/value
+cache and checked against PyTorch, compiled by ``qcompile compile FOLDER --recipe llm-int4 -o out/``
+with the tokenizer files beside the result. Tiny random models of each architecture, built here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from qcompile.cli import main
+from qcompile.errors import ModelError
+from qcompile.io.causal_lm import export_causal_lm, fill_inputs, is_causal_lm_source
+from qcompile.io.data import InputSpec
+
+torch = pytest.importorskip("torch", reason="the language-model front end needs torch: pip install -e '.[torch,dev]'")
+transformers = pytest.importorskip("transformers", reason="the language-model front end needs transformers: pip install -e '.[dev]'")
+
+SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _folder(tmp_path, architecture: str):
+    configs = {
+        "llama": lambda: (transformers.LlamaConfig(**SMALL, tie_word_embeddings=True), transformers.LlamaForCausalLM),
+        "qwen2": lambda: (transformers.Qwen2Config(**SMALL), transformers.Qwen2ForCausalLM),
+        "phi3": lambda: (transformers.Phi3Config(**SMALL, pad_token_id=0), transformers.Phi3ForCausalLM),
+        "gemma3": lambda: (transformers.Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=16), transformers.Gemma3ForCausalLM),
+    }
+    config, cls = configs[architecture]()
+    torch.manual_seed(0)
+    folder = tmp_path / f"tiny-{architecture}"
+    cls(config).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "phi3"])
+def test_a_folder_exports_with_a_cache_that_matches_pytorch(tmp_path, architecture):
+    """LLaMA (tied embeddings), Qwen2 and Phi-3 (grouped-query attention, 2 kv heads of 4): the
+    export's logits over 34 tokens fed in two calls through its cache match PyTorch's one pass
+    (export_causal_lm raises past 1e-3; the check runs inside it)."""
+    folder = _folder(tmp_path, architecture)
+    assert is_causal_lm_source(folder) and not is_causal_lm_source(tmp_path)
+    path = export_causal_lm(folder, tmp_path / "out")
+    model = onnx.load(path)
+    names = [i.name for i in model.graph.input]
+    assert names == ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value"))]
+    assert [o.name for o in model.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+    past = next(i for i in model.graph.input if i.name == "past_key_values.0.key").type.tensor_type.shape.dim
+    assert past[1].dim_value == 2 and past[3].dim_value == 16 and past[2].dim_param  # 2 kv heads, dynamic length
+    tables = [t for t in model.graph.initializer if sorted(t.dims) == [64, 96]]  # vocab 96 x hidden 64
+    assert len(tables) == (1 if architecture == "llama" else 2)  # a tied head reads the embedding table
+
+
+def test_sliding_window_attention_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(ModelError, match="sliding-window attention"):
+        export_causal_lm(_folder(tmp_path, "gemma3"), tmp_path / "out")
+
+
+def test_input_ids_are_enough_for_calibration():
+    specs = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "sequence")),
+             InputSpec("attention_mask", np.dtype(np.int64), ("batch", "mask")),
+             InputSpec("position_ids", np.dtype(np.int64), ("batch", "sequence")),
+             InputSpec("past_key_values.0.key", np.dtype(np.float32), ("batch", 2, "past", 16))]
+    ids = np.arange(10, dtype=np.int64).reshape(2, 5)
+    filled = fill_inputs({"input_ids": ids, "attention_mask": np.array([[1] * 5, [1, 1, 1, 0, 0]])}, specs)
+    np.testing.assert_array_equal(filled["position_ids"], [[0, 1, 2, 3, 4], [0, 1, 2, 2, 2]])
+    assert filled["past_key_values.0.key"].shape == (2, 2, 0, 16)
+    other = {"x": ids}
+    assert fill_inputs(other, [InputSpec("x", np.dtype(np.int64), None)]) is other
+
+
+def test_compile_a_folder_into_a_folder_with_its_tokenizer(tmp_path):
+    folder = _folder(tmp_path, "llama")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.savez(calib / f"b{i}.npz", input_ids=rng.integers(0, 96, (2, 32)).astype(np.int64))
+    out = tmp_path / "out"
+    assert main(["compile", str(folder), "--recipe", "llm-int4", "--calib", str(calib), "-o", f"{out}/", "--no-latency", "-q"]) == 0
+    assert {"model.onnx", "model.report.json", "tokenizer_config.json", "config.json"} <= {p.name for p in out.iterdir()}
+    model = onnx.load(out / "model.onnx")
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits")
+    assert bits == [4] * 14 + [8]  # 2 layers x 7 projections, the tied head at 8 bits
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = fill_inputs({"input_ids": rng.integers(0, 96, (1, 9)).astype(np.int64)},
+                       [InputSpec(i.name, np.dtype(np.float32 if "past" in i.name else np.int64), tuple(i.shape)) for i in session.get_inputs()])
+    logits, *present = session.run(None, feed)
+    assert logits.shape == (1, 9, 96) and present[0].shape == (1, 2, 9, 16)
