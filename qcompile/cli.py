@@ -105,7 +105,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="quantize a model for a target")
     c.add_argument("model", help="ONNX model file, or a causal language model: a Hugging Face folder or a .gguf file")
     c.add_argument("-o", "--output", help="output model path (default: MODEL.<target>.onnx)")
-    c.add_argument("--calib", help="directory of .npz calibration batches (keys = input names)")
+    c.add_argument("--calib", help="directory of .npz calibration batches (keys = input names); for a language "
+                   "model folder or .gguf file also a text file, tokenized by the model's tokenizer")
     c.add_argument("--eval", dest="eval_data", help="directory of .npz evaluation batches (default: held-out calibration batches)")
     c.add_argument("--config", help="qcompile.toml with CompileConfig keys")
     c.add_argument("--target", help="target name (`qcompile targets`); default cpu")
@@ -293,7 +294,7 @@ def _cmd_compile(args) -> int:
     from qcompile.io.outputs import check_destination, check_not_read, report_path_for, write_text_atomically
     from qcompile.core.pipeline import format_pipeline, parse_pipeline
     from qcompile.core.recipes import pipeline_for
-    from qcompile.io.causal_lm import export_causal_lm, export_folder, is_causal_lm_source
+    from qcompile.io.causal_lm import export_causal_lm, export_folder, is_causal_lm_source, text_batches
 
     config = _config_from_args(args)
     if args.print_pipeline:
@@ -311,6 +312,13 @@ def _cmd_compile(args) -> int:
     reads = _files_read(args, config, model_path, (output, report_path))
     for path, flag in ((output, "-o"), (report_path, "--report")):
         check_not_read(path, reads, flag)
+    if language_model is not None:
+        # A text file is calibration (and evaluation) data for a language model: tokenized here.
+        for flag, name in (("--calib", "calib"), ("--eval", "eval_data")):
+            text = getattr(args, name)
+            if text is not None and Path(text).is_file():
+                setattr(args, name, text_batches(language_model, Path(text)))
+                logger.info("%s %s: %d windows of its tokens", flag, text, len(getattr(args, name)))
     if _same_file(report_path, output):
         raise qcompile.OutputError(f"--report and -o both name {str(output)!r}; give the report another path.")
     if model_path.is_file():  # a missing model gets its own error from the loader

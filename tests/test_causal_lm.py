@@ -92,3 +92,28 @@ def test_compile_a_folder_into_a_folder_with_its_tokenizer(tmp_path):
                        [InputSpec(i.name, np.dtype(np.float32 if "past" in i.name else np.int64), tuple(i.shape)) for i in session.get_inputs()])
     logits, *present = session.run(None, feed)
     assert logits.shape == (1, 9, 96) and present[0].shape == (1, 2, 9, 16)
+
+
+def test_a_text_file_is_calibration_data_tokenized_by_the_model_s_own_tokenizer(tmp_path):
+    """--calib text.txt for a language model: its tokenizer (a character-level one saved in the
+    folder here) cuts the text into windows of 256 tokens, one a batch, at most 16."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from qcompile.io.causal_lm import text_batches
+
+    text = ("The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 40)[:3000]
+    folder = _folder(tmp_path, "llama")
+    vocabulary = {c: i for i, c in enumerate(["[UNK]", *sorted(set(text))])}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(folder)
+    (tmp_path / "text.txt").write_text(text)
+    batches = text_batches(folder, tmp_path / "text.txt")
+    assert len(batches) == 3000 // 256 and all(b["input_ids"].shape == (1, 256) for b in batches)
+    assert "".join(next(k for k, v in vocabulary.items() if v == i) for i in batches[0]["input_ids"][0]) == text[:256]
+    out = tmp_path / "out"
+    assert main(["compile", str(folder), "--recipe", "llm-int4", "--calib", str(tmp_path / "text.txt"), "-o", f"{out}/",
+                 "--no-latency", "-q"]) == 0
+    report = json.loads((out / "model.report.json").read_text())
+    assert report["calibration"]["batches"] + report["evaluation"]["batches"] >= len(batches) - 1
+    assert (out / "tokenizer.json").is_file()

@@ -18,7 +18,7 @@ from a hub: the folder or file must hold everything (``local_files_only``).
 from __future__ import annotations
 
 __all__ = [
-    "is_causal_lm_source", "export_causal_lm", "export_folder", "fill_inputs", "name_after_modules", "copy_tokenizer_files", "past_names",
+    "is_causal_lm_source", "export_causal_lm", "export_folder", "fill_inputs", "name_after_modules", "text_batches", "copy_tokenizer_files", "past_names",
     "TOKENIZER_FILES",
 ]
 
@@ -249,6 +249,42 @@ def _check_against_pytorch(model, onnx_path: Path, num_layers: int, vocab: int) 
     difference = float(np.abs(np.concatenate([first[0], second[0]], axis=1) - expected).max())
     logger.info("max |ONNX - PyTorch| of the logits = %.2e (34 tokens, two calls through the cache)", difference)
     return difference
+
+
+# Calibration from a text file: this many windows of this many tokens, one window a batch (4,096
+# tokens: GPTQ's Hessians of a 576-wide model from 7x as many rows as columns).
+TEXT_WINDOWS, TEXT_WINDOW_TOKENS = 16, 256
+
+
+def load_tokenizer(source: Path):
+    """The model's own tokenizer: from its folder, or from inside its GGUF file."""
+    _, transformers = _imports()
+    try:
+        if source.is_dir():
+            return transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"{str(source)!r} has no tokenizer transformers can load offline ({detail(error)}): "
+                         "pass calibration batches of input_ids (.npz) instead of text.") from None
+
+
+def text_batches(source: Path, text_file: Path, *, windows: int = TEXT_WINDOWS, tokens: int = TEXT_WINDOW_TOKENS) -> list[dict]:
+    """Calibration batches from a text file: the text tokenized by the model's tokenizer (no
+    special tokens), cut into consecutive windows of ``tokens`` tokens, the first ``windows`` of
+    them, each a batch ``{"input_ids": int64 [1, tokens]}`` (``fill_inputs`` adds the rest). A
+    text too short for one window gives one batch of all its tokens."""
+    from qcompile.errors import CalibrationDataError
+
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CalibrationDataError(f"Cannot read the calibration text {str(text_file)!r}: {detail(error)}") from None
+    ids = np.asarray(load_tokenizer(Path(source))(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    if ids.size == 0:
+        raise CalibrationDataError(f"The calibration text {str(text_file)!r} has no tokens.")
+    count = max(1, min(windows, len(ids) // tokens))
+    length = tokens if len(ids) >= tokens else len(ids)
+    return [{"input_ids": ids[i * length:(i + 1) * length].reshape(1, length)} for i in range(count)]
 
 
 def fill_inputs(batch: Mapping, specs) -> Mapping:

@@ -146,6 +146,8 @@ def external_data_files(model_path: Path) -> list[Path]:
 
 
 def _data_files(source: Any) -> list[Path]:
+    if isinstance(source, (str, Path)) and Path(source).is_file():  # a language model's calibration text
+        return [Path(source)]
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         with contextlib.suppress(OSError):
             return sorted(p for p in Path(source).iterdir() if p.is_file())
