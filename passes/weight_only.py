@@ -36,7 +36,10 @@ from qcompile.core.graph_edit import Namer, add_initializer
 from qcompile.passes.qdq_insertion import dequantize_after_lookup
 from qcompile.passes.registry import register_pass
 from qcompile.numerics.qparams import (
+    BNB4_QUANT_TYPE,
     BlockQuantized,
+    Bnb4Quantized,
+    quantize_bnb4,
     lookup_qparams,
     quant_type,
     quantize_blocks,
@@ -47,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 _METHODS = ("rtn", "gptq")
 _FORMS = ("matmulnbits", "dq")
+# Code books: integers on a scale grid (MatMulNBits / DequantizeLinear), or bitsandbytes' NF4 / FP4 (MatMulBnb4).
+_FORMATS = ("int", "nf4", "fp4")
 
 
 def quantize_gptq(
@@ -142,9 +147,14 @@ class QuantizeWeights(ir.passes.InPlacePass):
     def __init__(
         self, context, *, bits: int = 4, block: int = 128, symmetric: bool = True, method: str = "rtn",
         form: str = "matmulnbits", damp: float = 0.01, act_order: bool = True, accuracy_level: int = 0,
-        head_bits: int | None = None, embedding_bits: int = 8, chunk: int = DEFAULT_CHUNK,
+        head_bits: int | None = None, embedding_bits: int = 8, chunk: int = DEFAULT_CHUNK, format: str = "int",  # noqa: A002
     ):
         super().__init__()
+        if format not in _FORMATS:
+            raise ConfigError(f"quantize-weights: format must be one of {', '.join(_FORMATS)}, got {format!r}.")
+        if format != "int" and (bits != 4 or method != "rtn" or not block):
+            raise ConfigError(f"quantize-weights: format={format} is 4-bit, rounded to nearest, in blocks "
+                              "(ONNX Runtime's MatMulBnb4): use bits=4, method=rtn and a block size.")
         for name, value in (("bits", bits), ("head_bits", head_bits)):
             if value is not None and value not in (4, 8):
                 raise ConfigError(f"quantize-weights: {name} must be 4 or 8, got {value}.")
@@ -161,7 +171,7 @@ class QuantizeWeights(ir.passes.InPlacePass):
         self.context = context
         self.bits, self.block, self.symmetric, self.method, self.form = bits, block, symmetric, method, form
         self.damp, self.act_order, self.accuracy_level, self.chunk = damp, act_order, accuracy_level, chunk
-        self.head_bits, self.embedding_bits = head_bits, embedding_bits
+        self.head_bits, self.embedding_bits, self.format = head_bits, embedding_bits, format
 
     def requires(self, model: ir.Model) -> None:
         if self.method == "gptq":
@@ -178,19 +188,23 @@ class QuantizeWeights(ir.passes.InPlacePass):
             is_head = weight.node.outputs[0].is_graph_output()
             bits = self.head_bits if is_head and self.head_bits is not None else self.bits
             hessian = hessians.get(weight.node.inputs[0].name)
-            if hessian is not None:
+            code_book = self.format if bits == 4 else "int"  # an 8-bit head stays on the integer grid
+            if code_book != "int":
+                quantized = quantize_bnb4(w_t, code_book, block)
+            elif hessian is not None:
                 quantized = quantize_gptq(w_t, hessian, bits, block, self.symmetric, damp=self.damp, act_order=self.act_order)
             else:
                 quantized = quantize_blocks(w_t, bits, block, self.symmetric)
             error = float(np.linalg.norm(quantized.dequantize() - w_t) / max(np.linalg.norm(w_t), 1e-12))
             old_weight = weight.node.inputs[1]
-            (self._emit_matmulnbits if self.form == "matmulnbits" else self._emit_dq)(model.graph, weight, quantized)
+            emit = self._emit_bnb4 if code_book != "int" else self._emit_matmulnbits if self.form == "matmulnbits" else self._emit_dq
+            emit(model.graph, weight, quantized)
             if old_weight.producer() is not None and not old_weight.uses():
                 model.graph.remove(old_weight.producer(), safe=True)  # the tied head's Transpose
             records[weight.node.name] = {
                 "weight": weight.source, "shape": list(weight.weight.shape), "bits": bits, "block": block,
                 "method": "gptq" if hessian is not None else "rtn", "relative_weight_error": round(error, 5),
-                **({"head": True} if is_head else {}),
+                **({"format": code_book} if code_book != "int" else {}), **({"head": True} if is_head else {}),
             }
         tables = _quantize_tables(model.graph) if self.embedding_bits else {}
         left = {
@@ -233,6 +247,19 @@ class QuantizeWeights(ir.passes.InPlacePass):
         node = ir.node(
             "MatMulNBits", inputs, domain="com.microsoft", name=weight.node.name,
             attributes={"K": k, "N": n, "bits": q.bits, "block_size": q.block, "accuracy_level": self.accuracy_level},
+        )
+        _replace(graph, weight.node, node)
+        if "com.microsoft" not in graph.opset_imports:
+            graph.opset_imports["com.microsoft"] = 1
+
+    def _emit_bnb4(self, graph: ir.Graph, weight: _Weight, q: Bnb4Quantized) -> None:
+        base = weight.source.replace(" (transposed)", "_transposed")
+        n, k = q.shape
+        node = ir.node(
+            "MatMulBnb4", [weight.node.inputs[0], add_initializer(graph, f"{base}_{q.kind}", q.packed),
+                           add_initializer(graph, f"{base}_absmax", q.absmax)],
+            domain="com.microsoft", name=f"{weight.node.name}_{q.kind}",
+            attributes={"K": k, "N": n, "block_size": q.block, "quant_type": BNB4_QUANT_TYPE[q.kind]},
         )
         _replace(graph, weight.node, node)
         if "com.microsoft" not in graph.opset_imports:

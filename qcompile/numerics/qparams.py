@@ -23,6 +23,9 @@ __all__ = [
     "block_qparams",
     "round_to_blocks",
     "quantize_blocks",
+    "BNB4_TABLES",
+    "Bnb4Quantized",
+    "quantize_bnb4",
     "LOOKUP_BLOCK",
     "LookupQuantized",
     "lookup_qparams",
@@ -312,6 +315,68 @@ def quantize_blocks(w_t: np.ndarray, bits: int, block: int, symmetric: bool) -> 
         scales[:, b], zeros[:, b] = block_qparams(part, bits, symmetric)
         codes[:, b * block : (b + 1) * block] = round_to_blocks(part, scales[:, b : b + 1], zeros[:, b : b + 1], bits)
     return BlockQuantized(codes, scales, zeros.astype(np.uint8), bits, block)
+
+
+# The 16 values a 4-bit code stands for, times its block's absmax (bitsandbytes' formats, which ONNX
+# Runtime's com.microsoft.MatMulBnb4 reads; read back from its kernel code by code): QLoRA's
+# NormalFloat4 (quantiles of a normal distribution, exact 0 and +-1) and bitsandbytes' FP4.
+BNB4_TABLES = {
+    "nf4": np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                     0.7229568362236023, 1.0], dtype=np.float32),
+    "fp4": np.array([0.0, 1 / 192, 2 / 3, 1.0, 1 / 3, 0.5, 1 / 6, 0.25,
+                     -0.0, -1 / 192, -2 / 3, -1.0, -1 / 3, -0.5, -1 / 6, -0.25], dtype=np.float32),
+}
+# MatMulBnb4's quant_type attribute.
+BNB4_QUANT_TYPE = {"fp4": 0, "nf4": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Bnb4Quantized:
+    """A weight [N, K] (output x input channels) as MatMulBnb4 stores it: 4-bit codes into
+    ``BNB4_TABLES[kind]`` over the row-major flattening, two a byte (the even element in the high
+    nibble), and one absmax per ``block`` consecutive elements."""
+
+    packed: np.ndarray  # uint8 [ceil(N * K / 2)]
+    absmax: np.ndarray  # float32 [ceil(N * K / block)]
+    kind: str
+    block: int
+    shape: tuple[int, int]
+
+    def dequantize(self) -> np.ndarray:
+        """The float weight [N, K] these codes stand for."""
+        n, k = self.shape
+        codes = np.stack([self.packed >> 4, self.packed & 0xF], axis=1).reshape(-1)[: n * k]
+        scale = np.repeat(self.absmax, self.block)[: n * k]
+        return (BNB4_TABLES[self.kind][codes] * scale).reshape(n, k).astype(np.float32)
+
+
+def _nearest(table: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Index of the nearest value of ``table`` to each of ``x`` (a value on a midpoint rounds up)."""
+    order = np.argsort(table, kind="stable")
+    values = table[order]
+    return order[np.searchsorted((values[1:] + values[:-1]) / 2, x, side="right")]
+
+
+def quantize_bnb4(w_t: np.ndarray, kind: str, block: int) -> Bnb4Quantized:
+    """Round ``w_t`` [N, K] to the nearest of the 16 values of ``kind`` times its block's absmax
+    (``Bnb4Quantized``); matches ONNX Runtime's own quantize_matmul_bnb4 code for code."""
+    n, k = w_t.shape
+    flat = np.asarray(w_t, dtype=np.float32).reshape(-1)
+    blocks = -(-flat.size // block)
+    padded = np.zeros(blocks * block, np.float32)
+    padded[: flat.size] = flat
+    absmax = np.abs(padded.reshape(blocks, block)).max(axis=1)
+    scaled = padded.reshape(blocks, block) / np.where(absmax > 0, absmax, 1.0)[:, None]
+    scaled = scaled.reshape(-1)[: flat.size + flat.size % 2]  # an odd count packs a 0.0 in the last low nibble
+    if kind == "fp4":  # sign and magnitude: code bit 3 is the sign (so -0.0 is code 8, as ORT stores it)
+        codes = _nearest(BNB4_TABLES["fp4"][:8], np.abs(scaled)) | np.where(scaled < 0, 8, 0)
+    else:
+        codes = _nearest(BNB4_TABLES[kind], scaled)
+    codes = codes.astype(np.uint8)
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return Bnb4Quantized(packed.astype(np.uint8), absmax.astype(np.float32), kind, block, (n, k))
 
 
 # Columns per scale of a stored lookup table (an embedding). Measured on all-MiniLM-L6-v2's

@@ -139,3 +139,52 @@ def test_a_matmul_of_two_activations_is_not_reported_as_a_weight_left_float():
     )
     _, context = run_passes(small, ["quantize-weights"])
     assert set(context.records["quantize-weights"]["left_float"]) == {"tiny"}
+
+
+@pytest.mark.parametrize("kind, quant_type", [("nf4", 1), ("fp4", 0)])
+@pytest.mark.parametrize("k, n, block", [(64, 8, 64), (33, 3, 16), (96, 5, 32)])
+def test_nf4_and_fp4_codes_are_onnx_runtime_s_own(kind, quant_type, k, n, block):
+    """quantize_bnb4 packs exactly what ONNX Runtime's quantize_matmul_bnb4 (the MatMulBnb4
+    quantizer's kernel) packs: absmax per block of the transposed weight, nearest code, -0.0 as FP4's
+    sign code, a 0.0 in the last nibble of an odd count."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_bnb4
+
+    from qcompile.numerics.qparams import quantize_bnb4
+
+    w = np.random.default_rng(k + n).normal(0, 0.05, (k, n)).astype(np.float32)
+    packed, absmax = np.zeros((k * n + 1) // 2, np.uint8), np.zeros(-(-k * n // block), np.float32)
+    quantize_matmul_bnb4(packed, np.ascontiguousarray(w.T), absmax, block, quant_type, k, n)
+    ours = quantize_bnb4(np.ascontiguousarray(w.T), kind, block)
+    np.testing.assert_array_equal(ours.packed, packed)
+    np.testing.assert_array_equal(ours.absmax, absmax)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_nf4_and_fp4_weights_run_as_matmulbnb4(kind):
+    """quantize-weights(format=nf4|fp4): every MatMul becomes com.microsoft.MatMulBnb4 with the
+    packing its kernel reads: its output is x @ the dequantized weight."""
+    from qcompile.numerics.qparams import quantize_bnb4
+
+    proto, w = _single_matmul(k=64, n=32)
+    model, context = run_passes(proto, [f"quantize-weights(format={kind}, block=64)"])
+    (node,) = list(model.graph)
+    assert (node.domain, node.op_type, node.attributes["quant_type"].value) == ("com.microsoft", "MatMulBnb4", {"fp4": 0, "nf4": 1}[kind])
+    x = np.random.default_rng(3).normal(0, 1, (4, 64)).astype(np.float32)
+    expected = x @ quantize_bnb4(np.ascontiguousarray(w.T), kind, 64).dequantize().T
+    np.testing.assert_allclose(_run(model, {"x": x}), expected, rtol=1e-5, atol=1e-5)
+    record = context.records["quantize-weights"]["weights"]["mm"]
+    assert record["format"] == kind and 0 < record["relative_weight_error"] < 0.15
+
+
+def test_nf4_on_a_language_model_keeps_an_8_bit_head():
+    model, context = run_passes(tiny_lm(), ["quantize-weights(format=nf4, block=16, head_bits=8)", "remove-unused"])
+    ops = sorted(n.op_type for n in model.graph if n.op_type.startswith("MatMul"))
+    assert "MatMulBnb4" in ops and ops.count("MatMulNBits") == 1 and "MatMul" not in ops
+    feed = _ids(1, seed=9)[0]
+    assert np.corrcoef(_run(tiny_lm(), feed).ravel(), _run(model, feed).ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("options", ["format=nf4, bits=8", "format=fp4, method=gptq", "format=nf4, block=0, form=dq", "format=int3"])
+def test_bad_code_book_options_are_config_errors(options):
+    with pytest.raises(ConfigError):
+        run_passes(tiny_lm(), [f"quantize-weights({options})"])
