@@ -138,6 +138,9 @@ class QuantizeWeights(ir.passes.InPlacePass):
     (0: one block per output channel), symmetric or asymmetric. The head (a MatMul whose output is
     a graph output) uses ``head_bits`` when given, and embedding tables (Gather from a constant
     table of >= 4096 values) are stored as int8 with one scale per row unless ``embedding_bits=0``.
+    ``format=nf4`` or ``fp4`` stores 4-bit blocks as QLoRA's NormalFloat4 or bitsandbytes' FP4
+    (ONNX Runtime's ``com.microsoft.MatMulBnb4``: a code book times each block's absmax, rounded to
+    nearest) instead of integers on a scale grid; an 8-bit head stays ``MatMulNBits``.
     The report lists each weight with its method and relative weight error, and any MatMul left
     float with the reason. ``accuracy_level`` is MatMulNBits' attribute: 0 computes in float32
     (ORT's CPU kernel then dequantizes the weights on every call), 4 in int8 with activations

@@ -219,6 +219,19 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="where models and reports go (default: the file's out_dir, else BUILD-build/ beside it)")
     b.add_argument("--dry-run", action="store_true", help="check the build file, list its entries and exit")
     _add_executor_flags(b)
+    pp = sub.add_parser("perplexity", help="a compiled language model's perplexity on a text file")
+    pp.add_argument("model", help="a folder holding model.onnx (as compile FOLDER -o out/ writes) or an .onnx file")
+    pp.add_argument("--text", required=True, help="the text file, tokenized by the model's tokenizer")
+    pp.add_argument("--tokenizer", help="a folder or .gguf file with the tokenizer (default: the model's folder)")
+    pp.add_argument("--windows", type=int, default=16, help="how many consecutive windows of the text (default 16)")
+    pp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    pp.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: ORT's)")
+    ge = sub.add_parser("generate", help="greedy generation with a compiled language model, through its key/value cache")
+    ge.add_argument("model", help="a folder holding model.onnx (as compile FOLDER -o out/ writes) or an .onnx file")
+    ge.add_argument("--prompt", required=True, help="the text to continue")
+    ge.add_argument("--tokenizer", help="a folder or .gguf file with the tokenizer (default: the model's folder)")
+    ge.add_argument("--max-new-tokens", type=int, default=32, help="at most this many new tokens (default 32)")
+    ge.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: ORT's)")
     _add_logging_flags(parser, in_subcommand=False)
     for subparser in sub.choices.values():
         _add_logging_flags(subparser, in_subcommand=True)
@@ -677,6 +690,34 @@ def _cmd_sensitivity(args) -> int:
     return 0
 
 
+def _cmd_perplexity(args) -> int:
+    from qcompile.analysis.language_model import load_session_and_tokenizer, perplexity
+    from qcompile.io.causal_lm import text_batches
+
+    session, _ = load_session_and_tokenizer(Path(args.model), _tokenizer_source(args), args.threads)
+    source = _tokenizer_source(args) or (Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent)
+    windows = [b["input_ids"] for b in text_batches(source, Path(args.text), windows=args.windows, tokens=args.window)]
+    value = perplexity(session, windows)
+    print(f"perplexity {value:.4f} over {len(windows)} windows of {windows[0].shape[1]} tokens of {args.text}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from qcompile.analysis.language_model import generate, load_session_and_tokenizer
+
+    import numpy as np
+
+    session, tokenizer = load_session_and_tokenizer(Path(args.model), _tokenizer_source(args), args.threads)
+    prompt = np.asarray([tokenizer(args.prompt, add_special_tokens=False)["input_ids"]], dtype=np.int64)
+    new = generate(session, prompt, args.max_new_tokens, tokenizer.eos_token_id)
+    print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+    return 0
+
+
+def _tokenizer_source(args) -> Path | None:
+    return Path(args.tokenizer) if args.tokenizer else None
+
+
 def _cmd_build(args) -> int:
     """Exit code: the worst entry's, in order of severity 0 (ok) < 3 (accuracy gate failed) < 2 (bad
     input) < 1 (a bug); a bad build file exits 2 before anything compiles."""
@@ -765,7 +806,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbosity=1 if args.verbose else -1 if args.quiet else 0, log_format=args.log_format)
     commands = {"compile": _cmd_compile, "run": _cmd_run, "passes": _cmd_passes, "config": _cmd_config, "targets": _cmd_targets,
                 "inspect": _cmd_inspect, "verify": _cmd_verify, "debug": _cmd_debug,
-                "sensitivity": _cmd_sensitivity, "build": _cmd_build}
+                "sensitivity": _cmd_sensitivity, "build": _cmd_build, "perplexity": _cmd_perplexity,
+                "generate": _cmd_generate}
     try:
         with _sigterm_interrupts():
             return commands[args.command](args)

@@ -97,16 +97,11 @@ def test_compile_a_folder_into_a_folder_with_its_tokenizer(tmp_path):
 def test_a_text_file_is_calibration_data_tokenized_by_the_model_s_own_tokenizer(tmp_path):
     """--calib text.txt for a language model: its tokenizer (a character-level one saved in the
     folder here) cuts the text into windows of 256 tokens, one a batch, at most 16."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-
     from qcompile.io.causal_lm import text_batches
 
     text = ("The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 40)[:3000]
     folder = _folder(tmp_path, "llama")
-    vocabulary = {c: i for i, c in enumerate(["[UNK]", *sorted(set(text))])}
-    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(folder)
+    vocabulary = _char_tokenizer(folder, text)
     (tmp_path / "text.txt").write_text(text)
     batches = text_batches(folder, tmp_path / "text.txt")
     assert len(batches) == 3000 // 256 and all(b["input_ids"].shape == (1, 256) for b in batches)
@@ -117,3 +112,45 @@ def test_a_text_file_is_calibration_data_tokenized_by_the_model_s_own_tokenizer(
     report = json.loads((out / "model.report.json").read_text())
     assert report["calibration"]["batches"] + report["evaluation"]["batches"] >= len(batches) - 1
     assert (out / "tokenizer.json").is_file()
+
+
+def _char_tokenizer(folder, text):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocabulary = {c: i for i, c in enumerate(["[UNK]", *sorted(set(text))])}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(folder)
+    return vocabulary
+
+
+def test_generate_and_perplexity_match_pytorch_on_the_float_export(tmp_path, capsys):
+    """Through the exported cache, greedy generation gives PyTorch's tokens and perplexity PyTorch's
+    loss; the commands run on a compiled folder (its tokenizer beside it)."""
+    from qcompile.analysis.language_model import generate, load_session_and_tokenizer, perplexity
+
+    text = "the quick brown fox jumps over the lazy dog. " * 30
+    folder = _folder(tmp_path, "llama")
+    _char_tokenizer(folder, text)
+    path = export_causal_lm(folder, tmp_path / "fp32")
+    session, tokenizer = load_session_and_tokenizer(path, folder)
+    prompt = np.asarray([tokenizer("the quick", add_special_tokens=False)["input_ids"]], dtype=np.int64)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = reference.generate(torch.from_numpy(prompt), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    assert generate(session, prompt, 12) == expected
+    window = np.asarray([tokenizer(text[:200], add_special_tokens=False)["input_ids"]], dtype=np.int64)
+    with torch.no_grad():
+        loss = reference(torch.from_numpy(window), labels=torch.from_numpy(window)).loss.item()
+    assert perplexity(session, [window]) == pytest.approx(np.exp(loss), rel=1e-4)
+
+    (tmp_path / "text.txt").write_text(text)
+    out = tmp_path / "out"
+    assert main(["compile", str(folder), "--recipe", "llm-int4", "--calib", str(tmp_path / "text.txt"), "-o", f"{out}/", "-q",
+                 "--no-latency"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "the quick", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("the quick")
+    assert main(["perplexity", str(out), "--text", str(tmp_path / "text.txt"), "--windows", "2", "--window", "100"]) == 0
+    assert "perplexity " in capsys.readouterr().out

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.errors import ModelError, detail
+from qcompile.errors import CalibrationDataError, ModelError, detail
 
 logger = logging.getLogger(__name__)
 
@@ -273,8 +273,6 @@ def text_batches(source: Path, text_file: Path, *, windows: int = TEXT_WINDOWS, 
     special tokens), cut into consecutive windows of ``tokens`` tokens, the first ``windows`` of
     them, each a batch ``{"input_ids": int64 [1, tokens]}`` (``fill_inputs`` adds the rest). A
     text too short for one window gives one batch of all its tokens."""
-    from qcompile.errors import CalibrationDataError
-
     try:
         text = Path(text_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:

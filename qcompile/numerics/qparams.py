@@ -24,6 +24,7 @@ __all__ = [
     "round_to_blocks",
     "quantize_blocks",
     "BNB4_TABLES",
+    "BNB4_QUANT_TYPE",
     "Bnb4Quantized",
     "quantize_bnb4",
     "LOOKUP_BLOCK",
