@@ -111,8 +111,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="qcompile.toml with CompileConfig keys")
     c.add_argument("--target", help="target name (`qcompile targets`); default cpu")
     c.add_argument("--pipeline", help="comma-separated passes with options, e.g. 'fix-names,calibrate(method=mse)'")
-    c.add_argument("--recipe", help="a named pipeline: llm-int4, llm-int8-weight, llm-w8a8, llm-w8a8-outliers, "
-                   "llm-fp8 (see --print-pipeline)")
+    c.add_argument("--recipe", help="a named pipeline: llm-int4, llm-gguf, llm-int8-weight, llm-w8a8, "
+                   "llm-w8a8-outliers, llm-fp8 (see --print-pipeline)")
     c.add_argument("--print-pipeline", action="store_true", help="print the pipeline this run would use and exit")
     c.add_argument("--dump-after", action="append", default=[], metavar="PASS", help="save the model after PASS (or 'all'); repeatable")
     c.add_argument("--dump-dir", help="where --dump-after writes (default: OUTPUT.dumps/)")

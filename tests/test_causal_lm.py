@@ -154,3 +154,76 @@ def test_generate_and_perplexity_match_pytorch_on_the_float_export(tmp_path, cap
     assert capsys.readouterr().out.startswith("the quick")
     assert main(["perplexity", str(out), "--text", str(tmp_path / "text.txt"), "--windows", "2", "--window", "100"]) == 0
     assert "perplexity " in capsys.readouterr().out
+
+
+def _permute_for_llama_cpp(weights, heads):
+    """llama.cpp's convert_hf_to_gguf row order for LLaMA's q/k projections (its rotary layout)."""
+    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _tiny_gguf(tmp_path, kind: str):
+    """A tiny LLaMA written as llama.cpp would: projections in ``kind`` blocks (q/k rows permuted),
+    the embedding Q8_0 (the head tied to it), norms F32."""
+    gguf = pytest.importorskip("gguf", reason="GGUF files need the gguf package: pip install -e '.[llm]'")
+    pytest.importorskip("accelerate", reason="transformers loads GGUF files with accelerate: pip install -e '.[llm]'")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**SMALL, tie_word_embeddings=True)
+    state = {k: v.detach().numpy() for k, v in transformers.LlamaForCausalLM(config).eval().state_dict().items()}
+    path = tmp_path / f"tiny-{kind}.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_block_count(2)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_dimension_count(16)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(96)
+    quantized = getattr(gguf.GGMLQuantizationType, kind)
+
+    def add(name, array, qtype=None):
+        if qtype is None:
+            writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype), raw_dtype=qtype)
+
+    add("token_embd.weight", state["model.embed_tokens.weight"], gguf.GGMLQuantizationType.Q8_0)
+    add("output_norm.weight", state["model.norm.weight"])
+    for i in range(2):
+        p = f"model.layers.{i}."
+        add(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"])
+        add(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
+        add(f"blk.{i}.attn_q.weight", _permute_for_llama_cpp(state[p + "self_attn.q_proj.weight"], 4), quantized)
+        add(f"blk.{i}.attn_k.weight", _permute_for_llama_cpp(state[p + "self_attn.k_proj.weight"], 2), quantized)
+        for gguf_name, hf in (("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                              ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
+            add(f"blk.{i}.{gguf_name}.weight", state[p + hf + ".weight"], quantized)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_a_gguf_file_keeps_its_own_grid(tmp_path, kind):
+    """--recipe llm-gguf: every projection, the tied head and the embedding come from the file's
+    blocks (q/k rows put back in transformers' order), within float rounding of what transformers
+    dequantized; the model computes what the float export computes."""
+    from qcompile.analysis.language_model import feeds
+    from qcompile.api import compile as compile_model
+
+    path = export_causal_lm(_tiny_gguf(tmp_path, kind), tmp_path / "fp32")
+    result = compile_model(str(path), None, config={"recipe": "llm-gguf", "measure_latency": False})
+    tensors = result.report.transformations["gguf-weights"]["tensors"]
+    assert len(tensors) == 2 * 7 + 2 and all("onnx_form" in t for t in tensors.values())
+    assert max(t["relative_deviation"] for t in tensors.values()) < 1e-6
+    model = result.to_proto()
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 15 and not any(n.op_type == "MatMul" and
+                                                                                        n.input[1].endswith("weight") for n in model.graph.node)
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    native = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(0, 96, (1, 12)).astype(np.int64)
+    expected, got = reference.run(["logits"], feeds(reference, ids))[0], native.run(["logits"], feeds(native, ids))[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -26,6 +26,10 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "llm-int4": (*_PREPARE, "awq-scale(bits=4, block=128, symmetric=false)",
                  "quantize-weights(bits=4, block=128, symmetric=false, method=gptq, head_bits=8, accuracy_level=4)",
                  *_FINISH),
+    # A model compiled from a .gguf file: its Q4_0/Q4_1/Q8_0 blocks as they are (no second rounding),
+    # then what the file kept in other types at 4 bits (round to nearest, blocks of 32, as GGUF's).
+    "llm-gguf": (*_PREPARE, "gguf-weights",
+                 "quantize-weights(bits=4, block=32, symmetric=false, head_bits=8, embedding_bits=0)", *_FINISH),
     # Weights only at 8 bits (asymmetric blocks of 128, round to nearest): near-lossless. SmolLM2 on
     # 64 windows: perplexity 14.579 (fp32 14.570; symmetric 14.622, as ORT's tool).
     "llm-int8-weight": (*_PREPARE, "quantize-weights(bits=8, block=128, symmetric=false)", *_FINISH),

@@ -173,6 +173,8 @@ def export_causal_lm(source: Path, out_dir: Path) -> Path:
         _tie_head(program.model)
     mask = program.model.graph.inputs[1]
     mask.shape = ir.Shape([mask.shape[0], "past_sequence + sequence"])
+    if not source.is_dir():  # the gguf-weights pass reads the file's own blocks (recipe llm-gguf)
+        program.model.metadata_props["qcompile.gguf_file"] = str(source.resolve())
     weight_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
     program.save(str(onnx_path), external_data=weight_bytes > PROTOBUF_LIMIT)
     logger.info("exported %s (%s, %d layers) in %.1f s", onnx_path, type(model).__name__, num_layers, time.perf_counter() - start)
