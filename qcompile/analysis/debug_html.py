@@ -9,8 +9,8 @@ import html
 import math
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # a renderer of the report, which qcompile.analysis.debug builds: it imports nothing of it at run time
-    from qcompile.analysis.debug import DebugReport, TensorError
+if TYPE_CHECKING:  # a renderer of the report (qcompile.analysis.debug_report): it imports nothing of it at run time
+    from qcompile.analysis.debug_report import DebugReport, TensorError
 
 
 def percent(value: float | None) -> str:
