@@ -226,6 +226,8 @@ def _build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--windows", type=int, default=16, help="how many consecutive windows of the text (default 16)")
     pp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     pp.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: ORT's)")
+    pp.add_argument("--reference", help="the float model (.onnx, or its folder): also its perplexity, the mean KL "
+                    "divergence of the next-token distributions from it, and top-1 agreement")
     ge = sub.add_parser("generate", help="greedy generation with a compiled language model, through its key/value cache")
     ge.add_argument("model", help="a folder holding model.onnx (as compile FOLDER -o out/ writes) or an .onnx file")
     ge.add_argument("--prompt", required=True, help="the text to continue")
@@ -699,6 +701,13 @@ def _cmd_perplexity(args) -> int:
     windows = [b["input_ids"] for b in text_batches(source, Path(args.text), windows=args.windows, tokens=args.window)]
     value = perplexity(session, windows)
     print(f"perplexity {value:.4f} over {len(windows)} windows of {windows[0].shape[1]} tokens of {args.text}")
+    if args.reference:
+        from qcompile.analysis.language_model import next_token_agreement
+
+        reference, _ = load_session_and_tokenizer(Path(args.reference), source, args.threads)
+        agreement = next_token_agreement(session, reference, windows)
+        print(f"reference perplexity {perplexity(reference, windows):.4f}; KL divergence {agreement['kl_divergence']:.5f} "
+              f"nats a token; top-1 agreement {100 * agreement['top1_agreement']:.2f} % of {agreement['positions']} positions")
     return 0
 
 

@@ -152,8 +152,17 @@ def test_generate_and_perplexity_match_pytorch_on_the_float_export(tmp_path, cap
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "the quick", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("the quick")
-    assert main(["perplexity", str(out), "--text", str(tmp_path / "text.txt"), "--windows", "2", "--window", "100"]) == 0
-    assert "perplexity " in capsys.readouterr().out
+    assert main(["perplexity", str(out), "--text", str(tmp_path / "text.txt"), "--windows", "2", "--window", "100",
+                 "--reference", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity " in printed and "KL divergence" in printed and "top-1 agreement" in printed
+    from qcompile.analysis.language_model import next_token_agreement
+
+    itself = next_token_agreement(session, session, [window])
+    assert itself["kl_divergence"] == pytest.approx(0, abs=1e-9) and itself["top1_agreement"] == 1.0
+    compiled = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    agreement = next_token_agreement(compiled, session, [window])
+    assert 0 < agreement["kl_divergence"] < 1 and 0.5 < agreement["top1_agreement"] <= 1
 
 
 def _permute_for_llama_cpp(weights, heads):

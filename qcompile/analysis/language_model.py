@@ -5,7 +5,7 @@ interface ``qcompile.io.causal_lm`` exports (``input_ids``, ``attention_mask``, 
 
 from __future__ import annotations
 
-__all__ = ["perplexity", "generate", "feeds", "load_session_and_tokenizer"]
+__all__ = ["perplexity", "next_token_agreement", "generate", "feeds", "load_session_and_tokenizer"]
 
 import logging
 import time
@@ -55,9 +55,7 @@ def perplexity(session: ort.InferenceSession, windows: Sequence[np.ndarray]) -> 
     for window in windows:
         ids = np.asarray(window, dtype=np.int64).reshape(1, -1)
         (logits,) = session.run([logits_name], feeds(session, ids))
-        logits = logits[0, :-1].astype(np.float64)
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        log_probs = _log_softmax(logits[0, :-1])
         total -= float(log_probs[np.arange(ids.shape[1] - 1), ids[0, 1:]].sum())
         count += ids.shape[1] - 1
     if not count:
@@ -65,6 +63,28 @@ def perplexity(session: ort.InferenceSession, windows: Sequence[np.ndarray]) -> 
     logger.info("perplexity over %d windows, %d predicted tokens, %.2f s a window", len(windows), count,
                 (time.perf_counter() - start) / len(windows))
     return float(np.exp(total / count))
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def next_token_agreement(session: ort.InferenceSession, reference: ort.InferenceSession,
+                         windows: Sequence[np.ndarray]) -> dict[str, float]:
+    """How close ``session``'s next-token distributions are to ``reference``'s (the float model)
+    at every position of ``windows``: the mean KL divergence KL(reference || session) in nats, and
+    the share of positions whose most likely next token is the same (top-1 agreement)."""
+    kl, same, count = 0.0, 0, 0
+    for window in windows:
+        ids = np.asarray(window, dtype=np.int64).reshape(1, -1)
+        (ours,) = session.run([session.get_outputs()[0].name], feeds(session, ids))
+        (theirs,) = reference.run([reference.get_outputs()[0].name], feeds(reference, ids))
+        p, q = _log_softmax(theirs[0]), _log_softmax(ours[0])
+        kl += float((np.exp(p) * (p - q)).sum())
+        same += int((p.argmax(axis=-1) == q.argmax(axis=-1)).sum())
+        count += ids.shape[1]
+    return {"kl_divergence": kl / count, "top1_agreement": same / count, "positions": count}
 
 
 def generate(session: ort.InferenceSession, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: int | None = None) -> list[int]:
