@@ -220,24 +220,27 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="check the build file, list its entries and exit")
     _add_executor_flags(b)
     pp = sub.add_parser("perplexity", help="a compiled language model's perplexity on a text file")
-    pp.add_argument("model", help="a folder holding model.onnx (as compile FOLDER -o out/ writes) or an .onnx file")
+    _add_language_model_flags(pp)
     pp.add_argument("--text", required=True, help="the text file, tokenized by the model's tokenizer")
-    pp.add_argument("--tokenizer", help="a folder or .gguf file with the tokenizer (default: the model's folder)")
     pp.add_argument("--windows", type=int, default=16, help="how many consecutive windows of the text (default 16)")
     pp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-    pp.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: ORT's)")
     pp.add_argument("--reference", help="the float model (.onnx, or its folder): also its perplexity, the mean KL "
                     "divergence of the next-token distributions from it, and top-1 agreement")
     ge = sub.add_parser("generate", help="greedy generation with a compiled language model, through its key/value cache")
-    ge.add_argument("model", help="a folder holding model.onnx (as compile FOLDER -o out/ writes) or an .onnx file")
+    _add_language_model_flags(ge)
     ge.add_argument("--prompt", required=True, help="the text to continue")
-    ge.add_argument("--tokenizer", help="a folder or .gguf file with the tokenizer (default: the model's folder)")
     ge.add_argument("--max-new-tokens", type=int, default=32, help="at most this many new tokens (default 32)")
-    ge.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: ORT's)")
     _add_logging_flags(parser, in_subcommand=False)
     for subparser in sub.choices.values():
         _add_logging_flags(subparser, in_subcommand=True)
     return parser
+
+
+def _add_language_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The compiled language model, its tokenizer and threads: what perplexity and generate share."""
+    parser.add_argument("model", help="a folder holding model.onnx (as compile FOLDER -o out/ writes) or an .onnx file")
+    parser.add_argument("--tokenizer", help="a folder or .gguf file with the tokenizer (default: the model's folder)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: ORT's)")
 
 
 def _add_executor_flags(parser: argparse.ArgumentParser) -> None:
