@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.core.graph_edit import Namer, add_initializer
-from qcompile.errors import ConfigError
+from qcompile.errors import ConfigError, ModelError
 from qcompile.numerics.qparams import LookupQuantized
 from qcompile.passes.qdq_insertion import dequantize_after_lookup
 from qcompile.passes.registry import register_pass
@@ -100,7 +100,11 @@ class GgufWeights(ir.passes.InPlacePass):
         reader = gguf.GGUFReader(source)
         fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.")}
         arch = fields.get("general.architecture", "llama")
-        names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], int(fields[f"{arch}.block_count"]))
+        known = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}
+        if arch not in known or f"{arch}.block_count" not in fields:
+            raise ModelError(f"{source!r}: the gguf package knows no tensor names for architecture {arch!r} "
+                             "(or the file gives no block count); compile it with another recipe.")
+        names = gguf.get_tensor_name_map(known[arch], int(fields[f"{arch}.block_count"]))
         tensors = {t.name: t for t in reader.tensors}
         heads = int(fields.get(f"{arch}.attention.head_count", 0))
         kv_heads = int(fields.get(f"{arch}.attention.head_count_kv", heads))
