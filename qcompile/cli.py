@@ -406,10 +406,10 @@ def _language_model_output(source: Path, requested: str | None, target: str) -> 
 def _copy_tokenizer(source: Path, output: Path) -> list[str]:
     """The source folder's tokenizer and generation files, beside the compiled model (never over a
     different file of the same name that is already there: that one is kept, with a warning)."""
-    from qcompile.io.causal_lm import copy_tokenizer_files
+    from qcompile.io.causal_lm import tokenizer_files
 
     copied = []
-    for name in copy_tokenizer_files(source, None):
+    for name in tokenizer_files(source):
         destination = output.parent / name
         if destination.exists() and destination.read_bytes() != (source / name).read_bytes():
             logger.warning("kept %s: it differs from %s's, which was not copied over it", destination, name)

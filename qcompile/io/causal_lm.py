@@ -18,7 +18,7 @@ from a hub: the folder or file must hold everything (``local_files_only``).
 from __future__ import annotations
 
 __all__ = [
-    "is_causal_lm_source", "export_causal_lm", "export_folder", "fill_inputs", "name_after_modules", "text_batches", "copy_tokenizer_files", "past_names",
+    "is_causal_lm_source", "export_causal_lm", "export_folder", "fill_inputs", "name_after_modules", "text_batches", "tokenizer_files", "past_names",
     "TOKENIZER_FILES",
 ]
 
@@ -314,12 +314,9 @@ def fill_inputs(batch: Mapping, specs) -> Mapping:
     return filled
 
 
-def copy_tokenizer_files(source: Path, destination: Path | None) -> list[str]:
-    """The names of the tokenizer and generation files of a model folder ``source`` (none for a GGUF
-    file: it carries its tokenizer inside), copied into ``destination`` unless that is None."""
+def tokenizer_files(source: Path) -> list[str]:
+    """The names of the tokenizer and generation files of a model folder ``source`` (none for a
+    GGUF file: it carries its tokenizer inside), for the command line to copy beside the output."""
     if not source.is_dir():
         return []
-    names = [name for name in TOKENIZER_FILES if (source / name).is_file()]
-    for name in names if destination is not None else ():
-        shutil.copyfile(source / name, destination / name)
-    return names
+    return [name for name in TOKENIZER_FILES if (source / name).is_file()]
