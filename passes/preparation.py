@@ -296,13 +296,16 @@ def _count_op(model: ir.Model, op_type: str) -> int:
 
 @register_pass("deduplicate-initializers")
 class DeduplicateInitializers(ir.passes.InPlacePass):
-    """Merge initializers of equal type, shape and content into one, in each graph.
+    """Merge initializers of equal type, shape and content into one, in each graph, and likewise
+    Constant nodes of equal value.
 
     Guarantees: no two initializers of a graph hold the same tensor, so a weight read by several
     nodes is stored, and quantized, once. Constant folding gives every reader of a shared weight
     its own copy (an unrolled GRU's ``Transpose(W)`` at every time step: a CRNN's 4.8 M weight
     elements became 68.8 M); run this after folding. Graph inputs and outputs keep their own.
-    Only tensors that share dtype and shape with another are hashed.
+    Only tensors that share dtype and shape with another are hashed. The Constant nodes
+    lift-constants leaves (tensors under 16 elements: Clip bounds, hard-swish's 3 and 6) are merged
+    too: PP-LCNet's classifier carries 77 of them, 9 distinct, 4 KB of its 0.59 MB.
     """
 
     def __init__(self, context):
@@ -320,7 +323,29 @@ class DeduplicateInitializers(ir.passes.InPlacePass):
             for candidates in groups.values():
                 if len(candidates) > 1:
                     modified |= _merge_equal(graph, candidates)
+            modified |= _merge_equal_constants(graph)
         return ir.passes.PassResult(model, modified)
+
+
+def _merge_equal_constants(graph: ir.Graph) -> bool:
+    """Replace each tensor-valued Constant node of ``graph`` (not its subgraphs') by the first one
+    of equal dtype, shape and bytes; a Constant whose output is a graph output stays."""
+    kept: dict[tuple, ir.Value] = {}
+    merged = False
+    for node in list(graph):
+        if (node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or list(node.attributes) != ["value"]
+                or node.outputs[0].is_graph_output()):
+            continue
+        tensor = node.attributes["value"].value
+        if tensor.dtype == ir.DataType.STRING:
+            continue
+        key = (tensor.dtype, tuple(tensor.shape.numpy()), tensor.tobytes())
+        first = kept.setdefault(key, node.outputs[0])
+        if first is not node.outputs[0]:
+            node.outputs[0].replace_all_uses_with(first)
+            graph.remove(node, safe=True)
+            merged = True
+    return merged
 
 
 def _merge_equal(graph: ir.Graph, candidates: list[ir.Value]) -> bool:

@@ -191,6 +191,24 @@ def test_deduplicate_initializers_keeps_different_tensors_and_graph_outputs():
     assert [n.inputs[0].name for n in model.graph][0] == "a"
 
 
+def test_deduplicate_initializers_merges_equal_constant_nodes():
+    # PP-LCNet's classifier: a Clip(x + 3, 0, 6) / 6 per hard-swish, each bound its own Constant.
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value, np.float32)))
+    nodes = [const("lo1", 0.0), const("hi1", 6.0), const("lo2", 0.0), const("hi2", 6.0), const("other", 3.0),
+             helper.make_node("Clip", ["x", "lo1", "hi1"], ["c1"]), helper.make_node("Add", ["c1", "other"], ["a"]),
+             helper.make_node("Clip", ["a", "lo2", "hi2"], ["y"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [])
+    model, _ = run_passes(proto, "deduplicate-initializers")
+    assert sorted(n.outputs[0].name for n in model.graph if n.op_type == "Constant") == ["hi1", "lo1", "other"]
+    second_clip = [n for n in model.graph if n.op_type == "Clip"][1]
+    assert [v.name for v in second_clip.inputs] == ["a", "lo1", "hi1"]
+    x = np.array([-9.0, -1.0, 2.0, 8.0], np.float32)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], np.clip(np.clip(x, 0, 6) + 3, 0, 6))
+
+
 def test_a_shared_weight_is_quantized_once_and_the_output_is_smaller(tmp_path):
     import qcompile
 
