@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.core.graph_edit import Namer, add_initializer
+from qcompile.core.graph_edit import Namer, QdqNames as N, add_initializer
 from qcompile.passes.registry import register_pass
 from qcompile.numerics.qparams import QUANT_TYPES, quantize, weight_qparams
 
@@ -184,11 +184,11 @@ class QuantizeLoopWeights(ir.passes.InPlacePass):
             array = value.const_value.numpy().astype(np.float32)
             scale, zero_point = weight_qparams(array, axis, int8)
             codes = quantize(array, scale, zero_point, int8, axis)
-            stored = [add_initializer(graph, f"{name}_quantized", codes, namer),
-                      add_initializer(graph, f"{name}_scale", scale.astype(np.float32), namer),
-                      add_initializer(graph, f"{name}_zero_point", zero_point, namer)]
+            stored = [add_initializer(graph, name + N.QUANTIZED, codes, namer),
+                      add_initializer(graph, name + N.SCALE, scale.astype(np.float32), namer),
+                      add_initializer(graph, name + N.ZERO_POINT, zero_point, namer)]
             dequantize = ir.node("DequantizeLinear", stored, attributes={"axis": axis},
-                                 name=namer(f"{name}_DequantizeLinear"))
+                                 name=namer(N.DEQUANTIZE_NODE))
             (out,) = dequantize.outputs
             out.dtype, out.shape = value.dtype, value.shape
             graph.insert_before(first, dequantize)

@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import PipelineError
-from qcompile.core.graph_edit import Namer, add_initializer
+from qcompile.core.graph_edit import Namer, QdqNames as N, add_initializer
 from qcompile.passes.quantization_plan import QuantizationPlan, plan_nodes
 from qcompile.passes.registry import register_pass
 from qcompile.numerics.qparams import (
@@ -35,7 +35,7 @@ def dequantize_after_lookup(
     rows looked up. ``gather``'s output value keeps its name and readers.
     """
     ids, base = gather.inputs[1], gather.inputs[0].name
-    codes_value = initializer(f"{base}_quantized", table.codes)
+    codes_value = initializer(base + N.QUANTIZED, table.codes)
     scales_value = initializer(f"{base}_row_scales", table.scales)
     rows = ir.node("Gather", [codes_value, ids], attributes={"axis": 0}, name=name(f"{gather.name}_rows"))
     row_scales = ir.node("Gather", [scales_value, ids], attributes={"axis": 0}, name=name(f"{gather.name}_row_scales"))
@@ -74,6 +74,7 @@ class _Rewriter:
         # From every node, not ``self.nodes``: two nodes may share a name (PP-OCRv4's recognizer).
         self.values.update({o.name: o for n in every for o in n.outputs})
         self.weight_cache: dict[tuple, tuple[ir.Value, np.ndarray]] = {}
+        self.zero_points: dict[tuple, ir.Value] = {}
 
     def initializer(self, base: str, array: np.ndarray, graph: ir.Graph | None = None) -> ir.Value:
         # In the graph of the nodes that read it: ORT's QDQ fusions look a DequantizeLinear's
@@ -83,21 +84,21 @@ class _Rewriter:
     def dequantize(self, base: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
                    axis: int | None, shape, graph: ir.Graph | None = None,
                    zero_point_stored: bool = True) -> tuple[ir.Node, ir.Value]:
-        q_value = self.initializer(f"{base}_quantized", q, graph)
-        scale_value = self.initializer(f"{base}_scale", scale, graph)
+        q_value = self.initializer(base + N.QUANTIZED, q, graph)
+        scale_value = self.initializer(base + N.SCALE, scale, graph)
         inputs = [q_value, scale_value]
         # A bias's zero point is 0, DequantizeLinear's default: omitted, it costs no bytes (4 per
         # channel, 4 % of a 0.6 MB MobileNet). Weights keep theirs where the plan says the
         # provider's fusion needs it (ORT's QGemm does; ``WeightQuant.zero_point_stored``).
         if np.any(zero_point) or (zero_point.dtype != np.int32 and zero_point_stored):
-            inputs.append(self.initializer(f"{base}_zero_point", zero_point, graph))
+            inputs.append(self.initializer(base + N.ZERO_POINT, zero_point, graph))
         attributes = {"axis": axis} if axis is not None else {}
         node = ir.node(
             "DequantizeLinear", inputs, attributes=attributes,
-            name=self.name(f"{base}_DequantizeLinear"),
+            name=self.name(N.DEQUANTIZE_NODE),
         )
         out = node.outputs[0]
-        out.name = self.name(f"{base}_dequantized")
+        out.name = self.name(base + N.DEQUANTIZED)
         out.dtype, out.shape = ir.DataType.FLOAT, shape
         return node, out
 
@@ -147,6 +148,16 @@ class _Rewriter:
         # there (an embedding read by a MatMul) is quantized after the Mul, not the removed Gather.
         self.values[output] = next(o for n in graph for o in n.outputs if o.name == output)
 
+    def shared_zero_point(self, qtype, value: int, graph: ir.Graph) -> ir.Value:
+        """One scalar initializer per (graph, type, value), read by every Q/DQ pair with that zero
+        point: a small model's 89 activations have 57 distinct ones, and a shared short name is
+        shorter in every reference than ``{tensor}_zero_point``."""
+        key = (id(graph), qtype.name, value)
+        if key not in self.zero_points:
+            self.zero_points[key] = self.initializer(
+                N.shared_zero_point(qtype.name, value), np.asarray(value, dtype=qtype.numpy_dtype), graph)
+        return self.zero_points[key]
+
     def quantize_activation(self, name: str) -> None:
         quant = self.plan.activations[name]
         value = self._value(name)
@@ -160,7 +171,7 @@ class _Rewriter:
         if not rounded_for_all:
             uses = [use for use in uses if use.node.name in self.plan.nodes]
         graph = producer.graph if producer is not None else self.graph
-        scale = self.initializer(f"{name}_scale", np.asarray(quant.scale, dtype=np.float32), graph)
+        scale = self.initializer(name + N.SCALE, np.asarray(quant.scale, dtype=np.float32), graph)
         if quant.qtype.is_float:
             # FP8: no zero point (it is 0), the type from output_dtype (opset 21). ORT's
             # ReluQuantFusion drops a Relu before any QuantizeLinear whose zero point is neither an
@@ -168,17 +179,15 @@ class _Rewriter:
             # skips a QuantizeLinear without a zero point.
             q_inputs, dq_inputs_zp, q_attributes = [value, scale], [], {"output_dtype": quant.qtype.ir_dtype}
         else:
-            zero_point = self.initializer(
-                f"{name}_zero_point", np.asarray(quant.zero_point, dtype=quant.qtype.numpy_dtype), graph
-            )
+            zero_point = self.shared_zero_point(quant.qtype, int(quant.zero_point), graph)
             q_inputs, dq_inputs_zp, q_attributes = [value, scale, zero_point], [zero_point], {}
         q_node = ir.node(
-            "QuantizeLinear", q_inputs, attributes=q_attributes, name=self.name(f"{name}_QuantizeLinear")
+            "QuantizeLinear", q_inputs, attributes=q_attributes, name=self.name(N.QUANTIZE_NODE)
         )
         q_out = q_node.outputs[0]
-        q_out.name = self.name(f"{name}_quantized")
+        q_out.name = self.name(name + N.QUANTIZED)
         q_out.dtype, q_out.shape = quant.qtype.ir_dtype, value.shape
-        dq_node = ir.node("DequantizeLinear", [q_out, scale, *dq_inputs_zp], name=self.name(f"{name}_DequantizeLinear"))
+        dq_node = ir.node("DequantizeLinear", [q_out, scale, *dq_inputs_zp], name=self.name(N.DEQUANTIZE_NODE))
         dq_out = dq_node.outputs[0]
         dq_out.dtype, dq_out.shape = ir.DataType.FLOAT, value.shape
         was_output = value.is_graph_output() and rounded_for_all
@@ -196,7 +205,7 @@ class _Rewriter:
             dq_out.name = name
             outputs[position] = dq_out
         else:
-            dq_out.name = self.name(f"{name}_dequantized")
+            dq_out.name = self.name(name + N.DEQUANTIZED)
 
     def quantize_bias(self, node: ir.Node, index: int, activation: str, weight_scale: np.ndarray,
                       stored_float: bool = False) -> None:
@@ -209,7 +218,10 @@ class _Rewriter:
         if stored_float:
             # The grid's values in float32: the provider rounds them back to exactly these codes.
             on_grid = (q.astype(np.float64) * scale.astype(np.float64)).astype(np.float32).reshape(value.const_value.shape)
-            node.replace_input_with(index, self.initializer(f"{value.name}_on_grid", on_grid, node.graph))
+            if len(value.uses()) == 1 and value.is_initializer() and not value.is_graph_input() and not value.is_graph_output():
+                value.const_value = ir.tensor(on_grid, name=value.name)  # nothing else reads it: it keeps its name
+            else:
+                node.replace_input_with(index, self.initializer(value.name + N.ON_GRID, on_grid, node.graph))
             return
         axis = 0 if scale.size > 1 else None
         if axis is None:

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.core.graph_edit import Namer, QdqNames as N, add_initializer
 from qcompile.passes.quantization_plan import _Exclusions
 from qcompile.passes.registry import register_pass
 from qcompile.numerics.qparams import QUANT_TYPES, quantize, weight_qparams
@@ -43,8 +44,7 @@ class DynamicQuantizeLSTM(ir.passes.InPlacePass):
         # LSTMs inside If branches and Loop/Scan bodies too (silero-vad's sits in an If branch):
         # the kernel needs no calibration, so any scope will do. Names are unique across scopes.
         nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-        names = {v.name for g in model.graphs() for v in (*g.inputs, *g.initializers.values())}
-        names |= {o.name for n in nodes for o in n.outputs}
+        names = Namer(model.graph)
         for node in nodes:
             graph = node.graph
             if node.op_type != "LSTM" or node.domain not in ("", "ai.onnx") or self.exclusions.reason(node):
@@ -66,9 +66,9 @@ class DynamicQuantizeLSTM(ir.passes.InPlacePass):
                 codes = np.ascontiguousarray(codes.transpose(0, 2, 1))
                 base = value.name or node.name
                 quantized += [
-                    _initializer(graph, names, f"{base}_quantized", codes),
-                    _initializer(graph, names, f"{base}_scale", scale.reshape(directions, rows)),
-                    _initializer(graph, names, f"{base}_zero_point", zero_point.reshape(directions, rows)),
+                    add_initializer(graph, base + N.QUANTIZED, codes, names),
+                    add_initializer(graph, base + N.SCALE, scale.reshape(directions, rows), names),
+                    add_initializer(graph, base + N.ZERO_POINT, zero_point.reshape(directions, rows), names),
                 ]
             (wq, ws, wz), (rq, rs, rz) = quantized[:3], quantized[3:]
             attributes = {k: a for k, a in node.attributes.items() if k != "layout"}
@@ -90,14 +90,3 @@ class DynamicQuantizeLSTM(ir.passes.InPlacePass):
         if modified and "com.microsoft" not in model.opset_imports:
             model.opset_imports["com.microsoft"] = 1
         return ir.passes.PassResult(model, modified)
-
-
-def _initializer(graph: ir.Graph, names: set[str], base: str, array: np.ndarray) -> ir.Value:
-    name, index = base, 1
-    while name in names:
-        name, index = f"{base}_{index}", index + 1
-    names.add(name)
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.dtype, value.shape = value.const_value.dtype, value.const_value.shape
-    graph.register_initializer(value)
-    return value

@@ -32,7 +32,7 @@ import onnx_ir as ir
 from qcompile.io.chunked_runs import DEFAULT_CHUNK, observe_calibration
 from qcompile.errors import ConfigError
 from qcompile.numerics.gptq import gptq_order, gptq_sweep
-from qcompile.core.graph_edit import Namer, add_initializer
+from qcompile.core.graph_edit import Namer, QdqNames as N, add_initializer
 from qcompile.passes.qdq_insertion import dequantize_after_lookup
 from qcompile.passes.registry import register_pass
 from qcompile.numerics.qparams import (
@@ -279,7 +279,7 @@ class QuantizeWeights(ir.passes.InPlacePass):
         if not signed:
             inputs.append(add_initializer(graph, f"{base}_zero_points", np.ascontiguousarray(q.zero_points.T).astype(storage)))
         dq = ir.node("DequantizeLinear", inputs, attributes={"axis": 0, "block_size": q.block}, name=f"{weight.node.name}_DequantizeLinear")
-        dq.outputs[0].name = f"{base}_dequantized"
+        dq.outputs[0].name = base + N.DEQUANTIZED
         dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(weight.weight.shape))
         graph.insert_before(weight.node, dq)
         weight.node.replace_input_with(1, dq.outputs[0])

@@ -310,7 +310,7 @@ def test_recovery_falls_back_to_16_bit_activations_with_gptq_and_bias_correction
     steps = result.report.transformations["accuracy-search"]["steps"]
     assert [s["stage"] for s in steps] == ["plain", "fallback"], steps  # the plain compile is not compiled twice
     proto = result.to_proto()
-    weights = [i for i in proto.graph.initializer if i.name.endswith("_quantized") and len(i.dims) == 4]
+    weights = [i for i in proto.graph.initializer if i.name.endswith("_q") and len(i.dims) == 4]
     assert weights and all(w.data_type == TensorProto.INT8 for w in weights)  # the file stays int8
 
 

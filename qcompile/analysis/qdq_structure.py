@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from qcompile.analysis.debug_report import TensorError, WeightError, rounded
 from qcompile.analysis.evaluate import sqnr_db
-from qcompile.core.graph_edit import add_initializer
+from qcompile.core.graph_edit import QdqNames as N, add_initializer
 from qcompile.numerics.qparams import QUANT_TYPES, LookupQuantized, QuantType, dequantize, quantize
 
 # A float weight is taken as a quantized weight's original when they agree to within this SQNR
@@ -232,7 +232,7 @@ def _weight_candidates(dq: ir.Node, float_nodes: dict[str, ir.Node], float_value
                 yield value.name, array
     names = [dq.inputs[0].name or "", dq.outputs[0].name or ""]
     for name in names:
-        for suffix in ("_quantized", "_dequantized", "_DequantizeLinear_Output"):
+        for suffix in (N.QUANTIZED, N.DEQUANTIZED, *N.LEGACY_QUANTIZED, *N.LEGACY_DEQUANTIZED):
             if name.endswith(suffix):
                 base = name[: -len(suffix)]
                 value = float_values.get(base)
@@ -392,9 +392,10 @@ class QuantizedGraph:
         producer = float_value.producer() if float_value is not None else None
         if producer is not None and producer.op_type == "Gather" and _const(producer.inputs[0]) is not None:
             candidates.append((producer.inputs[0].name, _const(producer.inputs[0])))
-        if codes.name.endswith("_quantized") and codes.name[: -len("_quantized")] in float_values:
-            base = codes.name[: -len("_quantized")]
-            candidates.append((base, _const(float_values[base])))
+        for suffix in (N.QUANTIZED, *N.LEGACY_QUANTIZED):
+            base = codes.name[: -len(suffix)] if codes.name.endswith(suffix) else None
+            if base in float_values:
+                candidates.append((base, _const(float_values[base])))
         original = _float_original(dequantized, candidates, q.dtype)
         error = self._weight_error(mul, codes.name, q.dtype, dequantized, original, 0)
         error.kind = "lookup table"

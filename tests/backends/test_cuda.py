@@ -29,7 +29,7 @@ def test_same_rules_as_tensorrt_but_its_own_provider():
 def test_symmetric_int8_per_channel_and_runs_on_the_cpu_provider(result):
     proto = result.to_proto()
     constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    assert constants["w1_quantized"].dtype == np.int8 and constants["w1_scale"].shape == (8,)
+    assert constants["w1_q"].dtype == np.int8 and constants["w1_scale"].shape == (8,)
     activation_zps = [constants[n.input[2]] for n in proto.graph.node
                       if n.op_type == "QuantizeLinear" and len(n.input) > 2]
     assert activation_zps and all(z.dtype == np.int8 and z == 0 for z in activation_zps)

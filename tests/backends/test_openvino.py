@@ -61,7 +61,7 @@ def test_defaults_are_uint8_asymmetric_activations_and_per_channel_int7_weights(
     assert any(q.zero_point != 0 for q in plan.activations.values())  # asymmetric: a zero point
     conv_weights = [w for w in plan.weights if w.node.startswith("conv")]
     assert conv_weights and all(w.qtype.name == "int7" and w.axis == 0 and w.symmetric for w in conv_weights)
-    weight = model.graph.initializers["w1_quantized"].const_value.numpy()
+    weight = model.graph.initializers["w1_q"].const_value.numpy()
     assert weight.dtype == np.int8 and np.abs(weight).max() == 63
     assert model.graph.initializers["w1_scale"].const_value.numpy().shape == (8,)  # one per channel
 

@@ -119,7 +119,7 @@ def test_op_fidelity_reports_each_quantized_node_unit():
     proto = qcompile.compile(_conv_relu_model(), data, target="qnn-htp", config=CONFIG).to_proto()
     result = op_fidelity(proto, get_target("qnn-htp"), data[:1])
     assert [(row["op_type"], row["node"]) for row in result["units"]] == [
-        ("QuantizeLinear", "x_QuantizeLinear"), ("Conv", "conv"), ("Relu", "relu")]
+        ("QuantizeLinear", "Q"), ("Conv", "conv"), ("Relu", "relu")]
     for row in result["units"]:
         assert 0 <= row["within_1_step"] <= 1 and 0 <= row["coupled_within_1_step"] <= 1
         assert row["elements"] == (8 * 4 * 8 * 8 if row["op_type"] == "QuantizeLinear" else 8 * 16 * 8 * 8)

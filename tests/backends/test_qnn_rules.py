@@ -70,12 +70,12 @@ def test_layernorm_scale_is_8_bit_with_the_activation_signedness_and_bias_int32(
         [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(beta, "beta")], opset=21,
     )
     model, _ = run_passes(proto, QNN, data=_data((2, 8)), target="qnn-htp", activation_type=activation_type)
-    q_gamma, gamma_scale = _init(model, "gamma_quantized"), _init(model, "gamma_scale")
+    q_gamma, gamma_scale = _init(model, "gamma_q"), _init(model, "gamma_scale")
     assert q_gamma.dtype == gamma_type and gamma_scale.shape == ()  # one scale, not per channel
     # Independently: asymmetric over [min(0, gamma), max(gamma)] onto the 8-bit range.
     qtype = QUANT_TYPES["int8" if gamma_type is np.int8 else "uint8"]
     assert float(gamma_scale) == pytest.approx(gamma.max() / (qtype.qmax - qtype.qmin), rel=1e-6)
-    q_beta, beta_scale = _init(model, "beta_quantized"), _init(model, "beta_scale")
+    q_beta, beta_scale = _init(model, "beta_q"), _init(model, "beta_scale")
     x_scale, _ = _q_params(model, "x")
     assert q_beta.dtype == np.int32 and beta_scale.shape == ()
     assert float(beta_scale) == pytest.approx(x_scale * float(gamma_scale), rel=1e-6)
@@ -94,8 +94,8 @@ def test_gather_from_a_constant_table_keeps_the_table_parameters():
     )
     data = [{"ids": np.arange(10, dtype=np.int64).reshape(2, 5)}]
     model, context = run_passes(proto, QNN, data=data, target="qnn-htp")
-    assert _init(model, "table_quantized").dtype == np.uint8
-    table_params = (float(_init(model, "table_scale")), int(_init(model, "table_zero_point")))
+    assert _init(model, "table_q").dtype == np.uint8
+    table_params = (float(_init(model, "table_scale")), int(_init(model, "table_zp")))
     assert _q_params(model, "emb") == pytest.approx(table_params)
     scale, zero_point = constant_qparams(table, None, QUANT_TYPES["uint8"], symmetric=False)
     assert table_params == pytest.approx((float(scale[0]), int(zero_point[0])))

@@ -81,7 +81,7 @@ def test_fp8_weights_and_activations_are_float8e4m3fn_without_zero_points():
                               config={**CONFIG, "activation_type": "float8e4m3fn", "weight_type": "float8e4m3fn"})
     proto = result.to_proto()
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 21
-    weights = [t for t in proto.graph.initializer if t.name.endswith("_quantized")]
+    weights = [t for t in proto.graph.initializer if t.name.endswith("_q")]
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in weights)
     qs = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     assert qs and all(len(n.input) == 2 for n in qs)  # no zero point: FP8's is 0

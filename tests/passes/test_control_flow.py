@@ -207,7 +207,7 @@ def test_debug_says_it_does_not_analyse_quantization_inside_if_branches(caplog):
         for attribute in node.attribute:
             if attribute.HasField("g"):
                 for inner in attribute.g.node:
-                    inner.input[:] = ["x" if name == "x_dequantized" else name for name in inner.input]
+                    inner.input[:] = ["x" if name == "x_dq" else name for name in inner.input]
     with pytest.raises(ModelError, match=r"QuantizeLinear/DequantizeLinear nodes are all inside If/Loop/Scan subgraphs"):
         analyze(proto, compiled, batches(2))
 

@@ -239,7 +239,7 @@ def test_lstm_weights_are_quantized_with_the_integer_lstm_kernel(tmp_path):
     ops = {n.op_type for n in compiled.graph.node}
     assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops
     stored = {i.name: i for i in compiled.graph.initializer}
-    assert stored["W_quantized"].data_type == TensorProto.INT8 and list(stored["W_quantized"].dims) == [2, 8, 64]
+    assert stored["W_q"].data_type == TensorProto.INT8 and list(stored["W_q"].dims) == [2, 8, 64]
     assert "W" not in stored and "R" not in stored
     want = ort.InferenceSession(proto.SerializeToString()).run(None, data[0])
     got = ort.InferenceSession(compiled.SerializeToString()).run(None, data[0])

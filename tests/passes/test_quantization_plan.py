@@ -115,7 +115,7 @@ def test_large_embedding_table_is_stored_as_int8_per_row():
     data = [{"ids": np.arange(10, dtype=np.int64).reshape(2, 5)}]
     model, context = run(proto, PREP + ",plan-quantization,calibrate,insert-qdq,remove-unused", data=data)
     assert [(w.node, w.axis) for w in context.analyses.plan.weights] == [("embed", 0)]
-    q = model.graph.initializers["table_quantized"].const_value.numpy()
+    q = model.graph.initializers["table_q"].const_value.numpy()
     scales = model.graph.initializers["table_row_scales"].const_value.numpy()
     assert q.dtype == np.int8 and scales.shape == (600, 1)
     assert "table" not in model.graph.initializers
@@ -142,7 +142,7 @@ def test_wide_embedding_table_is_stored_in_int8_blocks_of_32_columns(ids_shape):
     )
     ids = np.random.default_rng(1).integers(0, 600, ids_shape).astype(np.int64)
     model, _ = run_passes(proto, PREP + ",plan-quantization,calibrate,insert-qdq,remove-unused", data=[{"ids": ids}])
-    q = model.graph.initializers["table_quantized"].const_value.numpy()
+    q = model.graph.initializers["table_q"].const_value.numpy()
     scales = model.graph.initializers["table_row_scales"].const_value.numpy()
     assert q.dtype == np.int8 and q.shape == (600, 2, 32) and scales.shape == (600, 2, 1)
     assert [n.op_type for n in model.graph] == ["Gather", "Gather", "Cast", "Mul", "Shape", "Concat", "Reshape"]
