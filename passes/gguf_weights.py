@@ -8,20 +8,26 @@ on the same grid:
 - Q4_0 (w = d * (q - 8)) as ``MatMulNBits`` 4-bit, zero point 8 (its default);
 - Q4_1 (w = d * q + m) as ``MatMulNBits`` 4-bit with float zero points -m / d;
 - Q8_0 (w = d * q) as ``MatMulNBits`` 8-bit, zero point 128 (its default), and an embedding table
-  stored so as int8 rows in blocks of 32 with one scale each (``qparams.LookupQuantized``).
+  stored so (Q4_0 and Q6_K tables too) as int8 rows in blocks with one scale each (``qparams.LookupQuantized``);
+- the K-quants, super-blocks of 256 with a 6-bit (Q4_K, Q5_K) or 8-bit (Q6_K) scale per sub-block:
+  Q4_K (w = d * sc * q - dmin * m, blocks of 32) as ``MatMulNBits`` 4-bit with float zero points;
+  Q6_K (w = d * sc * (q - 32), blocks of 16) as ``MatMulNBits`` 8-bit, zero points 32; Q5_K (5-bit
+  codes) as ``MatMulNBits`` 8-bit, zero points 0, minus the mins' share, computed from each input
+  block's sum (ORT's CPU kernel has no float zero points at 8 bits).
 
 llama.cpp stores LLaMA's q/k projections with their rows permuted for its rotary layout; the rows
 are put back in transformers' order (the blocks run along the input channels, so each row's blocks
 are untouched). Each tensor's dequantized grid is compared with the float weight of the export:
 the report lists its GGUF type, its ONNX form and the largest deviation (float rounding only, about
-1e-7 relative). Tensors of other types (K-quants, F16, F32) stay float, listed with their type,
-for a following ``quantize-weights`` to store.
+1e-7 relative). Tensors of other types (Q5_0, Q2_K, Q3_K, the IQ types, F16, F32) stay float,
+listed with their type, for a following ``quantize-weights`` to store.
 """
 
 from __future__ import annotations
 
 __all__ = ["GgufWeights", "GGUF_FILE_KEY"]
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -38,33 +44,91 @@ logger = logging.getLogger(__name__)
 
 # The model metadata key under which causal_lm records the GGUF file a model was exported from.
 GGUF_FILE_KEY = "qcompile.gguf_file"
-_BLOCK = 32  # every type this pass reads has blocks of 32 along the input channels
+_BLOCK = 32  # Q4_0, Q4_1 and Q8_0 blocks run over 32 input channels
+_SUPER_BLOCK = 256  # a K-quant's super-block
+CARRIED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
-def _blocks(kind: str, raw: np.ndarray, rows: int, columns: int):
-    """(codes uint8 [rows, blocks, 32], scales float32 [rows, blocks], zero points float32 or None, bits)."""
-    blocks = columns // _BLOCK
-    data = raw.reshape(rows, blocks, -1)
-    d = data[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+@dataclasses.dataclass
+class _Grid:
+    """A tensor's blocks as MatMulNBits reads them: w = (codes - zero_points) * scales - mins."""
+
+    codes: np.ndarray  # uint8 [rows, blocks, block]
+    scales: np.ndarray  # float32 [rows, blocks]
+    bits: int
+    zero_points: np.ndarray | None = None  # float32 or uint8 [rows, blocks]; None: MatMulNBits' default
+    mins: np.ndarray | None = None  # float32 [rows, blocks], subtracted after the product (Q5_K)
+
+    @property
+    def block(self) -> int:
+        return self.codes.shape[-1]
+
+    def dequantize(self) -> np.ndarray:
+        zp = np.float32(2 ** (self.bits - 1)) if self.zero_points is None else self.zero_points[..., None].astype(np.float32)
+        w = (self.codes.astype(np.float32) - zp) * self.scales[..., None]
+        if self.mins is not None:
+            w = w - self.mins[..., None]
+        return w.reshape(self.codes.shape[0], -1)
+
+    def reorder(self, order: np.ndarray) -> None:
+        for field in ("codes", "scales", "zero_points", "mins"):
+            if getattr(self, field) is not None:
+                setattr(self, field, getattr(self, field)[order])
+
+
+def _f16(data: np.ndarray, start: int) -> np.ndarray:
+    return data[..., start:start + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _scale_minus_min(scales: np.ndarray, mins: np.ndarray, codes: np.ndarray, bits: int) -> _Grid:
+    """w = scale * q - min as MatMulNBits' (q - zp) * scale with float zp = min / scale; a block whose
+    scale is 0 holds -min alone: codes 0, scale -min, zp -1."""
+    flat = scales == 0
+    zero_points = np.where(flat, -1.0, mins / np.where(flat, 1.0, scales)).astype(np.float32)
+    codes[flat] = 0
+    return _Grid(codes, np.where(flat, -mins, scales).astype(np.float32), bits, zero_points)
+
+
+def _k4_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: the eight 6-bit scales and mins of a super-block, from its 12 bytes (llama.cpp's get_scale_min_k4)."""
+    d, m, m_d = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _blocks(kind: str, raw: np.ndarray, rows: int, columns: int) -> _Grid:
+    """A ``kind`` tensor's raw bytes [rows, ...] as a ``_Grid`` (``CARRIED_TYPES``; llama.cpp's layouts)."""
+    if kind.endswith("_K"):
+        supers = columns // _SUPER_BLOCK
+        data = raw.reshape(rows, supers, -1)
+        if kind == "Q6_K":
+            ql = data[..., 0:128].reshape(rows, supers, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)
+            qh = data[..., 128:192].reshape(rows, supers, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
+            codes = ((ql & 0x0F).reshape(rows, supers, 8, 32) | ((qh & 3).reshape(rows, supers, 8, 32) << 4)).astype(np.uint8)
+            scales = _f16(data, 208)[..., None] * data[..., 192:208].copy().view(np.int8).astype(np.float32)
+            return _Grid(codes.reshape(rows, -1, 16), scales.reshape(rows, -1), 8, np.full((rows, supers * 16), 32, np.uint8))
+        sc, mn = _k4_scales_mins(data[..., 4:16])
+        scales = (_f16(data, 0)[..., None] * sc).reshape(rows, -1)  # exact: an 11-bit times a 6-bit significand
+        mins = (_f16(data, 2)[..., None] * mn).reshape(rows, -1)
+        if kind == "Q4_K":
+            qs = data[..., 16:144].reshape(rows, supers, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
+            return _scale_minus_min(scales, mins, (qs & 0x0F).reshape(rows, -1, 32), 4)
+        qh = data[..., 16:48].reshape(rows, supers, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)
+        ql = data[..., 48:176].reshape(rows, supers, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
+        codes = ((ql & 0x0F).reshape(rows, supers, 8, 32) | ((qh & 1) << 4)).astype(np.uint8)
+        return _Grid(codes.reshape(rows, -1, 32), scales, 8, np.zeros(scales.shape, np.uint8), mins)
+    data = raw.reshape(rows, columns // _BLOCK, -1)
+    d = _f16(data, 0)
     if kind == "Q8_0":
         q = data[..., 2:34].copy().view(np.int8)
-        return (q.astype(np.int16) + 128).astype(np.uint8), d, None, 8
+        return _Grid((q.astype(np.int16) + 128).astype(np.uint8), d, 8)
     offset = 4 if kind == "Q4_1" else 2
     qs = data[..., offset:offset + 16]
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # element j in the low nibble, j + 16 in the high
     if kind == "Q4_0":
-        return codes, d, None, 4
-    m = data[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    # w = d * q + m = (q - zp) * d with zp = -m / d; a block with d == 0 holds m alone: (0 - (-1)) * m.
-    flat = d == 0
-    zero_points = np.where(flat, -1.0, -m / np.where(flat, 1.0, d)).astype(np.float32)
-    codes[flat] = 0
-    return codes, np.where(flat, m, d).astype(np.float32), zero_points, 4
-
-
-def _dequantize(codes, scales, zero_points, bits) -> np.ndarray:
-    zp = np.float32(2 ** (bits - 1)) if zero_points is None else zero_points[..., None]
-    return ((codes.astype(np.float32) - zp) * scales[..., None]).reshape(codes.shape[0], -1)
+        return _Grid(codes, d, 4)
+    return _scale_minus_min(d, -_f16(data, 2), codes, 4)  # Q4_1: w = d * q + m
 
 
 def _rows_in_transformers_order(rows: int, heads: int) -> np.ndarray:
@@ -76,12 +140,12 @@ def _rows_in_transformers_order(rows: int, heads: int) -> np.ndarray:
 
 @register_pass("gguf-weights")
 class GgufWeights(ir.passes.InPlacePass):
-    """Write a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are (see the module docstring).
+    """Write a GGUF file's Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K blocks as they are (see the module docstring).
 
     Requires: a model exported from a ``.gguf`` file by qcompile (its path in the metadata) and the
     ``gguf`` package. Guarantees: every MatMul whose weight the file stores in one of those types
-    reads it through ``MatMulNBits`` on the file's own grid, and a Q8_0 embedding table is looked up
-    from its blocks; ``records["gguf-weights"]`` lists each tensor with its type, form and deviation.
+    reads it through ``MatMulNBits`` on the file's own grid, and a Q4_0/Q8_0/Q6_K embedding table is
+    looked up from its blocks; ``records["gguf-weights"]`` lists each tensor with its type, form and deviation.
     """
 
     def __init__(self, context):
@@ -142,46 +206,78 @@ class GgufWeights(ir.passes.InPlacePass):
             return
         k, n = float_weight.shape
         kind = tensor.tensor_type.name
-        if kind not in ("Q4_0", "Q4_1", "Q8_0") or k % _BLOCK:
-            records[node.name] = {"gguf": tensor.name, "gguf_type": kind, "left": "not a Q4_0/Q4_1/Q8_0 tensor"}
+        columns = _SUPER_BLOCK if kind.endswith("_K") else _BLOCK
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        # Q5_K's block sums: a Reshape to [..., blocks, block] (the input's rank) and ReduceSum's axes input (opset 13).
+        sums_unbuilt = kind == "Q5_K" and (rank is None or graph.opset_imports.get("", 13) < 13)
+        if kind not in CARRIED_TYPES or k % columns or sums_unbuilt:
+            left = f"not a {'/'.join(CARRIED_TYPES)} tensor" if kind not in CARRIED_TYPES else (
+                f"its {k} input channels are not a whole number of {columns}-blocks" if k % columns
+                else "its input's rank is unknown, or the model's opset is below 13")
+            records[node.name] = {"gguf": tensor.name, "gguf_type": kind, "left": left}
             return
-        codes, scales, zero_points, bits = _blocks(kind, np.asarray(tensor.data), n, k)
+        grid = _blocks(kind, np.asarray(tensor.data), n, k)
         if arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
-            order = _rows_in_transformers_order(n, heads if tensor.name.endswith("attn_q.weight") else kv_heads)
-            codes, scales = codes[order], scales[order]
-            zero_points = zero_points[order] if zero_points is not None else None
-        deviation = float(np.abs(_dequantize(codes, scales, zero_points, bits) - float_weight.T).max())
-        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else codes
+            grid.reorder(_rows_in_transformers_order(n, heads if tensor.name.endswith("attn_q.weight") else kv_heads))
+        deviation = float(np.abs(grid.dequantize() - float_weight.T).max())
+        codes = grid.codes
+        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8) if grid.bits == 4 else codes
         base = hf.removesuffix(".weight")
         inputs = [node.inputs[0], add_initializer(graph, f"{base}.{kind.lower()}", packed),
-                  add_initializer(graph, f"{base}.scales", scales.reshape(-1))]
-        if zero_points is not None:
-            inputs.append(add_initializer(graph, f"{base}.zero_points", zero_points.reshape(-1)))
+                  add_initializer(graph, f"{base}.scales", grid.scales.reshape(-1))]
+        if grid.zero_points is not None:
+            inputs.append(add_initializer(graph, f"{base}.zero_points", grid.zero_points.reshape(-1)))
         replacement = ir.node("MatMulNBits", inputs, domain="com.microsoft", name=f"{node.name}_{kind}",
-                              attributes={"K": k, "N": n, "bits": bits, "block_size": _BLOCK})
-        graph.insert_before(node, replacement)
-        out = node.outputs[0]
-        replacement.outputs[0].dtype, replacement.outputs[0].shape, name = out.dtype, out.shape, out.name
-        ir.convenience.replace_all_uses_with(out, replacement.outputs[0], replace_graph_outputs=True)
+                              attributes={"K": k, "N": n, "bits": grid.bits, "block_size": grid.block})
+        nodes = [replacement]
+        if grid.mins is not None:
+            nodes += self._minus_mins(graph, node.inputs[0], rank, grid, base, replacement.outputs[0], node.name)
+        graph.insert_before(node, nodes)
+        out, result = node.outputs[0], nodes[-1].outputs[0]
+        for made in nodes:
+            made.outputs[0].dtype = out.dtype
+        result.shape, name = out.shape, out.name
+        ir.convenience.replace_all_uses_with(out, result, replace_graph_outputs=True)
         graph.remove(node, safe=True)
-        out.name, replacement.outputs[0].name = None, name
+        out.name, result.name = None, name
         if transposed is not None and not transposed.outputs[0].uses():
             graph.remove(transposed, safe=True)
         scale = float(np.abs(float_weight).max()) or 1.0
-        records[node.name] = {"gguf": tensor.name, "gguf_type": kind, "onnx_form": f"MatMulNBits {bits}-bit, block 32"
-                              + (", float zero points" if zero_points is not None else ""),
+        form = f"MatMulNBits {grid.bits}-bit, block {grid.block}"
+        if grid.zero_points is not None:
+            form += ", float zero points" if grid.zero_points.dtype == np.float32 else f", zero points {int(grid.zero_points.flat[0])}"
+        if grid.mins is not None:
+            form += ", minus each block's mins times its input sum"
+        records[node.name] = {"gguf": tensor.name, "gguf_type": kind, "onnx_form": form,
                               "max_abs_deviation": deviation, "relative_deviation": deviation / scale}
+
+    @staticmethod
+    def _minus_mins(graph, x: ir.Value, rank: int, grid: _Grid, base: str, product: ir.Value, name: str) -> list[ir.Node]:
+        """x @ W - sums @ mins^T, where sums[..., b] is the sum of x over block b: the mins' share of
+        w = scale * q - min, for a grid whose zero points MatMulNBits cannot hold."""
+        rows, blocks = grid.mins.shape
+        shape = add_initializer(graph, f"{base}.block_shape", np.asarray([0] * (rank - 1) + [blocks, grid.block], np.int64))
+        axes = add_initializer(graph, f"{base}.block_axis", np.asarray([-1], np.int64))
+        mins = add_initializer(graph, f"{base}.mins", np.ascontiguousarray(grid.mins.T))  # [blocks, N]
+        split = ir.node("Reshape", [x, shape], name=f"{name}_blocks")
+        sums = ir.node("ReduceSum", [split.outputs[0], axes], attributes={"keepdims": 0}, name=f"{name}_block_sums")
+        share = ir.node("MatMul", [sums.outputs[0], mins], name=f"{name}_mins")
+        return [split, sums, share, ir.node("Sub", [product, share.outputs[0]], name=f"{name}_minus_mins")]
 
     def _lookup(self, graph, node, tensor, namer, records) -> None:
         if tensor is None or node.inputs[0].const_value is None:
             return
-        table = node.inputs[0].const_value.numpy()
-        if tensor.tensor_type.name != "Q8_0" or table.ndim != 2 or table.shape[1] % _BLOCK:
-            records[node.name] = {"gguf": tensor.name, "gguf_type": tensor.tensor_type.name, "left": "not a Q8_0 table"}
+        table, kind = node.inputs[0].const_value.numpy(), tensor.tensor_type.name
+        # A symmetric grid with integer zero points is int8 codes times a scale per block, what the
+        # lookup dequantizes after the Gather; a float zero point or a min is not.
+        columns = _SUPER_BLOCK if kind.endswith("_K") else _BLOCK
+        if kind not in ("Q4_0", "Q8_0", "Q6_K") or table.ndim != 2 or table.shape[1] % columns:
+            records[node.name] = {"gguf": tensor.name, "gguf_type": kind, "left": "not a Q4_0/Q8_0/Q6_K table"}
             return
-        codes, scales, _, _ = _blocks("Q8_0", np.asarray(tensor.data), *table.shape)
-        stored = LookupQuantized((codes.astype(np.int16) - 128).astype(np.int8), scales[..., None], _BLOCK)
+        grid = _blocks(kind, np.asarray(tensor.data), *table.shape)
+        zero_points = np.int16(2 ** (grid.bits - 1)) if grid.zero_points is None else grid.zero_points[..., None].astype(np.int16)
+        stored = LookupQuantized((grid.codes.astype(np.int16) - zero_points).astype(np.int8), grid.scales[..., None], grid.block)
         deviation = float(np.abs(stored.dequantize() - table).max())
         dequantize_after_lookup(graph, node, stored, namer, lambda base, array: add_initializer(graph, base, array, namer))
-        records[node.name] = {"gguf": tensor.name, "gguf_type": "Q8_0", "onnx_form": "int8 rows in blocks of 32, looked up",
+        records[node.name] = {"gguf": tensor.name, "gguf_type": kind, "onnx_form": f"int8 rows in blocks of {grid.block}, looked up",
                               "max_abs_deviation": deviation, "relative_deviation": deviation / (float(np.abs(table).max()) or 1.0)}

@@ -170,44 +170,64 @@ def _permute_for_llama_cpp(weights, heads):
     return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
-def _tiny_gguf(tmp_path, kind: str):
-    """A tiny LLaMA written as llama.cpp would: projections in ``kind`` blocks (q/k rows permuted),
-    the embedding Q8_0 (the head tied to it), norms F32."""
+def _random_k_blocks(gguf, kind: str, rows: int, columns: int, rng) -> np.ndarray:
+    """``rows`` x ``columns`` weights as random K-quant super-blocks (the gguf package dequantizes
+    them but cannot quantize to them): random bytes, with the float16 super-block scales set to
+    small positive values so that the weights stay in a trained model's range."""
+    _, size = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, kind)]
+    raw = rng.integers(0, 256, (rows, columns // 256, size), dtype=np.uint8)
+    for offset in ((0, 2) if kind in ("Q4_K", "Q5_K") else (208,)):
+        raw[..., offset:offset + 2] = rng.uniform(1e-4, 4e-4, (rows, columns // 256, 1)).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def _tiny_gguf(tmp_path, kind: str, kinds: dict | None = None):
+    """A tiny LLaMA written as llama.cpp would: projections in ``kind`` blocks (q/k rows permuted;
+    ``kinds`` maps a projection's GGUF name, e.g. "ffn_down", to another type), the embedding Q8_0
+    (the head tied to it), norms F32. K-quant super-blocks span 256 input channels: with one in
+    ``kind`` or ``kinds`` the model is 256 wide, its K-quant weights random super-blocks."""
     gguf = pytest.importorskip("gguf", reason="GGUF files need the gguf package: pip install -e '.[llm]'")
     pytest.importorskip("accelerate", reason="transformers loads GGUF files with accelerate: pip install -e '.[llm]'")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**SMALL, tie_word_embeddings=True)
+    kinds = kinds or {}
+    k_quants = any(k.endswith("_K") for k in (kind, *kinds.values()))
+    shape = dict(SMALL, **(dict(hidden_size=256, intermediate_size=512) if k_quants else {}))
+    config = transformers.LlamaConfig(**shape, tie_word_embeddings=True)
     state = {k: v.detach().numpy() for k, v in transformers.LlamaForCausalLM(config).eval().state_dict().items()}
     path = tmp_path / f"tiny-{kind}.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(256)
     writer.add_block_count(2)
-    writer.add_embedding_length(64)
-    writer.add_feed_forward_length(128)
+    writer.add_embedding_length(shape["hidden_size"])
+    writer.add_feed_forward_length(shape["intermediate_size"])
     writer.add_head_count(4)
     writer.add_head_count_kv(2)
-    writer.add_rope_dimension_count(16)
+    writer.add_rope_dimension_count(shape["hidden_size"] // 4)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(96)
-    quantized = getattr(gguf.GGMLQuantizationType, kind)
+    rng = np.random.default_rng(0)
 
     def add(name, array, qtype=None):
         if qtype is None:
             writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+            return
+        qtype = getattr(gguf.GGMLQuantizationType, kinds.get(name.split(".")[2], qtype) if name.startswith("blk.") else qtype)
+        if qtype.name.endswith("_K"):
+            writer.add_tensor(name, _random_k_blocks(gguf, qtype.name, *array.shape, rng), raw_dtype=qtype)
         else:
             writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype), raw_dtype=qtype)
 
-    add("token_embd.weight", state["model.embed_tokens.weight"], gguf.GGMLQuantizationType.Q8_0)
+    add("token_embd.weight", state["model.embed_tokens.weight"], "Q8_0")
     add("output_norm.weight", state["model.norm.weight"])
     for i in range(2):
         p = f"model.layers.{i}."
         add(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"])
         add(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
-        add(f"blk.{i}.attn_q.weight", _permute_for_llama_cpp(state[p + "self_attn.q_proj.weight"], 4), quantized)
-        add(f"blk.{i}.attn_k.weight", _permute_for_llama_cpp(state[p + "self_attn.k_proj.weight"], 2), quantized)
+        add(f"blk.{i}.attn_q.weight", _permute_for_llama_cpp(state[p + "self_attn.q_proj.weight"], 4), kind)
+        add(f"blk.{i}.attn_k.weight", _permute_for_llama_cpp(state[p + "self_attn.k_proj.weight"], 2), kind)
         for gguf_name, hf in (("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
                               ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
-            add(f"blk.{i}.{gguf_name}.weight", state[p + hf + ".weight"], quantized)
+            add(f"blk.{i}.{gguf_name}.weight", state[p + hf + ".weight"], kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -215,19 +235,22 @@ def _tiny_gguf(tmp_path, kind: str):
     return path
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
-def test_a_gguf_file_keeps_its_own_grid(tmp_path, kind):
+# The last: llama.cpp's Q4_K_M mix (Q4_K, with Q5_K and Q6_K for some projections).
+@pytest.mark.parametrize("kind, kinds", [("Q4_0", None), ("Q4_1", None), ("Q8_0", None),
+                                         ("Q4_K", {"attn_v": "Q5_K", "ffn_down": "Q6_K"})])
+def test_a_gguf_file_keeps_its_own_grid(tmp_path, kind, kinds):
     """--recipe llm-gguf: every projection, the tied head and the embedding come from the file's
     blocks (q/k rows put back in transformers' order), within float rounding of what transformers
     dequantized; the model computes what the float export computes."""
     from qcompile.analysis.language_model import feeds
     from qcompile.api import compile as compile_model
 
-    path = export_causal_lm(_tiny_gguf(tmp_path, kind), tmp_path / "fp32")
+    path = export_causal_lm(_tiny_gguf(tmp_path, kind, kinds), tmp_path / "fp32")
     result = compile_model(str(path), None, config={"recipe": "llm-gguf", "measure_latency": False})
     tensors = result.report.transformations["gguf-weights"]["tensors"]
     assert len(tensors) == 2 * 7 + 2 and all("onnx_form" in t for t in tensors.values())
     assert max(t["relative_deviation"] for t in tensors.values()) < 1e-6
+    assert {t["gguf_type"] for t in tensors.values()} == {kind, "Q8_0", *(kinds or {}).values()}
     model = result.to_proto()
     assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 15 and not any(n.op_type == "MatMul" and
                                                                                         n.input[1].endswith("weight") for n in model.graph.node)

@@ -26,7 +26,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "llm-int4": (*_PREPARE, "awq-scale(bits=4, block=128, symmetric=false)",
                  "quantize-weights(bits=4, block=128, symmetric=false, method=gptq, head_bits=8, accuracy_level=4)",
                  *_FINISH),
-    # A model compiled from a .gguf file: its Q4_0/Q4_1/Q8_0 blocks as they are (no second rounding),
+    # A model compiled from a .gguf file: its Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K blocks as they are (no second rounding),
     # then what the file kept in other types at 4 bits (round to nearest, blocks of 32, as GGUF's).
     "llm-gguf": (*_PREPARE, "gguf-weights",
                  "quantize-weights(bits=4, block=32, symmetric=false, head_bits=8, embedding_bits=0)", *_FINISH),
