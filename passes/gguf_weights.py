@@ -39,6 +39,7 @@ from qcompile.errors import ConfigError, ModelError
 from qcompile.numerics.qparams import LookupQuantized
 from qcompile.passes.qdq_insertion import dequantize_after_lookup
 from qcompile.passes.registry import register_pass
+from qcompile.passes.weight_only import pack_4bit
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class GgufWeights(ir.passes.InPlacePass):
         records: dict[str, dict] = {}
         for node in list(graph):
             if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
-                self._matmul(graph, node, names, tensors, arch, heads, kv_heads, records)
+                self._matmul(graph, node, names, tensors, arch, heads, kv_heads, records, namer)
             elif node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].name == "model.embed_tokens.weight":
                 self._lookup(graph, node, tensors.get("token_embd.weight"), namer, records)
         if "com.microsoft" not in graph.opset_imports:
@@ -188,7 +189,7 @@ class GgufWeights(ir.passes.InPlacePass):
                     len(carried), worst, len(records) - len(carried))
         return ir.passes.PassResult(model, bool(carried))
 
-    def _matmul(self, graph, node, names, tensors, arch, heads, kv_heads, records) -> None:
+    def _matmul(self, graph, node, names, tensors, arch, heads, kv_heads, records, namer) -> None:
         weight = node.inputs[1]
         transposed = weight.producer() if weight.producer() is not None and weight.producer().op_type == "Transpose" else None
         if transposed is not None and transposed.inputs[0].name == "model.embed_tokens.weight":
@@ -221,17 +222,17 @@ class GgufWeights(ir.passes.InPlacePass):
             grid.reorder(_rows_in_transformers_order(n, heads if tensor.name.endswith("attn_q.weight") else kv_heads))
         deviation = float(np.abs(grid.dequantize() - float_weight.T).max())
         codes = grid.codes
-        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8) if grid.bits == 4 else codes
+        packed = pack_4bit(codes.reshape(n, -1)).reshape(n, -1, grid.block // 2) if grid.bits == 4 else codes
         base = hf.removesuffix(".weight")
-        inputs = [node.inputs[0], add_initializer(graph, f"{base}.{kind.lower()}", packed),
-                  add_initializer(graph, f"{base}.scales", grid.scales.reshape(-1))]
+        inputs = [node.inputs[0], add_initializer(graph, f"{base}.{kind.lower()}", packed, namer),
+                  add_initializer(graph, f"{base}.scales", grid.scales.reshape(-1), namer)]
         if grid.zero_points is not None:
-            inputs.append(add_initializer(graph, f"{base}.zero_points", grid.zero_points.reshape(-1)))
+            inputs.append(add_initializer(graph, f"{base}.zero_points", grid.zero_points.reshape(-1), namer))
         replacement = ir.node("MatMulNBits", inputs, domain="com.microsoft", name=f"{node.name}_{kind}",
                               attributes={"K": k, "N": n, "bits": grid.bits, "block_size": grid.block})
         nodes = [replacement]
         if grid.mins is not None:
-            nodes += self._minus_mins(graph, node.inputs[0], rank, grid, base, replacement.outputs[0], node.name)
+            nodes += self._minus_mins(graph, node.inputs[0], rank, grid, base, replacement.outputs[0], node.name, namer)
         graph.insert_before(node, nodes)
         out, result = node.outputs[0], nodes[-1].outputs[0]
         for made in nodes:
@@ -252,13 +253,13 @@ class GgufWeights(ir.passes.InPlacePass):
                               "max_abs_deviation": deviation, "relative_deviation": deviation / scale}
 
     @staticmethod
-    def _minus_mins(graph, x: ir.Value, rank: int, grid: _Grid, base: str, product: ir.Value, name: str) -> list[ir.Node]:
+    def _minus_mins(graph, x: ir.Value, rank: int, grid: _Grid, base: str, product: ir.Value, name: str, namer) -> list[ir.Node]:
         """x @ W - sums @ mins^T, where sums[..., b] is the sum of x over block b: the mins' share of
         w = scale * q - min, for a grid whose zero points MatMulNBits cannot hold."""
         rows, blocks = grid.mins.shape
-        shape = add_initializer(graph, f"{base}.block_shape", np.asarray([0] * (rank - 1) + [blocks, grid.block], np.int64))
-        axes = add_initializer(graph, f"{base}.block_axis", np.asarray([-1], np.int64))
-        mins = add_initializer(graph, f"{base}.mins", np.ascontiguousarray(grid.mins.T))  # [blocks, N]
+        shape = add_initializer(graph, f"{base}.block_shape", np.asarray([0] * (rank - 1) + [blocks, grid.block], np.int64), namer)
+        axes = add_initializer(graph, f"{base}.block_axis", np.asarray([-1], np.int64), namer)
+        mins = add_initializer(graph, f"{base}.mins", np.ascontiguousarray(grid.mins.T), namer)  # [blocks, N]
         split = ir.node("Reshape", [x, shape], name=f"{name}_blocks")
         sums = ir.node("ReduceSum", [split.outputs[0], axes], attributes={"keepdims": 0}, name=f"{name}_block_sums")
         share = ir.node("MatMul", [sums.outputs[0], mins], name=f"{name}_mins")
